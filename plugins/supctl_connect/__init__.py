@@ -1,0 +1,40 @@
+"""Built-in plugin: the ``connect`` verb and its three backends.
+
+* transport - how streams reach the tower (TLS WebSocket, :mod:`.transport`)
+* listener  - ``--bind``: a local TCP listener, a stream per connection
+* netcat    - no ``--bind``: stdin/stdout joined to one stream
+"""
+
+from __future__ import annotations
+
+from supctl import hookimpl
+from supctl.client.api import Listener, Netcat, RegisterVerb, Transport
+from supctl.client.settings import ClientSettings
+
+
+@hookimpl
+def supctl_add_verbs(register: RegisterVerb) -> None:
+    from .verb import make_connect_command
+
+    register("service-instance", make_connect_command())
+
+
+@hookimpl(trylast=True)  # a third-party transport wins if it answers
+def supctl_transport(settings: ClientSettings) -> Transport:
+    from .transport import WebSocketTransport
+
+    return WebSocketTransport(settings)
+
+
+@hookimpl(trylast=True)
+def supctl_listener() -> Listener:
+    from .listener import TcpListener
+
+    return TcpListener()
+
+
+@hookimpl(trylast=True)
+def supctl_netcat() -> Netcat:
+    from .netcat import StdioNetcat
+
+    return StdioNetcat()

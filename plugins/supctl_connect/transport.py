@@ -1,0 +1,94 @@
+"""The default transport: one TLS WebSocket to the tower per invocation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Mapping
+from urllib.parse import urlencode
+
+import websockets
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus, InvalidURI, WebSocketException
+
+from supctl import __version__
+from supctl.client.settings import ClientSettings
+from supctl.errors import DeniedError, SupctlError, UnavailableError, UsageError, from_http_status
+from supctl.link import Link
+from supctl.protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection
+
+OPEN_TIMEOUT = 15.0
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify the tower: given CA (or the system store), hostname checked, TLS >= 1.2."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load CA file {ca_file}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def rejection_message(exc: InvalidStatus) -> SupctlError:
+    """Turn the tower's HTTP rejection (JSON errors body) into one line."""
+    response = exc.response
+    text = ""
+    try:
+        body = json.loads(bytes(response.body or b""))
+        first = body["errors"][0]
+        text = str(first.get("error-message", ""))
+        info = first.get("error-info")
+        if info:
+            text += f" ({info})" if isinstance(info, str) else f" ({json.dumps(info, sort_keys=True)})"
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        text = f"the tower answered HTTP {response.status_code} {response.reason_phrase}"
+    return from_http_status(response.status_code, text)
+
+
+class WebSocketTransport:
+    def __init__(self, settings: ClientSettings) -> None:
+        self.settings = settings
+
+    async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
+        settings = self.settings
+        if not settings.token:
+            raise DeniedError("no API token: give --token-file, SUPCTL_TOKEN or token-file in the config file")
+        uri = f"{settings.host}{path}?{urlencode(dict(query))}"
+        secure = settings.host.startswith("wss://")
+        context = client_ssl_context(str(settings.ca_file) if settings.ca_file else None) if secure else None
+        try:
+            ws = await connect(
+                uri,
+                ssl=context,
+                additional_headers={"Authorization": f"Bearer {settings.token}"},
+                user_agent_header=f"supctl/{__version__} websockets/{websockets.__version__}",
+                subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
+                compression=None,  # payloads are usually encrypted or compressed already
+                max_size=MAX_MESSAGE_ACCEPTED,
+                open_timeout=OPEN_TIMEOUT,
+                write_limit=2**18,
+            )
+        except InvalidStatus as exc:
+            raise rejection_message(exc) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UnavailableError(
+                f"the tower's TLS certificate at {settings.host} is not trusted: {exc.verify_message}"
+                " (give its CA with --ca-file)"
+            ) from None
+        except ssl.SSLError as exc:
+            raise UnavailableError(f"TLS handshake with {settings.host} failed: {exc.reason or exc}") from None
+        except InvalidURI as exc:
+            raise UsageError(f"bad tower URL: {exc}") from None
+        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
+            raise UnavailableError(f"cannot reach the tower at {settings.host}: {reason}") from None
+        except WebSocketException as exc:
+            raise UnavailableError(f"WebSocket handshake with {settings.host} failed: {exc}") from None
+        if ws.subprotocol != SUBPROTOCOL:
+            await ws.close()
+            raise UnavailableError(f"the tower at {settings.host} does not speak {SUBPROTOCOL}")
+        link = Link(ws, Connection(odd_ids=True, accept_streams=False), name="tower")
+        link.start()
+        return link

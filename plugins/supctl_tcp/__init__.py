@@ -1,0 +1,30 @@
+"""Built-in enforcer handler: ``tcp`` opens the target from inside the instance's namespace."""
+
+from __future__ import annotations
+
+import asyncio
+
+from supctl import hookimpl
+from supctl.enforcer.api import HandlerContext, RegisterHandler, ServiceInstance
+from supctl.link import READ_SIZE, Channel, pipe
+from supctl.protocol import OpenRequest
+
+
+class TcpHandler:
+    async def handle(
+        self, channel: Channel, request: OpenRequest, instance: ServiceInstance, context: HandlerContext
+    ) -> None:
+        # 127.0.0.1 inside the namespace is the service itself; any other address
+        # follows the namespace's own routes.  Never a name: no DNS here.
+        host = request.ip_address or "127.0.0.1"
+        sock = await context.sockets.connect(instance.netns, host, request.port, context.connect_timeout)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        channel.accept()
+        error = await pipe(channel, reader, writer)
+        if error is not None:
+            raise error  # already reset on the wire; raised so the enforcer logs why
+
+
+@hookimpl
+def supctl_add_handlers(register: RegisterHandler) -> None:
+    register("tcp", TcpHandler())

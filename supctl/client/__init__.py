@@ -1,0 +1,1 @@
+"""The supctl client: settings, the object tree and the interfaces of its backends."""

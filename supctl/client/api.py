@@ -1,0 +1,118 @@
+"""Interfaces between the supctl core and its verb and backend plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import click
+from rich.console import Console
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from ..link import Channel, Link
+    from .settings import ClientSettings
+
+#: Where verbs can hang in the object tree, from the top down.
+NODES = ("root", "do", "application", "service-instance", "container")
+
+RegisterVerb = Callable[[str, click.Command], None]
+#: Opens one stream on the session and returns it once the far end accepted it.
+OpenStream = Callable[[], Awaitable["Channel"]]
+
+
+@dataclass
+class Invocation:
+    """What one supctl invocation knows: the plugins, the settings and the place
+    in the object tree the user navigated to (``do -s SITE applications APP ...``)."""
+
+    pm: pluggy.PluginManager
+    settings_loader: Callable[[], ClientSettings]
+    console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    site: str | None = None
+    application: str | None = None
+    service_instance: str | None = None
+    container: str | None = None
+    _settings: ClientSettings | None = None
+
+    @property
+    def settings(self) -> ClientSettings:
+        if self._settings is None:
+            self._settings = self.settings_loader()
+        return self._settings
+
+    def require_site(self) -> str:
+        if not self.site:
+            raise UsageError("no site given: use supctl do -s SITE ...")
+        return self.site
+
+    def transport(self) -> Transport:
+        transport: Transport | None = self.pm.hook.supctl_transport(settings=self.settings)
+        if transport is None:
+            raise UsageError("no transport plugin is installed (is supctl_connect missing?)")
+        return transport
+
+    @property
+    def where(self) -> str:
+        """Human name of the node, e.g. ``popcorn-controller-service-1 at stockholm-sergel``."""
+        name = self.container or self.service_instance or self.application or ""
+        return f"{name} at {self.site}" if name else str(self.site)
+
+
+class Transport(Protocol):
+    """Opens a session (one multiplexed WebSocket) to the tower."""
+
+    async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
+        """Connect to ``path?query`` and return a running :class:`~supctl.link.Link`.
+
+        Raises a :class:`~supctl.errors.SupctlError` with a one-line message when
+        the tower refuses (HTTP status) or cannot be reached.
+        """
+        ...
+
+
+class Reporter(Protocol):
+    """How backends tell the user about connections (one short line each)."""
+
+    def opened(self, number: int, peer: str) -> None: ...
+    def closed(self, number: int, sent: int, received: int, seconds: float, error: str | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class BindAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Listener(Protocol):
+    """Serves ``connect --bind``: every accepted local connection becomes a stream."""
+
+    async def serve(
+        self,
+        link: Link,
+        open_stream: OpenStream,
+        bind: BindAddress,
+        ready: Callable[[BindAddress], None],
+        reporter: Reporter,
+    ) -> None:
+        """Listen on ``bind`` until cancelled; call ``ready`` with the real address.
+
+        ``open_stream`` is an async callable returning an accepted
+        :class:`~supctl.link.Channel` (or raising StreamError for that connection).
+        """
+        ...
+
+
+class Netcat(Protocol):
+    """Joins stdin/stdout to one stream (``connect`` without ``--bind``)."""
+
+    async def run(self, open_stream: OpenStream) -> None:
+        """Pump until both directions are done; raise StreamError if the stream broke."""
+        ...

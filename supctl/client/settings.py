@@ -1,0 +1,93 @@
+"""Where supctl finds the tower and its credentials.
+
+Precedence, highest first: command-line option, environment variable
+(``SUPCTL_HOST``, ``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, ``SUPCTL_CA_FILE``), config
+file (``~/.config/supctl/config.toml`` or ``--config``), built-in default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..errors import UsageError
+
+DEFAULT_HOST = "wss://127.0.0.1:4646"
+CONFIG_KEYS = ("host", "token", "token-file", "ca-file")
+
+
+def default_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "supctl" / "config.toml"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    host: str
+    token: str | None
+    ca_file: Path | None
+
+    def __repr__(self) -> str:  # never show the token, not even in a debugger
+        return f"ClientSettings(host={self.host!r}, token={'***' if self.token else None}, ca_file={self.ca_file!r})"
+
+
+def read_config(path: Path, *, explicit: bool) -> dict[str, str]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if explicit:
+            raise UsageError(f"config file {path} does not exist") from None
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(CONFIG_KEYS)})")
+    bad = [k for k, v in data.items() if not isinstance(v, str)]
+    if bad:
+        raise UsageError(f"config file {path}: {bad[0]!r} must be a string")
+    return {k: str(v) for k, v in data.items()}
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {path}: {exc.strerror}") from None
+    if not token:
+        raise UsageError(f"token file {path} is empty")
+    return token
+
+
+def resolve(
+    *,
+    host: str | None,
+    token: str | None,
+    token_file: str | None,
+    ca_file: str | None,
+    config: str | None,
+) -> ClientSettings:
+    """Merge options (already merged with env by click) with the config file."""
+    path = Path(config).expanduser() if config else default_config_path()
+    file = read_config(path, explicit=config is not None)
+    host = host or file.get("host") or DEFAULT_HOST
+    parts = urlsplit(host)
+    if parts.scheme not in ("wss", "ws") or not parts.hostname:
+        raise UsageError(f"--host must look like wss://HOST:PORT, got {host!r}")
+    if token is None and token_file is None:
+        token = file.get("token")
+        token_file = file.get("token-file")
+    if token is None and token_file is not None:
+        token = read_token_file(Path(token_file).expanduser())
+    ca = ca_file or file.get("ca-file")
+    ca_path = Path(ca).expanduser() if ca else None
+    if ca_path is not None and not ca_path.is_file():
+        raise UsageError(f"CA file {ca_path} does not exist")
+    return ClientSettings(host=host.rstrip("/"), token=token, ca_file=ca_path)

@@ -1,0 +1,1 @@
+"""The edge enforcer: dials out to the tower and opens streams inside service instances."""

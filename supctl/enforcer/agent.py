@@ -1,0 +1,154 @@
+"""The enforcer's outbound link to the tower, reconnecting with jittered backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from urllib.parse import urlencode
+
+import websockets
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+
+from .. import __version__
+from ..errors import StreamError
+from ..link import Channel, Link, WebSocketLike
+from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened
+from .api import Handler, HandlerContext
+from .inventory import Inventory
+
+log = logging.getLogger("supctl.enforcer")
+
+BACKOFF_START = 0.5
+BACKOFF_CAP = 30.0
+#: A link that stayed up this long resets the backoff.
+STABLE_AFTER = 10.0
+
+
+class EnforcerLink(Link):
+    """The enforcer's end: it only answers streams the tower opens."""
+
+    def __init__(self, ws: WebSocketLike, agent: Agent) -> None:
+        super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name="tower")
+        self.agent = agent
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_stream_opened(self, event: StreamOpened) -> None:
+        channel = self.adopt_channel(event.stream_id)
+        task = asyncio.create_task(self.agent.serve_stream(channel, event.request))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        tower: str,
+        site: str,
+        token: str,
+        ssl_context: ssl.SSLContext | None,
+        inventory: Inventory,
+        handlers: dict[str, Handler],
+        context: HandlerContext,
+    ) -> None:
+        self.url = f"{tower.rstrip('/')}/v1/enforcer?{urlencode({'site': site})}"
+        self.site = site
+        self.token = token
+        self.ssl_context = ssl_context
+        self.inventory = inventory
+        self.handlers = handlers
+        self.context = context
+
+    def hello(self) -> dict[str, object]:
+        return {
+            "site": self.site,
+            "version": __version__,
+            "handlers": sorted(self.handlers),
+            "applications": self.inventory.describe(),
+        }
+
+    async def run_forever(self) -> None:
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self.connect_once()
+                reason = "link closed"
+            except InvalidStatus as exc:
+                reason = f"the tower refused us: HTTP {exc.response.status_code} {_body(exc)}"
+            except ssl.SSLCertVerificationError as exc:
+                reason = f"the tower's certificate is not trusted: {exc.verify_message}"
+            except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+                reason = f"cannot reach the tower: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
+            if time.monotonic() - started > STABLE_AFTER:
+                attempt = 0
+            # Full jitter (as AWS recommends) so a tower restart is not met by every
+            # site at the same instant.
+            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_START * 2**attempt))  # noqa: S311
+            attempt = min(attempt + 1, 16)
+            log.warning("%s; reconnecting in %.1f s", reason, delay)
+            await asyncio.sleep(delay)
+
+    async def connect_once(self) -> None:
+        ws = await connect(
+            self.url,
+            ssl=self.ssl_context,
+            additional_headers={"Authorization": f"Bearer {self.token}"},
+            user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets.__version__}",
+            subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
+            compression=None,
+            max_size=MAX_MESSAGE_ACCEPTED,
+            open_timeout=15,
+            write_limit=2**18,
+        )
+        link = EnforcerLink(ws, self)
+        link.conn.send_hello(self.hello())
+        link.flush()
+        log.warning("connected to the tower as site %s", self.site)
+        try:
+            await link.run()
+        finally:
+            for task in list(link.tasks):
+                task.cancel()
+            await asyncio.gather(*link.tasks, return_exceptions=True)
+        log.warning("link to the tower lost: %s", link.lost_reason or "closed")
+
+    async def serve_stream(self, channel: Channel, request: OpenRequest) -> None:
+        started = time.monotonic()
+        result = "ok"
+        try:
+            instance = self.inventory.find(request.application, request.service_instance)
+            handler = self.handlers.get(request.protocol)
+            if handler is None:
+                raise StreamError(f"protocol {request.protocol!r} is not supported at this site",
+                                  code=ErrorCode.UNSUPPORTED)
+            await handler.handle(channel, request, instance, self.context)
+        except StreamError as exc:
+            result = str(exc)
+            channel.reset(ErrorCode.parse(exc.code), str(exc))
+        except asyncio.CancelledError:
+            result = "cancelled"
+            channel.reset(ErrorCode.LINK_LOST, "the enforcer is shutting down")
+            raise
+        except Exception:  # a handler bug costs one stream, never the enforcer
+            log.exception("handler %r failed", request.protocol)
+            result = "internal error"
+            channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
+        finally:
+            log.info(
+                "stream closed application=%s instance=%s protocol=%s target=%s sent=%d received=%d "
+                "peak_buffered=%d seconds=%.3f result=%s",
+                request.application, request.service_instance, request.protocol, request.target,
+                channel.bytes_out, channel.bytes_in, channel.peak_buffered, time.monotonic() - started, result,
+            )
+
+
+def _body(exc: InvalidStatus) -> str:
+    with contextlib.suppress(Exception):
+        return bytes(exc.response.body or b"").decode()[:200]
+    return ""

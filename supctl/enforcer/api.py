@@ -1,0 +1,56 @@
+"""Interfaces between the enforcer and its handler plugins."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..link import Channel
+    from ..protocol import OpenRequest
+    from .netns import NamespaceSockets
+
+
+@dataclass(frozen=True)
+class ServiceInstance:
+    """A service instance at this site, from the inventory."""
+
+    application: str
+    name: str
+    netns: str | None  # a namespace under /run/netns; None for host networking
+    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"service instance {self.name}" + (f" (netns {self.netns})" if self.netns else " (host network)")
+
+
+@dataclass
+class HandlerContext:
+    """What the enforcer lends every handler."""
+
+    site: str
+    sockets: NamespaceSockets
+    connect_timeout: float = 10.0
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("supctl.enforcer"))
+
+
+class Handler(Protocol):
+    """Serves the streams of one protocol (``tcp``, ``echo``...)."""
+
+    async def handle(
+        self, channel: Channel, request: OpenRequest, instance: ServiceInstance, context: HandlerContext
+    ) -> None:
+        """Serve one stream.
+
+        Call ``channel.accept()`` once the target is reached, then move bytes
+        until both directions are done.  Raise :class:`supctl.errors.StreamError`
+        (with an ErrorCode) to refuse or reset the stream: the enforcer turns it
+        into a RESET whose text the user sees as one line.
+        """
+        ...
+
+
+RegisterHandler = Callable[[str, Handler], None]

@@ -1,0 +1,111 @@
+"""``edge-enforcer``: the agent on an edge host."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from ..client.settings import read_token_file
+from ..errors import SupctlError, UsageError
+from ..plugins import Registry, call_registration, make_plugin_manager
+from .agent import Agent
+from .api import Handler, HandlerContext
+from .inventory import load_inventory
+from .netns import NamespaceSockets
+
+
+def load_handlers() -> dict[str, Handler]:
+    pm = make_plugin_manager()
+    handlers: Registry[Handler] = Registry("handler for protocol")
+
+    def make_register(plugin: str):  # type: ignore[no-untyped-def]
+        return lambda protocol, handler: handlers.add(protocol, handler, plugin)
+
+    call_registration(pm, "supctl_add_handlers", make_register)
+    return handlers.items
+
+
+def make_cli() -> click.Group:
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(package_name="supctl", message="edge-enforcer %(version)s")
+    def cli() -> None:
+        """The supctl agent on an edge host: dials out to the control tower, never listens."""
+
+    @cli.command()
+    @click.option("--tower", required=True, help="Tower URL, e.g. wss://tower.example:4646.")
+    @click.option("--site", required=True, help="This site's name, as registered at the tower.")
+    @click.option("--token-file", required=True, type=click.Path(path_type=Path), help="This site's token.")
+    @click.option("--ca-file", type=click.Path(path_type=Path), help="CA to trust for the tower (default: system).")
+    @click.option("--inventory", required=True, type=click.Path(path_type=Path), help="TOML inventory of the site.")
+    @click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds to reach a target.")
+    @click.option("-v", "--verbose", is_flag=True, help="Log every stream.")
+    def run(
+        tower: str, site: str, token_file: Path, ca_file: Path | None, inventory: Path, connect_timeout: float,
+        verbose: bool,
+    ) -> None:
+        """Keep the link to the tower and serve the streams it opens."""
+        logging.basicConfig(
+            level=logging.INFO if verbose else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+        if not tower.startswith(("wss://", "ws://")):
+            raise UsageError(f"--tower must look like wss://HOST:PORT, got {tower!r}")
+        context = None
+        if tower.startswith("wss://"):
+            try:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"cannot load CA file {ca_file}: {exc}") from None
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+        sockets = NamespaceSockets()
+        agent = Agent(
+            tower=tower,
+            site=site,
+            token=read_token_file(token_file),
+            ssl_context=context,
+            inventory=load_inventory(inventory),
+            handlers=load_handlers(),
+            context=HandlerContext(site=site, sockets=sockets, connect_timeout=connect_timeout),
+        )
+        try:
+            asyncio.run(_run_until_signal(agent))
+        finally:
+            sockets.close()
+
+    return cli
+
+
+async def _run_until_signal(agent: Agent) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner = asyncio.ensure_future(agent.run_forever())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (runner, stopper):
+        task.cancel()
+    await asyncio.gather(runner, stopper, return_exceptions=True)
+
+
+def main() -> None:
+    try:
+        make_cli().main(prog_name="edge-enforcer", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        Console(stderr=True).print(f"edge-enforcer: error: {exc.format_message()}", soft_wrap=True, markup=False)
+        sys.exit(exc.exit_code)
+    except SupctlError as exc:
+        Console(stderr=True).print(f"edge-enforcer: error: {exc}", soft_wrap=True, markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

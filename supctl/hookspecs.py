@@ -1,0 +1,84 @@
+"""Every hook of supctl, in one place (as pytest's hookspec.py).
+
+Plugins implement these with ``@supctl.hookimpl`` and arrive through the
+``supctl`` entry-point group, built-in ones (``plugins/``) included.  A plugin
+manager is built per invocation by :func:`supctl.plugins.make_plugin_manager`.
+
+Registration hooks take a ``register`` callback instead of returning values, so
+the core sees every name as it is registered and refuses duplicates with a
+:class:`supctl.errors.PluginError` naming both plugins.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .client.api import Listener, Netcat, RegisterVerb, Transport
+    from .client.settings import ClientSettings
+    from .enforcer.api import RegisterHandler
+
+hookspec = pluggy.HookspecMarker("supctl")
+hookimpl = pluggy.HookimplMarker("supctl")
+
+
+@hookspec
+def supctl_add_verbs(register: RegisterVerb) -> None:
+    """Add verbs (click commands) to the supctl object tree.
+
+    Called once per ``supctl`` invocation, while the click group is built.
+
+    :param register: ``register(node, command)`` adds a :class:`click.Command`
+        at ``node``, one of :data:`supctl.client.api.NODES` (``"root"``, ``"do"``,
+        ``"application"``, ``"service-instance"``, ``"container"``).  A verb reads
+        where it was invoked from ``click.get_current_context().find_object(Invocation)``.
+    :return: nothing; every implementation is called.
+    """
+
+
+@hookspec
+def supctl_add_handlers(register: RegisterHandler) -> None:
+    """Add enforcer handlers, one per protocol name (``tcp``, ``echo``...).
+
+    Called once when ``edge-enforcer run`` starts.
+
+    :param register: ``register(protocol, handler)`` where ``handler`` follows
+        :class:`supctl.enforcer.api.Handler`.
+    :return: nothing; every implementation is called.
+    """
+
+
+@hookspec(firstresult=True)
+def supctl_transport(settings: ClientSettings) -> Transport | None:
+    """Return how supctl reaches the tower (the connect plugin's TLS WebSocket
+    transport by default).
+
+    Called once per verb invocation that needs the tower.
+
+    :param settings: the resolved host, credentials and CA of this invocation.
+    :return: a :class:`supctl.client.api.Transport`; the first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def supctl_listener() -> Listener | None:
+    """Return the backend that serves ``connect --bind``: it listens locally and
+    turns each accepted connection into a stream.
+
+    Called once per ``connect`` invocation with ``--bind``.
+
+    :return: a :class:`supctl.client.api.Listener`; the first non-None result wins.
+    """
+
+
+@hookspec(firstresult=True)
+def supctl_netcat() -> Netcat | None:
+    """Return the backend that joins stdin/stdout to one stream (``connect``
+    without ``--bind``).
+
+    Called once per ``connect`` invocation without ``--bind``.
+
+    :return: a :class:`supctl.client.api.Netcat`; the first non-None result wins.
+    """

@@ -1,0 +1,359 @@
+"""The thin asyncio layer around the sans-I/O :class:`~supctl.protocol.Connection`.
+
+A :class:`Link` is one WebSocket plus one Connection: a reader loop feeds
+messages in, a writer task sends whatever the connection queued.  supctl and
+the enforcer use :class:`Channel` objects (one per stream, an async byte pipe);
+the tower subclasses Link to relay events between two links without channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from websockets.exceptions import ConnectionClosed as WsClosed
+
+from .errors import StreamError
+from .protocol import (
+    Connection,
+    ConnectionClosed,
+    DataReceived,
+    EndOfStream,
+    ErrorCode,
+    Event,
+    HelloReceived,
+    OpenRequest,
+    StreamAccepted,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bytes read from a local socket at once; a DATA frame carries at most 256 KiB.
+READ_SIZE = 256 * 1024
+
+
+class WebSocketLike(Protocol):
+    """What Link needs of a websockets connection (client or server side)."""
+
+    async def send(self, message: bytes) -> None: ...
+    async def recv(self) -> str | bytes: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+
+
+class Link:
+    """One WebSocket carrying one multiplexed :class:`Connection`."""
+
+    def __init__(self, ws: WebSocketLike, conn: Connection, name: str) -> None:
+        self.ws = ws
+        self.conn = conn
+        self.name = name
+        self.channels: dict[int, Channel] = {}
+        self.lost_reason = ""
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        """Run the link in the background; ``self.task`` ends when the link is lost."""
+        self.task = asyncio.create_task(self.run(), name=f"{self.name}-link")
+        return self.task
+
+    # --- driving -------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Wake the writer; cheap enough to call after every action."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Serve the link until the WebSocket closes; never raises for peer faults."""
+        writer = asyncio.create_task(self._writer(), name=f"{self.name}-writer")
+        try:
+            while True:
+                message = await self.ws.recv()
+                if isinstance(message, str):
+                    self._close(self.conn.close(ErrorCode.PROTOCOL, "text message on a binary protocol"))
+                    break
+                for event in self.conn.receive_data(message):
+                    self.handle_event(event)
+                if self.conn.closed is not None:
+                    break
+                self.flush()
+        except WsClosed as exc:
+            self.lost_reason = _close_text(exc)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.lost_reason = str(exc) or type(exc).__name__
+        finally:
+            if self.conn.closed is not None and not self.lost_reason:
+                self.lost_reason = self.conn.closed.reason
+            await self._finish(writer)
+
+    async def _writer(self) -> None:
+        conn, ws = self.conn, self.ws
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while data := conn.data_to_send():
+                await ws.send(data)
+            if conn.closed is not None:
+                await ws.close(conn.closed.close_code, conn.closed.reason)
+                return
+
+    async def _finish(self, writer: asyncio.Task[None]) -> None:
+        if self.conn.closed is not None:
+            # Let the writer flush the frames queued before the close, then close.
+            self.flush()
+            with contextlib.suppress(asyncio.TimeoutError, WsClosed, OSError):
+                await asyncio.wait_for(asyncio.shield(writer), 5)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, WsClosed, OSError):
+            await writer
+        with contextlib.suppress(WsClosed, OSError):
+            await self.ws.close()
+        self.on_lost(self.lost_reason or "connection closed")
+
+    def close(self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "closing") -> None:
+        """Close the link from this side (flushes what is queued first)."""
+        self._close(self.conn.close(code, reason))
+
+    def _close(self, closed: ConnectionClosed) -> None:
+        self._closing = True
+        self.flush()
+
+    # --- events --------------------------------------------------------------
+
+    def handle_event(self, event: Event) -> None:
+        """Dispatch one event; subclasses override for relaying or accepting."""
+        if isinstance(event, StreamOpened):
+            self.on_stream_opened(event)
+            return
+        if isinstance(event, HelloReceived):
+            self.on_hello(event.payload)
+            return
+        if isinstance(event, ConnectionClosed):
+            self._close(event)
+            return
+        channel = self.channels.get(event.stream_id)
+        if channel is None:
+            return
+        if isinstance(event, DataReceived):
+            channel._feed(event.data)
+        elif isinstance(event, WindowUpdated):
+            channel._writable.set()
+        elif isinstance(event, EndOfStream):
+            channel._feed_eof()
+        elif isinstance(event, StreamAccepted):
+            if not channel.accepted.done():
+                channel.accepted.set_result(None)
+        elif isinstance(event, StreamReset):
+            channel._fail(StreamError(event.text or event.code.name.lower(), code=event.code))
+
+    def on_stream_opened(self, event: StreamOpened) -> None:
+        # Only links that accept streams (the enforcer's) override this; the core
+        # already refuses OPEN on links that must not receive them.
+        self.conn.reset_stream(event.stream_id, ErrorCode.UNSUPPORTED, "this end does not accept streams")
+
+    def on_hello(self, payload: dict[str, object]) -> None:
+        """Called for the HELLO frame on links that accept one."""
+
+    def on_lost(self, reason: str) -> None:
+        error = StreamError(f"link lost: {reason}", code=ErrorCode.LINK_LOST)
+        for channel in list(self.channels.values()):
+            channel._fail(error)
+        self.channels.clear()
+
+    # --- channels ------------------------------------------------------------
+
+    async def open_channel(self, request: OpenRequest) -> Channel:
+        """Open a stream and wait until the far end accepts it (or raise StreamError)."""
+        if self.conn.closed is not None or self._closing:
+            raise StreamError(f"link lost: {self.lost_reason or 'closed'}", code=ErrorCode.LINK_LOST)
+        channel = Channel(self, self.conn.open_stream(request))
+        self.channels[channel.id] = channel
+        self.flush()
+        try:
+            await channel.wait_accepted()
+        except BaseException:
+            channel.reset(ErrorCode.CANCEL, "cancelled")
+            raise
+        return channel
+
+    def adopt_channel(self, stream_id: int) -> Channel:
+        """Wrap a stream the peer opened; call ``accept()`` on it to answer."""
+        channel = Channel(self, stream_id)
+        self.channels[stream_id] = channel
+        return channel
+
+
+class Channel:
+    """One stream as an async byte pipe with flow control."""
+
+    def __init__(self, link: Link, stream_id: int) -> None:
+        self.link = link
+        self.id = stream_id
+        self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.buffered = 0  # received, not yet read: bounded by our window
+        self.peak_buffered = 0
+        self.error: StreamError | None = None
+        self._buffer: deque[bytes] = deque()
+        self._eof = False
+        self._eof_sent = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+
+    # --- fed by the link -----------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self.bytes_in += len(data)
+        self.buffered += len(data)
+        if self.buffered > self.peak_buffered:
+            self.peak_buffered = self.buffered
+        self._readable.set()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._readable.set()
+        self._maybe_forget()
+
+    def _fail(self, error: StreamError) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.accepted.done():
+            self.accepted.set_exception(error)
+            self.accepted.exception()  # mark retrieved: nobody may be waiting
+        self._readable.set()
+        self._writable.set()
+        self.link.channels.pop(self.id, None)
+
+    # --- used by handlers and backends ---------------------------------------
+
+    async def wait_accepted(self) -> None:
+        await self.accepted
+
+    def accept(self) -> None:
+        self.link.conn.accept_stream(self.id)
+        self.accepted.set_result(None)
+        self.link.flush()
+
+    async def read(self) -> bytes:
+        """Next chunk of bytes; ``b""`` at EOF; raises StreamError when reset."""
+        while not self._buffer:
+            if self.error is not None:
+                raise self.error
+            if self._eof:
+                return b""
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._buffer.popleft()
+        self.buffered -= len(data)
+        self.link.conn.consumed(self.id, len(data))
+        self.link.flush()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``, waiting for credit as the far end consumes."""
+        conn = self.link.conn
+        view = memoryview(data)
+        while view:
+            if self.error is not None:
+                raise self.error
+            credit = conn.send_credit(self.id)
+            if not credit:
+                if not conn.is_open(self.id):
+                    raise StreamError("stream closed", code=ErrorCode.CANCEL)
+                self._writable.clear()
+                await self._writable.wait()
+                continue
+            size = min(credit, len(view))
+            conn.send_data(self.id, view[:size])
+            view = view[size:]
+            self.bytes_out += size
+            self.link.flush()
+
+    def write_eof(self) -> None:
+        if self.error is None and not self._eof_sent and self.link.conn.is_open(self.id):
+            self._eof_sent = True
+            self.link.conn.send_eof(self.id)
+            self.link.flush()
+            self._maybe_forget()
+
+    def reset(self, code: ErrorCode, text: str = "") -> None:
+        if self.error is None:
+            self.error = StreamError(text or code.name.lower(), code=code)
+        self.link.conn.reset_stream(self.id, code, text)
+        self.link.channels.pop(self.id, None)
+        self.link.flush()
+
+    def _maybe_forget(self) -> None:
+        if self._eof and self._eof_sent:
+            self.link.channels.pop(self.id, None)
+
+
+async def pipe(
+    channel: Channel,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    on_error: Callable[[StreamError], None] | None = None,
+) -> StreamError | None:
+    """Join a socket to a channel both ways until both directions are done.
+
+    Half-closes are passed on (EOF from the socket becomes EOF on the stream and
+    the other way round).  A reset on either side aborts both.  Returns the
+    error that ended the pipe, if any; never raises for peer faults.
+    """
+
+    async def upstream() -> None:  # socket -> stream
+        while data := await reader.read(READ_SIZE):
+            await channel.write(data)
+        channel.write_eof()
+
+    async def downstream() -> None:  # stream -> socket
+        while data := await channel.read():
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
+    error: StreamError | None = None
+    try:
+        for next_done in asyncio.as_completed(tasks):
+            try:
+                await next_done
+            except StreamError as exc:
+                error = exc
+                break
+            except (ConnectionError, OSError) as exc:
+                text = "connection reset by peer" if isinstance(exc, ConnectionResetError) else str(exc)
+                error = StreamError(text, code=ErrorCode.CONNECTION_RESET)
+                channel.reset(ErrorCode.CONNECTION_RESET, text)
+                break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if error is not None:
+            writer.transport.abort()  # a reset travels on as a reset (RST), not a clean FIN
+            if on_error is not None:
+                on_error(error)
+        else:
+            writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return error
+
+
+def _close_text(exc: WsClosed) -> str:
+    frame = exc.rcvd or exc.sent
+    if frame is None:
+        return "connection dropped"
+    return frame.reason or f"closed with code {frame.code}"

@@ -1,0 +1,45 @@
+"""The sans-I/O core of the supctl wire protocol: no sockets, no asyncio, no pyroute2."""
+
+from .connection import (
+    DEFAULT_WINDOW,
+    MAX_MESSAGE,
+    MAX_MESSAGE_ACCEPTED,
+    Connection,
+    ConnectionClosed,
+    DataReceived,
+    EndOfStream,
+    Event,
+    HelloReceived,
+    LocalProtocolError,
+    StreamAccepted,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from .frames import ErrorCode, FrameError, FrameType
+from .messages import OpenRequest, check_ip_address
+
+SUBPROTOCOL = "supctl.v1"
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "MAX_MESSAGE",
+    "MAX_MESSAGE_ACCEPTED",
+    "SUBPROTOCOL",
+    "Connection",
+    "ConnectionClosed",
+    "DataReceived",
+    "EndOfStream",
+    "ErrorCode",
+    "Event",
+    "FrameError",
+    "FrameType",
+    "HelloReceived",
+    "LocalProtocolError",
+    "OpenRequest",
+    "StreamAccepted",
+    "StreamOpened",
+    "StreamReset",
+    "WindowUpdated",
+    "check_ip_address",
+]

@@ -1,0 +1,422 @@
+"""Sans-I/O multiplexed stream connection: framing, stream states, flow control.
+
+Feed each received WebSocket message to :meth:`Connection.receive_data`; it
+returns events.  Call the ``open_stream``/``send_data``/... methods to act; then
+send :meth:`Connection.data_to_send` as one WebSocket binary message.  No I/O,
+no clock, no asyncio: the same class serves supctl, the tower (on both of its
+hops) and the enforcer, and is tested in memory.
+
+Errors of the peer never raise out of ``receive_data``: a malformed frame closes
+the connection (a :class:`ConnectionClosed` event with a reason code), a stream
+that breaks the stream rules is reset alone.  Misuse by the local application
+(sending beyond credit, on a closed stream) raises :class:`LocalProtocolError`,
+because that is a bug in our own code.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from .frames import (
+    CLOSE_CODE_BASE,
+    HEADER,
+    MAX_DATA,
+    MAX_WINDOW,
+    WINDOW,
+    ErrorCode,
+    Frame,
+    FrameError,
+    FrameType,
+    decode_reset,
+    decode_u32,
+    encode,
+    encode_reset,
+    encode_window,
+    split_frames,
+)
+from .messages import OpenRequest, decode_hello, encode_hello
+
+#: Default per-stream receive window.  It bounds what any hop buffers per stream.
+DEFAULT_WINDOW = 1024 * 1024
+#: Largest WebSocket message data_to_send builds; peers accept twice this.
+MAX_MESSAGE = 1024 * 1024
+#: What a peer must accept as one WebSocket message (websockets' max_size).
+MAX_MESSAGE_ACCEPTED = 2 * MAX_MESSAGE
+
+
+class StreamState(enum.Enum):
+    OPENING = "opening"  # we sent OPEN, no ACCEPT yet
+    PENDING = "pending"  # the peer sent OPEN, we have not accepted yet
+    OPEN = "open"
+
+
+# --- events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened a stream; answer with accept_stream or reset_stream."""
+
+    stream_id: int
+    request: OpenRequest
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAccepted:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdated:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The stream is gone.  ``local`` is True when this side reset it because the
+    peer broke the stream rules (the RESET frame is already queued)."""
+
+    stream_id: int
+    code: ErrorCode
+    text: str
+    local: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReceived:
+    payload: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The core gave up on the peer; close the WebSocket with ``close_code``."""
+
+    code: ErrorCode
+    reason: str
+
+    @property
+    def close_code(self) -> int:
+        return CLOSE_CODE_BASE + int(self.code)
+
+
+Event = (
+    StreamOpened
+    | StreamAccepted
+    | DataReceived
+    | WindowUpdated
+    | EndOfStream
+    | StreamReset
+    | HelloReceived
+    | ConnectionClosed
+)
+
+
+class LocalProtocolError(Exception):
+    """Our own code misused the connection (a bug, not a peer problem)."""
+
+
+class _Stream:
+    __slots__ = ("id", "state", "local_eof", "remote_eof", "send_credit", "recv_window", "unacked")
+
+    def __init__(self, stream_id: int, state: StreamState, send_credit: int, recv_window: int) -> None:
+        self.id = stream_id
+        self.state = state
+        self.local_eof = False
+        self.remote_eof = False
+        self.send_credit = send_credit  # bytes we may still send
+        self.recv_window = recv_window  # bytes the peer may still send us
+        self.unacked = 0  # bytes consumed locally but not yet credited back
+
+
+class Connection:
+    """One end of a multiplexed connection.
+
+    ``odd_ids``: this end numbers the streams it opens 1, 3, 5...; the other end
+    2, 4, 6...  ``accept_streams``: whether the peer may open streams at all (an
+    enforcer's peer, the tower, may; supctl's peer may not).
+    """
+
+    def __init__(
+        self,
+        *,
+        odd_ids: bool,
+        accept_streams: bool,
+        accept_hello: bool = False,
+        window: int = DEFAULT_WINDOW,
+        max_streams: int = 1024,
+    ) -> None:
+        if not 0 < window <= MAX_WINDOW:
+            raise ValueError("window out of range")
+        self._next_id = 1 if odd_ids else 2
+        self._peer_parity = 0 if odd_ids else 1
+        self._accept_streams = accept_streams
+        self._accept_hello = accept_hello
+        self.window = window
+        self.max_streams = max_streams
+        self._streams: dict[int, _Stream] = {}
+        self._highest_peer_id = 0
+        # Whole frames waiting to be sent, each as (header-or-frame, payload) so a
+        # DATA payload is copied once, by data_to_send's join.
+        self._out: deque[tuple[bytes, bytes]] = deque()
+        self._out_size = 0
+        self.closed: ConnectionClosed | None = None
+
+    # --- queries -------------------------------------------------------------
+
+    def send_credit(self, stream_id: int) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is not StreamState.OPEN or stream.local_eof:
+            return 0
+        return stream.send_credit
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes queued by data_to_send but not yet taken."""
+        return self._out_size
+
+    # --- local actions -------------------------------------------------------
+
+    def open_stream(self, request: OpenRequest) -> int:
+        self._check_usable()
+        stream_id = self._next_id
+        if stream_id > 0xFFFFFFFF:
+            raise LocalProtocolError("stream ids exhausted")
+        self._next_id += 2
+        self._streams[stream_id] = _Stream(stream_id, StreamState.OPENING, 0, self.window)
+        self._emit(encode(FrameType.OPEN, stream_id, WINDOW.pack(self.window) + request.to_json()))
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        stream = self._get(stream_id)
+        if stream.state is not StreamState.PENDING:
+            raise LocalProtocolError(f"stream {stream_id} is not waiting to be accepted")
+        stream.state = StreamState.OPEN
+        self._emit(encode(FrameType.ACCEPT, stream_id, WINDOW.pack(self.window)))
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data``; it must fit in ``send_credit(stream_id)``."""
+        stream = self._get(stream_id)
+        size = len(data)
+        if stream.state is not StreamState.OPEN or stream.local_eof:
+            raise LocalProtocolError(f"stream {stream_id} cannot send data now")
+        if size > stream.send_credit:
+            raise LocalProtocolError(f"{size} bytes exceed the credit of {stream.send_credit}")
+        stream.send_credit -= size
+        view = memoryview(data)
+        for start in range(0, size, MAX_DATA):
+            chunk = view[start : start + MAX_DATA]
+            self._out.append((HEADER.pack(FrameType.DATA, stream_id, len(chunk)), bytes(chunk)))
+            self._out_size += len(chunk) + HEADER.size
+
+    def send_eof(self, stream_id: int) -> None:
+        stream = self._get(stream_id)
+        if stream.state is not StreamState.OPEN or stream.local_eof:
+            raise LocalProtocolError(f"stream {stream_id} cannot send EOF now")
+        stream.local_eof = True
+        self._emit(encode(FrameType.EOF, stream_id))
+        if stream.remote_eof:
+            del self._streams[stream_id]
+
+    def reset_stream(self, stream_id: int, code: ErrorCode, text: str = "") -> None:
+        """Abort a stream.  A no-op for a stream that is already gone (races are normal)."""
+        if self.closed is not None or self._streams.pop(stream_id, None) is None:
+            return
+        self._emit(encode_reset(stream_id, code, text))
+
+    def consumed(self, stream_id: int, size: int) -> None:
+        """The application delivered ``size`` received bytes: give the peer credit.
+
+        Credit goes back in batches of half a window, as SSH and HTTP/2 peers do,
+        so a bulk transfer costs one WINDOW frame per half window, not per chunk.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.remote_eof or self.closed is not None:
+            return
+        stream.unacked += size
+        # ``> 0``: with a 1-byte window half a window is 0, and a zero WINDOW
+        # increment is a connection error at the peer.
+        if stream.unacked > 0 and stream.unacked >= self.window // 2:
+            stream.recv_window += stream.unacked
+            self._emit(encode_window(stream_id, stream.unacked))
+            stream.unacked = 0
+
+    def send_hello(self, payload: dict[str, object]) -> None:
+        self._check_usable()
+        self._emit(encode(FrameType.HELLO, 0, encode_hello(payload)))
+
+    def close(self, code: ErrorCode, reason: str) -> ConnectionClosed:
+        if self.closed is None:
+            self.closed = ConnectionClosed(code, reason[:120])
+            self._streams.clear()
+        return self.closed
+
+    def data_to_send(self, limit: int = MAX_MESSAGE) -> bytes:
+        """Take queued whole frames, at most ``limit`` bytes (at least one frame),
+        to send as one WebSocket message.  Call again while it returns bytes."""
+        out = self._out
+        if not out:
+            return b""
+        pieces: list[bytes] = []
+        size = 0
+        while out:
+            head, payload = out[0]
+            frame_size = len(head) + len(payload)
+            if pieces and size + frame_size > limit:
+                break
+            out.popleft()
+            pieces.append(head)
+            if payload:
+                pieces.append(payload)
+            size += frame_size
+        self._out_size -= size
+        return b"".join(pieces)
+
+    # --- receiving -----------------------------------------------------------
+
+    def receive_data(self, message: bytes | bytearray | memoryview) -> list[Event]:
+        """Process one WebSocket message from the peer."""
+        if self.closed is not None:
+            return []
+        try:
+            frames = split_frames(message)
+        except FrameError as exc:
+            return [self.close(exc.code, str(exc))]
+        events: list[Event] = []
+        for frame in frames:
+            try:
+                self._handle(frame, events)
+            except FrameError as exc:
+                events.append(self.close(exc.code, str(exc)))
+                break
+        return events
+
+    def _handle(self, frame: Frame, events: list[Event]) -> None:
+        ftype, sid = frame.type, frame.stream_id
+        if ftype is FrameType.HELLO:
+            if sid != 0 or not self._accept_hello:
+                raise FrameError("unexpected HELLO")
+            self._accept_hello = False  # once per connection
+            events.append(HelloReceived(decode_hello(frame.payload)))
+            return
+        if sid == 0:
+            raise FrameError(f"{ftype.name} on stream 0")
+        if ftype is FrameType.OPEN:
+            self._on_open(frame, events)
+            return
+        stream = self._streams.get(sid)
+        if stream is None:
+            if self._was_used(sid):
+                return  # a frame that crossed our RESET or EOF in flight: drop it
+            raise FrameError(f"{ftype.name} for unknown stream {sid}")
+        if ftype is FrameType.RESET:
+            code, text = decode_reset(frame.payload)
+            del self._streams[sid]
+            events.append(StreamReset(sid, code, text))
+        elif ftype is FrameType.ACCEPT:
+            if stream.state is not StreamState.OPENING:
+                self._stream_error(stream, "ACCEPT for a stream that is not opening", events)
+                return
+            stream.send_credit = self._window_value(decode_u32(frame.payload, "ACCEPT"))
+            stream.state = StreamState.OPEN
+            events.append(StreamAccepted(sid))
+        elif ftype is FrameType.DATA:
+            if stream.state is not StreamState.OPEN or stream.remote_eof:
+                self._stream_error(stream, "DATA on a stream that is not open", events)
+                return
+            size = len(frame.payload)
+            if size > stream.recv_window:
+                raise FrameError(f"stream {sid} sent beyond its window", ErrorCode.FLOW_CONTROL)
+            stream.recv_window -= size
+            if size:
+                events.append(DataReceived(sid, frame.payload))
+        elif ftype is FrameType.WINDOW:
+            increment = decode_u32(frame.payload, "WINDOW")
+            if increment == 0 or stream.send_credit + increment > MAX_WINDOW:
+                raise FrameError(f"bad window increment {increment}", ErrorCode.FLOW_CONTROL)
+            stream.send_credit += increment
+            if stream.state is StreamState.OPEN and not stream.local_eof:
+                events.append(WindowUpdated(sid))
+        elif ftype is FrameType.EOF:
+            if frame.payload or stream.state is not StreamState.OPEN or stream.remote_eof:
+                self._stream_error(stream, "unexpected EOF", events)
+                return
+            stream.remote_eof = True
+            if stream.local_eof:
+                del self._streams[sid]
+            events.append(EndOfStream(sid))
+
+    def _on_open(self, frame: Frame, events: list[Event]) -> None:
+        sid = frame.stream_id
+        if not self._accept_streams:
+            raise FrameError("this peer may not open streams", ErrorCode.DENIED)
+        if sid % 2 != self._peer_parity or sid <= self._highest_peer_id:
+            raise FrameError(f"OPEN with invalid stream id {sid}")
+        self._highest_peer_id = sid
+        if len(frame.payload) < WINDOW.size:
+            raise FrameError("OPEN frame too short")
+        credit = self._window_value(WINDOW.unpack_from(frame.payload)[0])
+        stream = _Stream(sid, StreamState.PENDING, credit, self.window)
+        self._streams[sid] = stream
+        try:
+            request = OpenRequest.from_json(frame.payload[WINDOW.size :])
+        except FrameError as exc:
+            self._stream_error(stream, str(exc), events)
+            return
+        if len(self._streams) > self.max_streams:
+            del self._streams[sid]
+            self._emit(encode_reset(sid, ErrorCode.LIMIT, f"more than {self.max_streams} streams"))
+            return
+        events.append(StreamOpened(sid, request))
+
+    # --- helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _window_value(value: int) -> int:
+        if value > MAX_WINDOW:
+            raise FrameError(f"window {value} too large", ErrorCode.FLOW_CONTROL)
+        return value
+
+    def _stream_error(self, stream: _Stream, text: str, events: list[Event]) -> None:
+        del self._streams[stream.id]
+        self._emit(encode_reset(stream.id, ErrorCode.PROTOCOL, text))
+        events.append(StreamReset(stream.id, ErrorCode.PROTOCOL, text, local=True))
+
+    def _was_used(self, sid: int) -> bool:
+        if sid % 2 == self._peer_parity:
+            return sid <= self._highest_peer_id
+        return sid < self._next_id
+
+    def _get(self, stream_id: int) -> _Stream:
+        self._check_usable()
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        return stream
+
+    def _check_usable(self) -> None:
+        if self.closed is not None:
+            raise LocalProtocolError("connection is closed")
+
+    def _emit(self, data: bytes) -> None:
+        self._out.append((data, b""))
+        self._out_size += len(data)

@@ -1,0 +1,100 @@
+"""Typed payloads of OPEN and HELLO frames (JSON, validated on the way in)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .frames import FrameError
+
+MAX_NAME = 253
+
+
+def _text(obj: dict[str, Any], key: str, *, limit: int = MAX_NAME) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str) or len(value) > limit:
+        raise FrameError(f"OPEN field {key!r} must be a string of at most {limit} characters")
+    return value
+
+
+def check_ip_address(value: str) -> str:
+    """Return the canonical form of a numeric IPv4/IPv6 address or raise ValueError.
+
+    Names are refused on purpose: connect never resolves names (see the seed text).
+    """
+    return str(ipaddress.ip_address(value.strip("[]")))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """What a stream is for.  The tower fills the identity fields from the URL it
+    authorised; a client only ever chooses ``args``."""
+
+    verb: str
+    application: str = ""
+    service_instance: str = ""
+    container: str = ""
+    protocol: str = ""
+    port: int = 0
+    ip_address: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        host = self.ip_address or "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> OpenRequest:
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FrameError("OPEN request is not JSON") from None
+        if not isinstance(obj, dict):
+            raise FrameError("OPEN request must be a JSON object")
+        port = obj.get("port", 0)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+            raise FrameError("OPEN field 'port' must be an integer 0-65535")
+        args = obj.get("args", {})
+        if not isinstance(args, dict):
+            raise FrameError("OPEN field 'args' must be an object")
+        ip = _text(obj, "ip_address", limit=64)
+        if ip:
+            try:
+                ip = check_ip_address(ip)
+            except ValueError:
+                raise FrameError("OPEN field 'ip_address' must be a numeric IP address") from None
+        verb = _text(obj, "verb")
+        if not verb:
+            raise FrameError("OPEN request names no verb")
+        return cls(
+            verb=verb,
+            application=_text(obj, "application"),
+            service_instance=_text(obj, "service_instance"),
+            container=_text(obj, "container"),
+            protocol=_text(obj, "protocol"),
+            port=port,
+            ip_address=ip,
+            args=args,
+        )
+
+
+def decode_hello(raw: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FrameError("HELLO is not JSON") from None
+    if not isinstance(obj, dict):
+        raise FrameError("HELLO must be a JSON object")
+    return obj
+
+
+def encode_hello(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()

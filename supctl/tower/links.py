@@ -1,0 +1,157 @@
+"""The tower's two kinds of link: a supctl session and a site's enforcer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..link import Link, WebSocketLike
+from ..protocol import (
+    Connection,
+    ConnectionClosed,
+    ErrorCode,
+    Event,
+    HelloReceived,
+    OpenRequest,
+    StreamOpened,
+)
+from .relay import Relay
+
+if TYPE_CHECKING:
+    from .server import Tower
+
+log = logging.getLogger("supctl.tower")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the tower authorised for a supctl session, from its URL."""
+
+    verb: str
+    site: str
+    application: str
+    service_instance: str
+    protocol: str = ""
+    port: int = 0
+    ip_address: str = ""
+    container: str = ""
+    who: str = ""
+
+    def request(self, args: dict[str, Any]) -> OpenRequest:
+        # Identity fields come from the authorised URL, never from the client's frame.
+        return OpenRequest(
+            verb=self.verb,
+            application=self.application,
+            service_instance=self.service_instance,
+            container=self.container,
+            protocol=self.protocol,
+            port=self.port,
+            ip_address=self.ip_address,
+            args=args,
+        )
+
+    @property
+    def summary(self) -> str:
+        target = f"{self.ip_address or '127.0.0.1'}:{self.port}" if self.protocol else self.container
+        return (
+            f"who={self.who} site={self.site} application={self.application} "
+            f"instance={self.service_instance} verb={self.verb} protocol={self.protocol} target={target}"
+        )
+
+
+@dataclass
+class SiteInfo:
+    """What a site's enforcer told the tower in its HELLO."""
+
+    applications: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # app -> instance -> containers
+    handlers: list[str] = field(default_factory=list)
+    version: str = ""
+
+    @classmethod
+    def parse(cls, payload: dict[str, Any]) -> SiteInfo:
+        apps = payload.get("applications", {})
+        handlers = payload.get("handlers", [])
+        if not isinstance(apps, dict) or not isinstance(handlers, list):
+            raise ValueError("HELLO needs 'applications' (object) and 'handlers' (list)")
+        parsed: dict[str, dict[str, list[str]]] = {}
+        for app, body in apps.items():
+            instances = body.get("service-instances", {}) if isinstance(body, dict) else None
+            if not isinstance(instances, dict):
+                raise ValueError(f"HELLO: application {app!r} has no 'service-instances' object")
+            parsed[app] = {}
+            for name, inst in instances.items():
+                containers = inst.get("containers", []) if isinstance(inst, dict) else None
+                if not isinstance(containers, list) or not all(isinstance(c, str) for c in containers):
+                    raise ValueError(f"HELLO: service instance {name!r} has a bad 'containers' list")
+                parsed[app][name] = list(containers)
+        return cls(parsed, [str(h) for h in handlers], str(payload.get("version", "")))
+
+
+class ClientLink(Link):
+    """A supctl session: every stream it opens is relayed to its route's site."""
+
+    def __init__(self, ws: WebSocketLike, tower: Tower, route: Route) -> None:
+        super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name=f"session {route.who}")
+        self.tower = tower
+        self.route = route
+        self.relays: dict[int, Relay] = {}
+
+    def handle_event(self, event: Event) -> None:
+        if isinstance(event, StreamOpened):
+            self._open(event)
+        elif isinstance(event, ConnectionClosed):
+            log.warning("closing session %s: %s", self.route.summary, event.reason)
+            super().handle_event(event)
+        else:
+            relay = self.relays.get(event.stream_id)
+            if relay is not None:
+                relay.from_client(event)
+
+    def _open(self, event: StreamOpened) -> None:
+        site = self.tower.sites.get(self.route.site)
+        if site is None:
+            self.conn.reset_stream(event.stream_id, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected")
+            return
+        site_id = site.conn.open_stream(self.route.request(event.request.args))
+        Relay(self, event.stream_id, site, site_id, self.route.summary)
+        site.flush()
+
+    def on_lost(self, reason: str) -> None:
+        for relay in list(self.relays.values()):
+            relay.abort(ErrorCode.CANCEL, f"client went away: {reason}")
+
+
+class SiteLink(Link):
+    """An enforcer's link: the tower opens streams on it, the enforcer may not."""
+
+    def __init__(self, ws: WebSocketLike, tower: Tower, site: str) -> None:
+        super().__init__(ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {site}")
+        self.tower = tower
+        self.site = site
+        self.info: SiteInfo | None = None
+        self.relays: dict[int, Relay] = {}
+
+    def handle_event(self, event: Event) -> None:
+        if isinstance(event, HelloReceived):
+            self._hello(event.payload)
+        elif isinstance(event, ConnectionClosed):
+            log.warning("closing link of site %s: %s", self.site, event.reason)
+            super().handle_event(event)
+        else:
+            relay = self.relays.get(event.stream_id)
+            if relay is not None:
+                relay.from_site(event)
+
+    def _hello(self, payload: dict[str, Any]) -> None:
+        try:
+            self.info = SiteInfo.parse(payload)
+        except (ValueError, AttributeError) as exc:
+            self.close(ErrorCode.PROTOCOL, f"bad HELLO: {exc}")
+            return
+        self.tower.site_connected(self)
+
+    def on_lost(self, reason: str) -> None:
+        self.tower.site_lost(self, reason)
+        for relay in list(self.relays.values()):
+            relay.abort(ErrorCode.LINK_LOST, f"lost the link to site {self.site}: {reason}")

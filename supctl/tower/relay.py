@@ -1,0 +1,164 @@
+"""Relaying streams between a supctl session and a site, hop by hop.
+
+Each hop has its own flow control.  The tower forwards DATA only as far as the
+next hop grants credit, and gives the previous hop credit back only for bytes it
+forwarded, so per stream and direction it holds at most one window.  Everything
+here runs synchronously inside event dispatch: no task per stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..protocol import (
+    ConnectionClosed,
+    DataReceived,
+    EndOfStream,
+    ErrorCode,
+    Event,
+    StreamAccepted,
+    StreamReset,
+    WindowUpdated,
+)
+
+if TYPE_CHECKING:
+    from .links import ClientLink, SiteLink
+
+log = logging.getLogger("supctl.tower")
+
+
+class Direction:
+    """Bytes flowing one way through the tower for one stream."""
+
+    __slots__ = ("dst", "dst_id", "eof_pending", "eof_sent", "peak", "queue", "queued", "src", "src_id", "total")
+
+    def __init__(self, src: ClientLink | SiteLink, src_id: int, dst: ClientLink | SiteLink, dst_id: int) -> None:
+        self.src, self.src_id, self.dst, self.dst_id = src, src_id, dst, dst_id
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.peak = 0
+        self.total = 0
+        self.eof_pending = False
+        self.eof_sent = False
+
+    def feed(self, data: bytes) -> None:
+        self.queue.append(data)
+        self.queued += len(data)
+        self.total += len(data)
+        if self.queued > self.peak:
+            self.peak = self.queued
+        self.pump()
+
+    def feed_eof(self) -> None:
+        self.eof_pending = True
+        self.pump()
+
+    def pump(self) -> None:
+        dst, src = self.dst.conn, self.src.conn
+        queue = self.queue
+        moved = 0
+        while queue:
+            credit = dst.send_credit(self.dst_id)
+            if not credit:
+                break
+            chunk = queue[0]
+            if len(chunk) > credit:
+                queue[0] = chunk[credit:]
+                chunk = chunk[:credit]
+            else:
+                queue.popleft()
+            dst.send_data(self.dst_id, chunk)
+            moved += len(chunk)
+        if moved:
+            self.queued -= moved
+            src.consumed(self.src_id, moved)
+            self.src.flush()
+        if not queue and self.eof_pending and not self.eof_sent and dst.is_open(self.dst_id):
+            self.eof_sent = True
+            dst.send_eof(self.dst_id)
+        self.dst.flush()
+
+
+class Relay:
+    """One stream of a supctl session joined to one stream of a site link."""
+
+    __slots__ = ("client", "client_id", "down", "site", "site_id", "started", "summary", "up")
+
+    def __init__(self, client: ClientLink, client_id: int, site: SiteLink, site_id: int, summary: str) -> None:
+        self.client, self.client_id, self.site, self.site_id = client, client_id, site, site_id
+        self.up = Direction(client, client_id, site, site_id)
+        self.down = Direction(site, site_id, client, client_id)
+        self.started = time.monotonic()
+        self.summary = summary
+        client.relays[client_id] = self
+        site.relays[site_id] = self
+
+    # --- events from the supctl side ----------------------------------------
+
+    def from_client(self, event: Event) -> None:
+        if isinstance(event, DataReceived):
+            self.up.feed(event.data)
+        elif isinstance(event, WindowUpdated):
+            self.down.pump()
+        elif isinstance(event, EndOfStream):
+            self.up.feed_eof()
+        elif isinstance(event, StreamReset):
+            code = ErrorCode.CANCEL if event.local else event.code
+            self.site.conn.reset_stream(self.site_id, code, event.text)
+            self.site.flush()
+            self.finish(f"reset by client: {event.text or event.code.name.lower()}")
+            return
+        self._maybe_done()
+
+    # --- events from the site side ------------------------------------------
+
+    def from_site(self, event: Event) -> None:
+        if isinstance(event, StreamAccepted):
+            self.client.conn.accept_stream(self.client_id)
+            self.client.flush()
+        elif isinstance(event, DataReceived):
+            self.down.feed(event.data)
+        elif isinstance(event, WindowUpdated):
+            self.up.pump()
+        elif isinstance(event, EndOfStream):
+            self.down.feed_eof()
+        elif isinstance(event, StreamReset):
+            code = ErrorCode.INTERNAL if event.local else event.code
+            self.client.conn.reset_stream(self.client_id, code, event.text)
+            self.client.flush()
+            self.finish(f"reset by site: {event.text or event.code.name.lower()}")
+            return
+        self._maybe_done()
+
+    def abort(self, code: ErrorCode, text: str) -> None:
+        """One side of the relay went away: reset the other side."""
+        for link, stream_id in ((self.client, self.client_id), (self.site, self.site_id)):
+            link.conn.reset_stream(stream_id, code, text)
+            link.flush()
+        self.finish(text)
+
+    def _maybe_done(self) -> None:
+        if self.up.eof_sent and self.down.eof_sent:
+            self.finish("ok")
+
+    def finish(self, result: str) -> None:
+        if self.client.relays.pop(self.client_id, None) is None:
+            return
+        self.site.relays.pop(self.site_id, None)
+        log.info(
+            "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d seconds=%.3f result=%s",
+            self.summary,
+            self.up.total,
+            self.down.total,
+            self.up.peak,
+            self.down.peak,
+            time.monotonic() - self.started,
+            result,
+        )
+
+
+def is_stream_event(event: Event) -> bool:
+    return not isinstance(event, ConnectionClosed) and hasattr(event, "stream_id")

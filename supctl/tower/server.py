@@ -1,0 +1,223 @@
+"""The tower's WebSocket server: authorise before upgrading, then relay.
+
+Every refusal happens in ``process_request``, before the WebSocket upgrade, as an
+HTTP status with the platform's JSON error body, so a client sees a one-line
+reason and no half-open session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import signal
+import ssl
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
+from .config import TowerConfig
+from .links import ClientLink, Route, SiteLink
+from .store import TowerStore
+
+log = logging.getLogger("supctl.tower")
+
+CONNECT_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/connect$")
+ENFORCER_PATH = "/v1/enforcer"
+#: How long a client may take to finish the TLS + WebSocket handshake.
+OPEN_TIMEOUT = 10.0
+
+
+class Rejection(Exception):
+    def __init__(self, status: int, message: str, info: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = info
+
+
+def error_response(status: int, message: str, info: Any = None) -> Response:
+    body = json.dumps({"errors": [{"error-message": message, "error-info": info}]}).encode()
+    reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(
+        status, "Service Unavailable"
+    )
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return Response(status, reason, headers, body)
+
+
+def bearer_token(request: Request) -> str:
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Rejection(401, "missing API token")
+    return token.strip()
+
+
+def single(query: dict[str, list[str]], name: str, *, required: bool = True) -> str:
+    values = query.get(name, [])
+    if len(values) > 1:
+        raise Rejection(400, f"query parameter {name!r} given more than once")
+    if not values:
+        if required:
+            raise Rejection(400, f"missing query parameter {name!r}")
+        return ""
+    return values[0]
+
+
+class Tower:
+    def __init__(self, store: TowerStore) -> None:
+        self.store = store
+        self.sites: dict[str, SiteLink] = {}
+        self._routes: dict[ServerConnection, Route | str] = {}
+
+    # --- before the upgrade ---------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            self._routes[connection] = self._authorise(request)
+        except Rejection as exc:
+            log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
+            return error_response(exc.status, str(exc), exc.info)
+        except Exception:  # a bug here must cost one request, not the tower
+            log.exception("internal error authorising %s", request.path)
+            return error_response(500, "internal error in the control tower")
+        return None
+
+    def _authorise(self, request: Request) -> Route | str:
+        url = urlsplit(request.path)
+        try:
+            query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
+        except ValueError:
+            raise Rejection(400, "malformed query string") from None
+        offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+        if SUBPROTOCOL not in offered:
+            raise Rejection(400, f"the client must offer the WebSocket subprotocol {SUBPROTOCOL}")
+        if url.path == ENFORCER_PATH:
+            site = single(query, "site")
+            if not self.store.check_site(site, bearer_token(request)):
+                raise Rejection(401, f"invalid token for site {site!r}")
+            return site
+        match = CONNECT_PATH.match(url.path)
+        if match is None:
+            raise Rejection(404, f"no such endpoint: {url.path}")
+        accessor = self.store.check_admin(bearer_token(request))
+        if accessor is None:
+            raise Rejection(401, "invalid API token")
+        return self._connect_route(unquote(match[1]), unquote(match[2]), query, f"admin:{accessor}")
+
+    def _connect_route(self, app: str, instance: str, query: dict[str, list[str]], who: str) -> Route:
+        site = single(query, "site")
+        protocol = single(query, "protocol")
+        port_text = single(query, "port")
+        ip_text = single(query, "ip-address", required=False)
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise Rejection(400, f"port must be 1-65535, got {port_text!r}")
+        ip = ""
+        if ip_text:
+            try:
+                ip = check_ip_address(ip_text)
+            except ValueError:
+                raise Rejection(400, f"ip-address must be a numeric IP address, got {ip_text!r}") from None
+        if not self.store.site_exists(site):
+            raise Rejection(404, f"unknown site {site!r}")
+        link = self.sites.get(site)
+        if link is None or link.info is None:
+            raise Rejection(503, f"site {site!r} is not connected to the control tower")
+        instances = link.info.applications.get(app)
+        if instances is None:
+            raise Rejection(404, f"application {app!r} not found at site {site!r}")
+        if instance not in instances:
+            raise Rejection(404, f"service instance {instance!r} of application {app!r} not found at site {site!r}")
+        if protocol not in link.info.handlers:
+            raise Rejection(
+                400, f"protocol {protocol!r} is not supported at site {site!r}", {"supported": link.info.handlers}
+            )
+        return Route("connect", site, app, instance, protocol, int(port_text), ip, who=who)
+
+    # --- after the upgrade ----------------------------------------------------
+
+    async def handler(self, connection: ServerConnection) -> None:
+        route = self._routes.pop(connection, None)
+        if route is None:
+            await connection.close(1011, "no route")
+            return
+        if isinstance(route, str):
+            site = SiteLink(connection, self, route)
+            await site.run()
+            return
+        log.info("session opened %s from %s", route.summary, _peer(connection))
+        session = ClientLink(connection, self, route)
+        await session.run()
+        log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
+
+    def site_connected(self, link: SiteLink) -> None:
+        old = self.sites.get(link.site)
+        self.sites[link.site] = link
+        if old is not None and old is not link:
+            # The newest link wins: the old one is usually a dead TCP connection
+            # whose keepalive has not failed yet.
+            log.warning("site %s reconnected; closing its previous link", link.site)
+            old.close(ErrorCode.LINK_LOST, "replaced by a newer link of the same site")
+        info = link.info
+        assert info is not None
+        log.info("site %s connected (%d applications, handlers %s)", link.site, len(info.applications),
+                 ",".join(info.handlers))
+
+    def site_lost(self, link: SiteLink, reason: str) -> None:
+        if self.sites.get(link.site) is link:
+            del self.sites[link.site]
+            log.warning("site %s disconnected: %s", link.site, reason)
+
+
+def _peer(connection: ServerConnection) -> str:
+    try:
+        host, port = connection.remote_address[:2]
+    except (TypeError, ValueError, OSError):
+        return "?"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.cert), str(config.key))
+    return context
+
+
+async def run_tower(config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None) -> None:
+    tower = Tower(TowerStore(config.state))
+    context = None if insecure else server_ssl_context(config)
+    async with ws_serve(
+        tower.handler,
+        host,
+        port,
+        ssl=context,
+        process_request=tower.process_request,
+        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        compression=None,
+        max_size=MAX_MESSAGE_ACCEPTED,
+        write_limit=2**18,
+        open_timeout=OPEN_TIMEOUT,
+        server_header="control-tower",
+    ) as server:
+        address = next(iter(server.sockets)).getsockname()
+        shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+        log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
+        if started is not None:
+            started.set()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.warning("control-tower stopping")
+
+
+def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    asyncio.run(run_tower(config, host, port, insecure))
