@@ -42,7 +42,9 @@ def collect_verbs(pm: pluggy.PluginManager) -> dict[str, Registry[click.Command]
 def _attach(group: click.Group, registry: Registry[click.Command]) -> click.Group:
     for name, command in sorted(registry.items.items()):
         if name in group.commands:
-            raise PluginError(f"verb {name!r} of plugin {registry.owners[name]!r} clashes with a built-in command")
+            raise PluginError(
+                f"verb {name!r} of plugin {registry.owners[name]!r} clashes with a built-in command"
+            )
         group.add_command(command, name)
     return group
 
@@ -55,7 +57,9 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
     @click.group(context_settings=CONTEXT_SETTINGS)
     @click.option("--host", envvar="SUPCTL_HOST", help="Control tower URL, e.g. wss://tower.example:4646.")
     @click.option(
-        "--token", envvar="SUPCTL_TOKEN", help="API token (prefer --token-file or SUPCTL_TOKEN: argv is public)."
+        "--token",
+        envvar="SUPCTL_TOKEN",
+        help="API token (prefer --token-file or SUPCTL_TOKEN: argv is public).",
     )
     @click.option("--token-file", envvar="SUPCTL_TOKEN_FILE", help="File holding the API token.")
     @click.option("--ca-file", envvar="SUPCTL_CA_FILE", help="CA certificate(s) to trust for the tower.")
@@ -116,7 +120,9 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
 
 def fail(message: str, code: int) -> int:
     # soft_wrap: one line, whatever the terminal width, so scripts can grep it.
-    Console(stderr=True, highlight=False).print(f"[bold red]supctl: error:[/] {message}", soft_wrap=True, markup=True)
+    Console(stderr=True, highlight=False).print(
+        f"[bold red]supctl: error:[/] {message}", soft_wrap=True, markup=True
+    )
     return code
 
 
@@ -124,7 +130,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Run supctl and return its exit code; every failure becomes one line."""
     try:
         cli = make_cli()
-        result = cli.main(args=list(argv) if argv is not None else None, prog_name="supctl", standalone_mode=False)
+        result = cli.main(
+            args=list(argv) if argv is not None else None, prog_name="supctl", standalone_mode=False
+        )
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.exceptions.Abort:

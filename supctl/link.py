@@ -215,8 +215,7 @@ class Channel:
         self._buffer.append(data)
         self.bytes_in += len(data)
         self.buffered += len(data)
-        if self.buffered > self.peak_buffered:
-            self.peak_buffered = self.buffered
+        self.peak_buffered = max(self.peak_buffered, self.buffered)
         self._readable.set()
 
     def _feed_eof(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from urllib.parse import urlencode
 import websockets
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, InvalidURI, WebSocketException
+from websockets.version import version as websockets_version
 
 from supctl import __version__
 from supctl.client.settings import ClientSettings
@@ -54,7 +54,9 @@ class WebSocketTransport:
     async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
         settings = self.settings
         if not settings.token:
-            raise DeniedError("no API token: give --token-file, SUPCTL_TOKEN or token-file in the config file")
+            raise DeniedError(
+                "no API token: give --token-file, SUPCTL_TOKEN or token-file in the config file"
+            )
         uri = f"{settings.host}{path}?{urlencode(dict(query))}"
         secure = settings.host.startswith("wss://")
         context = client_ssl_context(str(settings.ca_file) if settings.ca_file else None) if secure else None
@@ -63,7 +65,7 @@ class WebSocketTransport:
                 uri,
                 ssl=context,
                 additional_headers={"Authorization": f"Bearer {settings.token}"},
-                user_agent_header=f"supctl/{__version__} websockets/{websockets.__version__}",
+                user_agent_header=f"supctl/{__version__} websockets/{websockets_version}",
                 subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
                 compression=None,  # payloads are usually encrypted or compressed already
                 max_size=MAX_MESSAGE_ACCEPTED,
@@ -78,10 +80,12 @@ class WebSocketTransport:
                 " (give its CA with --ca-file)"
             ) from None
         except ssl.SSLError as exc:
-            raise UnavailableError(f"TLS handshake with {settings.host} failed: {exc.reason or exc}") from None
+            raise UnavailableError(
+                f"TLS handshake with {settings.host} failed: {exc.reason or exc}"
+            ) from None
         except InvalidURI as exc:
             raise UsageError(f"bad tower URL: {exc}") from None
-        except (OSError, asyncio.TimeoutError, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
             raise UnavailableError(f"cannot reach the tower at {settings.host}: {reason}") from None
         except WebSocketException as exc:

@@ -137,8 +137,9 @@ async def _run(
     def ready(address: BindAddress) -> None:
         console.print(f"Forwarding from {address} -> {escape(target)}", soft_wrap=True)
 
-    return await _serve_until_stopped(link, listener.serve(link, open_stream, bind, ready,
-                                                           ConsoleReporter(console, quiet)))
+    return await _serve_until_stopped(
+        link, listener.serve(link, open_stream, bind, ready, ConsoleReporter(console, quiet))
+    )
 
 
 async def _serve_until_stopped(link: Link, serving: object) -> int:

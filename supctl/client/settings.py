@@ -31,7 +31,8 @@ class ClientSettings:
     ca_file: Path | None
 
     def __repr__(self) -> str:  # never show the token, not even in a debugger
-        return f"ClientSettings(host={self.host!r}, token={'***' if self.token else None}, ca_file={self.ca_file!r})"
+        token = "***" if self.token else None
+        return f"ClientSettings(host={self.host!r}, token={token}, ca_file={self.ca_file!r})"
 
 
 def read_config(path: Path, *, explicit: bool) -> dict[str, str]:

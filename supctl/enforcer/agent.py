@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 import websockets
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
+from websockets.version import version as websockets_version
 
 from .. import __version__
 from ..errors import StreamError
@@ -83,8 +84,10 @@ class Agent:
                 reason = f"the tower refused us: HTTP {exc.response.status_code} {_body(exc)}"
             except ssl.SSLCertVerificationError as exc:
                 reason = f"the tower's certificate is not trusted: {exc.verify_message}"
-            except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
-                reason = f"cannot reach the tower: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
+            except (TimeoutError, OSError, WebSocketException) as exc:
+                reason = (
+                    f"cannot reach the tower: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
+                )
             if time.monotonic() - started > STABLE_AFTER:
                 attempt = 0
             # Full jitter (as AWS recommends) so a tower restart is not met by every
@@ -99,7 +102,7 @@ class Agent:
             self.url,
             ssl=self.ssl_context,
             additional_headers={"Authorization": f"Bearer {self.token}"},
-            user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets.__version__}",
+            user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets_version}",
             subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
             compression=None,
             max_size=MAX_MESSAGE_ACCEPTED,
@@ -125,8 +128,9 @@ class Agent:
             instance = self.inventory.find(request.application, request.service_instance)
             handler = self.handlers.get(request.protocol)
             if handler is None:
-                raise StreamError(f"protocol {request.protocol!r} is not supported at this site",
-                                  code=ErrorCode.UNSUPPORTED)
+                raise StreamError(
+                    f"protocol {request.protocol!r} is not supported at this site", code=ErrorCode.UNSUPPORTED
+                )
             await handler.handle(channel, request, instance, self.context)
         except StreamError as exc:
             result = str(exc)
@@ -143,8 +147,15 @@ class Agent:
             log.info(
                 "stream closed application=%s instance=%s protocol=%s target=%s sent=%d received=%d "
                 "peak_buffered=%d seconds=%.3f result=%s",
-                request.application, request.service_instance, request.protocol, request.target,
-                channel.bytes_out, channel.bytes_in, channel.peak_buffered, time.monotonic() - started, result,
+                request.application,
+                request.service_instance,
+                request.protocol,
+                request.target,
+                channel.bytes_out,
+                channel.bytes_in,
+                channel.peak_buffered,
+                time.monotonic() - started,
+                result,
             )
 
 

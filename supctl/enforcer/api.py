@@ -24,7 +24,9 @@ class ServiceInstance:
 
     @property
     def where(self) -> str:
-        return f"service instance {self.name}" + (f" (netns {self.netns})" if self.netns else " (host network)")
+        return f"service instance {self.name}" + (
+            f" (netns {self.netns})" if self.netns else " (host network)"
+        )
 
 
 @dataclass

@@ -42,12 +42,21 @@ def make_cli() -> click.Group:
     @click.option("--tower", required=True, help="Tower URL, e.g. wss://tower.example:4646.")
     @click.option("--site", required=True, help="This site's name, as registered at the tower.")
     @click.option("--token-file", required=True, type=click.Path(path_type=Path), help="This site's token.")
-    @click.option("--ca-file", type=click.Path(path_type=Path), help="CA to trust for the tower (default: system).")
-    @click.option("--inventory", required=True, type=click.Path(path_type=Path), help="TOML inventory of the site.")
+    @click.option(
+        "--ca-file", type=click.Path(path_type=Path), help="CA to trust for the tower (default: system)."
+    )
+    @click.option(
+        "--inventory", required=True, type=click.Path(path_type=Path), help="TOML inventory of the site."
+    )
     @click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds to reach a target.")
     @click.option("-v", "--verbose", is_flag=True, help="Log every stream.")
     def run(
-        tower: str, site: str, token_file: Path, ca_file: Path | None, inventory: Path, connect_timeout: float,
+        tower: str,
+        site: str,
+        token_file: Path,
+        ca_file: Path | None,
+        inventory: Path,
+        connect_timeout: float,
         verbose: bool,
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
@@ -102,7 +111,9 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        Console(stderr=True).print(f"edge-enforcer: error: {exc.format_message()}", soft_wrap=True, markup=False)
+        Console(stderr=True).print(
+            f"edge-enforcer: error: {exc.format_message()}", soft_wrap=True, markup=False
+        )
         sys.exit(exc.exit_code)
     except SupctlError as exc:
         Console(stderr=True).print(f"edge-enforcer: error: {exc}", soft_wrap=True, markup=False)

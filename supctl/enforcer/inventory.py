@@ -60,8 +60,8 @@ def parse_inventory(data: dict[str, Any], source: str = "inventory") -> Inventor
         raise UsageError(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")
     for app, app_body in _table(data.get("applications", {}), "applications").items():
         sis = _table(app_body, f"applications.{app}").get("service-instances", {})
-        for name, body in _table(sis, f"applications.{app}.service-instances").items():
-            body = _table(body, f"service instance {name}")
+        for name, raw in _table(sis, f"applications.{app}.service-instances").items():
+            body = _table(raw, f"service instance {name}")
             netns = body.get("netns")
             if netns is not None and (not isinstance(netns, str) or not netns or "/" in netns):
                 raise UsageError(f"{source}: netns of {name} must be a namespace name")

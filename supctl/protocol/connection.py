@@ -129,7 +129,7 @@ class LocalProtocolError(Exception):
 
 
 class _Stream:
-    __slots__ = ("id", "state", "local_eof", "remote_eof", "send_credit", "recv_window", "unacked")
+    __slots__ = ("id", "local_eof", "recv_window", "remote_eof", "send_credit", "state", "unacked")
 
     def __init__(self, stream_id: int, state: StreamState, send_credit: int, recv_window: int) -> None:
         self.id = stream_id

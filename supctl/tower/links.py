@@ -64,7 +64,9 @@ class Route:
 class SiteInfo:
     """What a site's enforcer told the tower in its HELLO."""
 
-    applications: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # app -> instance -> containers
+    applications: dict[str, dict[str, list[str]]] = field(
+        default_factory=dict
+    )  # app -> instance -> containers
     handlers: list[str] = field(default_factory=list)
     version: str = ""
 
@@ -103,6 +105,8 @@ class ClientLink(Link):
         elif isinstance(event, ConnectionClosed):
             log.warning("closing session %s: %s", self.route.summary, event.reason)
             super().handle_event(event)
+        elif isinstance(event, HelloReceived):
+            pass  # impossible: the core refuses HELLO on a session link
         else:
             relay = self.relays.get(event.stream_id)
             if relay is not None:
@@ -111,7 +115,9 @@ class ClientLink(Link):
     def _open(self, event: StreamOpened) -> None:
         site = self.tower.sites.get(self.route.site)
         if site is None:
-            self.conn.reset_stream(event.stream_id, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected")
+            self.conn.reset_stream(
+                event.stream_id, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected"
+            )
             return
         site_id = site.conn.open_stream(self.route.request(event.request.args))
         Relay(self, event.stream_id, site, site_id, self.route.summary)
@@ -126,7 +132,9 @@ class SiteLink(Link):
     """An enforcer's link: the tower opens streams on it, the enforcer may not."""
 
     def __init__(self, ws: WebSocketLike, tower: Tower, site: str) -> None:
-        super().__init__(ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {site}")
+        super().__init__(
+            ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {site}"
+        )
         self.tower = tower
         self.site = site
         self.info: SiteInfo | None = None
@@ -138,6 +146,8 @@ class SiteLink(Link):
         elif isinstance(event, ConnectionClosed):
             log.warning("closing link of site %s: %s", self.site, event.reason)
             super().handle_event(event)
+        elif isinstance(event, StreamOpened):
+            pass  # impossible: the core refuses OPEN from an enforcer and closes the link
         else:
             relay = self.relays.get(event.stream_id)
             if relay is not None:

@@ -14,7 +14,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..protocol import (
-    ConnectionClosed,
     DataReceived,
     EndOfStream,
     ErrorCode,
@@ -33,9 +32,22 @@ log = logging.getLogger("supctl.tower")
 class Direction:
     """Bytes flowing one way through the tower for one stream."""
 
-    __slots__ = ("dst", "dst_id", "eof_pending", "eof_sent", "peak", "queue", "queued", "src", "src_id", "total")
+    __slots__ = (
+        "dst",
+        "dst_id",
+        "eof_pending",
+        "eof_sent",
+        "peak",
+        "queue",
+        "queued",
+        "src",
+        "src_id",
+        "total",
+    )
 
-    def __init__(self, src: ClientLink | SiteLink, src_id: int, dst: ClientLink | SiteLink, dst_id: int) -> None:
+    def __init__(
+        self, src: ClientLink | SiteLink, src_id: int, dst: ClientLink | SiteLink, dst_id: int
+    ) -> None:
         self.src, self.src_id, self.dst, self.dst_id = src, src_id, dst, dst_id
         self.queue: deque[bytes] = deque()
         self.queued = 0
@@ -48,8 +60,7 @@ class Direction:
         self.queue.append(data)
         self.queued += len(data)
         self.total += len(data)
-        if self.queued > self.peak:
-            self.peak = self.queued
+        self.peak = max(self.peak, self.queued)
         self.pump()
 
     def feed_eof(self) -> None:
@@ -87,7 +98,9 @@ class Relay:
 
     __slots__ = ("client", "client_id", "down", "site", "site_id", "started", "summary", "up")
 
-    def __init__(self, client: ClientLink, client_id: int, site: SiteLink, site_id: int, summary: str) -> None:
+    def __init__(
+        self, client: ClientLink, client_id: int, site: SiteLink, site_id: int, summary: str
+    ) -> None:
         self.client, self.client_id, self.site, self.site_id = client, client_id, site, site_id
         self.up = Direction(client, client_id, site, site_id)
         self.down = Direction(site, site_id, client, client_id)
@@ -149,7 +162,8 @@ class Relay:
             return
         self.site.relays.pop(self.site_id, None)
         log.info(
-            "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d seconds=%.3f result=%s",
+            "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d "
+            "seconds=%.3f result=%s",
             self.summary,
             self.up.total,
             self.down.total,
@@ -159,6 +173,3 @@ class Relay:
             result,
         )
 
-
-def is_stream_event(event: Event) -> bool:
-    return not isinstance(event, ConnectionClosed) and hasattr(event, "stream_id")

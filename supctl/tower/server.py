@@ -16,7 +16,8 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from websockets.asyncio.server import ServerConnection, serve as ws_serve
+from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
@@ -131,10 +132,14 @@ class Tower:
         if instances is None:
             raise Rejection(404, f"application {app!r} not found at site {site!r}")
         if instance not in instances:
-            raise Rejection(404, f"service instance {instance!r} of application {app!r} not found at site {site!r}")
+            raise Rejection(
+                404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
+            )
         if protocol not in link.info.handlers:
             raise Rejection(
-                400, f"protocol {protocol!r} is not supported at site {site!r}", {"supported": link.info.handlers}
+                400,
+                f"protocol {protocol!r} is not supported at site {site!r}",
+                {"supported": link.info.handlers},
             )
         return Route("connect", site, app, instance, protocol, int(port_text), ip, who=who)
 
@@ -164,8 +169,12 @@ class Tower:
             old.close(ErrorCode.LINK_LOST, "replaced by a newer link of the same site")
         info = link.info
         assert info is not None
-        log.info("site %s connected (%d applications, handlers %s)", link.site, len(info.applications),
-                 ",".join(info.handlers))
+        log.info(
+            "site %s connected (%d applications, handlers %s)",
+            link.site,
+            len(info.applications),
+            ",".join(info.handlers),
+        )
 
     def site_lost(self, link: SiteLink, reason: str) -> None:
         if self.sites.get(link.site) is link:
@@ -188,7 +197,9 @@ def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
     return context
 
 
-async def run_tower(config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None) -> None:
+async def run_tower(
+    config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
+) -> None:
     tower = Tower(TowerStore(config.state))
     context = None if insecure else server_ssl_context(config)
     async with ws_serve(

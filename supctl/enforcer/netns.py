@@ -1,0 +1,297 @@
+"""Open TCP connections from inside a service instance's network namespace.
+
+A socket belongs to the network namespace of the thread that *created* it; the
+namespace of the thread that later calls ``connect()`` on it does not matter.
+So the enforcer keeps one dedicated worker thread per named namespace: the
+thread enters the namespace once, when it starts, and from then on only creates
+sockets.  The connect itself runs on the event loop thread, which never changes
+namespace.  Opening a connection costs one thread hop, never a ``setns()``.
+
+Targets are always numeric addresses: no name is ever resolved here, because a
+resolver would run in the enforcer's own namespace and answer for the wrong
+network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import ipaddress
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from pyroute2 import netns as pr_netns
+
+from supctl.errors import StreamError
+from supctl.protocol.frames import ErrorCode
+
+__all__ = ["NETNS_DIR", "NamespaceSockets", "namespace_exists", "namespace_path"]
+
+#: Where ``ip netns add`` bind-mounts named network namespaces.
+NETNS_DIR = "/run/netns"
+
+_UNREACHABLE_ERRNOS = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN})
+
+
+def _valid_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\0" not in name and name not in {".", ".."}
+
+
+def namespace_path(name: str) -> str:
+    """The bind-mount file of the named namespace (no existence check)."""
+    if not _valid_name(name):
+        raise ValueError(f"invalid network namespace name {name!r}")
+    return os.path.join(NETNS_DIR, name)
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of a mounted namespace file, or None if there is none.
+
+    A namespace file is a bind mount of an nsfs inode, so its device differs from
+    the directory's.  A plain file left behind by a half-done ``ip netns del`` has
+    the directory's device and is not a namespace.
+    """
+    try:
+        st = os.stat(path)
+        dir_st = os.stat(os.path.dirname(path))
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_dev == dir_st.st_dev:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def namespace_exists(name: str) -> bool:
+    """True if ``name`` is a named network namespace (``ip netns list`` would show it)."""
+    if not _valid_name(name):
+        return False
+    return _identity(namespace_path(name)) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    family: socket.AddressFamily
+    host: str  # numeric, without an IPv6 scope
+    port: int
+    scope: str  # IPv6 zone (interface name or index), "" if none
+
+    def __str__(self) -> str:
+        host = f"{self.host}%{self.scope}" if self.scope else self.host
+        return f"[{host}]:{self.port}" if self.family == socket.AF_INET6 else f"{host}:{self.port}"
+
+
+def _parse_target(host: str, port: int) -> _Target:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise StreamError(f"target {host!r} is not a numeric IP address", code=ErrorCode.PROTOCOL) from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise StreamError(f"target port {port!r} is out of range", code=ErrorCode.PROTOCOL)
+    if isinstance(addr, ipaddress.IPv6Address):
+        scope = addr.scope_id or ""
+        bare = str(addr).partition("%")[0]
+        return _Target(socket.AF_INET6, bare, port, scope)
+    return _Target(socket.AF_INET, str(addr), port, "")
+
+
+def _new_socket(target: _Target) -> tuple[socket.socket, int]:
+    """Create the non-blocking TCP socket, in the namespace of the calling thread.
+
+    Returns the socket and the numeric IPv6 scope id (0 for none); an interface
+    name in the scope is looked up here because interface names are per namespace.
+    """
+    scope_id = 0
+    if target.scope:
+        scope_id = int(target.scope) if target.scope.isdigit() else socket.if_nametoindex(target.scope)
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, scope_id
+
+
+class _Worker:
+    """One thread living inside one named namespace for its whole life."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+        # Written once by the worker thread in _enter(); read by it and, after a
+        # completed future (which orders the accesses), by the event loop thread.
+        self.identity: tuple[int, int] | None = None
+        self.error: OSError | None = None
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, initializer=self._enter, thread_name_prefix=f"netns-{name}"
+        )
+
+    def _enter(self) -> None:
+        # Never raise: a failing initializer breaks the pool and loses the reason.
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.error = exc
+            return
+        try:
+            st = os.fstat(fd)
+            # flags=0: never create a namespace that is not there (the default is O_CREAT).
+            pr_netns.setns(fd, flags=0)
+        except OSError as exc:
+            self.error = exc
+        else:
+            self.identity = (st.st_dev, st.st_ino)
+        finally:
+            os.close(fd)
+
+    def new_socket(self, target: _Target) -> tuple[socket.socket, int]:
+        if self.identity is None:
+            raise self.error or OSError(errno.EINVAL, "namespace not entered")
+        return _new_socket(target)
+
+    def shutdown(self, wait: bool) -> None:
+        self.executor.shutdown(wait=wait, cancel_futures=True)
+
+
+def _close_result(future: concurrent.futures.Future[tuple[socket.socket, int]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result()[0].close()
+
+
+class NamespaceSockets:
+    """Connect TCP sockets from inside named network namespaces.
+
+    Use from one event loop.  ``netns=None`` means the enforcer's own (host)
+    network.  Call :meth:`close` when done; it stops the worker threads.
+    """
+
+    def __init__(self) -> None:
+        self._workers: dict[str, _Worker] = {}
+        self._closed = False
+
+    async def connect(self, netns: str | None, host: str, port: int, timeout: float) -> socket.socket:
+        """Return a connected non-blocking TCP socket to ``host:port`` as seen from ``netns``.
+
+        Raises :class:`StreamError` with an :class:`ErrorCode` and a one-line message.
+        """
+        if self._closed:
+            raise StreamError("the enforcer is shutting down", code=ErrorCode.INTERNAL)
+        target = _parse_target(host, port)
+        where = f"network namespace {netns}" if netns is not None else "the host network"
+        sock: socket.socket | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                sock, scope_id = await self._socket(netns, target)
+                address: tuple[str, int] | tuple[str, int, int, int]
+                if target.family == socket.AF_INET6:
+                    address = (target.host, target.port, 0, scope_id)
+                else:
+                    address = (target.host, target.port)
+                await asyncio.get_running_loop().sock_connect(sock, address)
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, StreamError):
+                raise
+            if isinstance(exc, TimeoutError):
+                # Our deadline, or the kernel's own ETIMEDOUT after the SYN retries.
+                raise StreamError(
+                    f"connection to {target} in {where} timed out", code=ErrorCode.TIMEOUT
+                ) from None
+            if isinstance(exc, ConnectionRefusedError):
+                raise StreamError(
+                    f"connection refused by {target} in {where}", code=ErrorCode.REFUSED
+                ) from None
+            if isinstance(exc, OSError):
+                reason = exc.strerror or str(exc) or type(exc).__name__
+                raise StreamError(
+                    f"cannot connect to {target} in {where}: {reason}", code=ErrorCode.UNREACHABLE
+                ) from None
+            raise
+        return sock
+
+    async def _socket(self, netns: str | None, target: _Target) -> tuple[socket.socket, int]:
+        if netns is None:
+            try:
+                return _new_socket(target)
+            except OSError as exc:
+                raise self._socket_error(None, target, exc) from None
+        worker = self._worker(netns)
+        future = worker.executor.submit(worker.new_socket, target)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The worker may already be creating the socket: close it when it comes.
+            future.add_done_callback(_close_result)
+            raise
+        except OSError as exc:
+            if worker.identity is None:
+                # The thread never got into the namespace; it is useless.
+                self._drop(netns, worker)
+                raise self._enter_error(netns, exc) from None
+            raise self._socket_error(netns, target, exc) from None
+
+    def _worker(self, name: str) -> _Worker:
+        try:
+            path = namespace_path(name)
+        except ValueError:
+            raise StreamError(f"invalid network namespace name {name!r}", code=ErrorCode.NOT_FOUND) from None
+        identity = _identity(path)
+        worker = self._workers.get(name)
+        if identity is None:
+            if worker is not None:
+                self._drop(name, worker)
+            raise StreamError(f"network namespace {name} does not exist", code=ErrorCode.NOT_FOUND)
+        if worker is not None and worker.identity is not None and worker.identity != identity:
+            # Deleted and re-created under the same name: the old thread holds the old one.
+            self._drop(name, worker)
+            worker = None
+        if worker is None:
+            worker = self._workers[name] = _Worker(name, path)
+        return worker
+
+    def _drop(self, name: str, worker: _Worker) -> None:
+        if self._workers.get(name) is worker:
+            del self._workers[name]
+        worker.shutdown(wait=False)
+
+    @staticmethod
+    def _enter_error(name: str, exc: OSError) -> StreamError:
+        if exc.errno in (errno.ENOENT, errno.EINVAL):
+            # Gone between the check and the open, or a file that is not a namespace.
+            return StreamError(f"network namespace {name} does not exist", code=ErrorCode.NOT_FOUND)
+        reason = exc.strerror or str(exc)
+        return StreamError(f"cannot enter network namespace {name}: {reason}", code=ErrorCode.INTERNAL)
+
+    @staticmethod
+    def _socket_error(name: str | None, target: _Target, exc: OSError) -> StreamError:
+        where = f"network namespace {name}" if name is not None else "the host network"
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        if target.scope and exc.errno in (errno.ENODEV, errno.ENXIO, None):
+            return StreamError(f"no interface {target.scope} in {where}", code=ErrorCode.UNREACHABLE)
+        code = ErrorCode.UNREACHABLE if exc.errno in _UNREACHABLE_ERRNOS else ErrorCode.INTERNAL
+        return StreamError(f"cannot create a socket for {target} in {where}: {reason}", code=code)
+
+    def release(self, netns: str) -> None:
+        """Stop the worker of one namespace (e.g. its service instance is gone).
+
+        A worker thread keeps its namespace alive even after ``ip netns del``.
+        """
+        worker = self._workers.get(netns)
+        if worker is not None:
+            self._drop(netns, worker)
+
+    def namespaces(self) -> list[str]:
+        """Names of the namespaces that currently have a worker thread."""
+        return sorted(self._workers)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop every worker thread; later connects fail.  Idempotent."""
+        self._closed = True
+        workers, self._workers = list(self._workers.values()), {}
+        for worker in workers:
+            worker.shutdown(wait=wait)

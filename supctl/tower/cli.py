@@ -1,0 +1,200 @@
+"""The ``control-tower`` program: set a tower up, register sites, serve.
+
+Machine-readable results (a site token, site names, a fingerprint) go to stdout
+and nothing else does, so ``TOKEN=$(control-tower site add ...)`` works; people
+read stderr.  Click objects are built by :func:`make_cli`, not at import time,
+so importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from supctl.errors import ExitCode, SupctlError, UsageError
+from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs
+from supctl.tower.config import CONFIG_NAME, TowerConfig, load_config, parse_listen, write_default_config
+from supctl.tower.store import TowerStore, atomic_write
+
+PROG = "control-tower"
+ADMIN_TOKEN_NAME = "admin.token"  # noqa: S105 - a file name, not a secret
+STATE_NAME = "state.json"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _console() -> Console:
+    # soft_wrap: long paths stay on one line so they can be copied when stderr is a pipe.
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _config_option(f: F) -> F:
+    # Not exists=True: load_config's one-line message beats click's usage dump.
+    return click.option(
+        "--config",
+        "config_path",
+        required=True,
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=f"The tower's {CONFIG_NAME}.",
+    )(f)
+
+
+def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[str] = ()) -> str:
+    """Create a complete tower in ``directory`` and return the admin token.
+
+    ``extra_names`` are host names or IP addresses the server certificate covers
+    besides localhost, 127.0.0.1 and ::1.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} exists and is not a directory")
+    certs = cert_paths(directory)
+    ours = [
+        directory / CONFIG_NAME,
+        directory / STATE_NAME,
+        directory / ADMIN_TOKEN_NAME,
+        certs.ca,
+        certs.ca_key,
+        certs.cert,
+        certs.key,
+    ]
+    existing = [p for p in ours if p.exists()]
+    if existing and not force:
+        # Overwriting would orphan every client (new CA) and every site (new tokens).
+        raise UsageError(
+            f"{existing[0]} already exists; use --force to replace the tower"
+            " (new CA and tokens: clients and sites must be set up again)"
+        )
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_certs(directory, [*DEFAULT_NAMES, *(n for n in extra_names if n not in DEFAULT_NAMES)])
+    store = TowerStore.create(directory / STATE_NAME)
+    token = store.add_admin_token()
+    atomic_write(directory / ADMIN_TOKEN_NAME, (token + "\n").encode(), 0o600)
+    # Last, so that a tower.toml only exists next to a complete set of files.
+    write_default_config(directory)
+    return token
+
+
+def _print_init_summary(directory: Path) -> None:
+    certs = cert_paths(directory)
+    config = directory / CONFIG_NAME
+    console = _console()
+    rows = [
+        ("config", f"{config}"),
+        ("CA certificate", f"{certs.ca}  (give this to clients)"),
+        ("server certificate", f"{certs.cert}  sha256 {fingerprint(certs.cert)}"),
+        ("private keys", f"{certs.ca_key}, {certs.key}  (mode 0600)"),
+        ("token hashes", f"{directory / STATE_NAME}  (mode 0600)"),
+        ("admin token", f"{directory / ADMIN_TOKEN_NAME}  (mode 0600)"),
+    ]
+    console.print(f"[bold green]Control tower created in {escape(str(directory))}[/]")
+    for label, value in rows:
+        console.print(f"  {label:<19} {escape(value)}")
+    cfg = shlex.quote(str(config))
+    console.print("[bold]Next:[/]")
+    console.print(f"  {PROG} site add --config {escape(cfg)} SITE")
+    console.print(f"  {PROG} serve --config {escape(cfg)}")
+
+
+def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None:
+    """Check everything that can be checked locally, then hand over to the server."""
+    host, port = parse_listen(listen if listen is not None else config.listen)
+    insecure = insecure or config.insecure
+    if not insecure:
+        for path in (config.cert, config.key):
+            if not path.is_file():
+                raise UsageError(f"{path} not found (TLS needs it; --insecure serves plain ws://)")
+    TowerStore(config.state)  # a missing or broken state file fails now, not at the first login
+    if insecure:
+        _console().print(
+            "[yellow]warning:[/] serving plain ws:// without TLS; tokens cross the network in clear"
+        )
+    # Imported here: the server pulls in websockets and asyncio machinery the admin commands never need.
+    from supctl.tower import server
+
+    server.serve(config, host, port, insecure)
+
+
+def make_cli() -> click.Group:
+    """Build the ``control-tower`` command tree."""
+
+    @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
+    def cli() -> None:
+        """The supctl control tower: where clients meet edge sites."""
+
+    @cli.command()
+    @click.argument("directory", type=click.Path(path_type=Path))  # checked by init_tower, in one line
+    @click.option("--force", is_flag=True, help="Replace an existing tower (new CA, new tokens).")
+    @click.option(
+        "--san",
+        "sans",
+        multiple=True,
+        metavar="NAME",
+        help="Another host name or IP address for the server certificate (repeatable).",
+    )
+    def init(directory: Path, force: bool, sans: tuple[str, ...]) -> None:
+        """Create a tower in DIRECTORY: CA, server certificate, config and an admin token."""
+        init_tower(directory, force=force, extra_names=sans)
+        _print_init_summary(directory)
+
+    @cli.group()
+    def site() -> None:
+        """Register and list edge sites."""
+
+    @site.command("add")
+    @_config_option
+    @click.argument("name")
+    def site_add(config_path: Path, name: str) -> None:
+        """Register site NAME and print its token (the only output on stdout)."""
+        token = TowerStore(load_config(config_path).state).add_site(name)
+        click.echo(token)
+
+    @site.command("list")
+    @_config_option
+    def site_list(config_path: Path) -> None:
+        """Print the registered site names, one per line."""
+        for name in TowerStore(load_config(config_path).state).sites():
+            click.echo(name)
+
+    @cli.command("fingerprint")
+    @_config_option
+    def fingerprint_cmd(config_path: Path) -> None:
+        """Print the SHA-256 fingerprint of the server certificate."""
+        click.echo(fingerprint(load_config(config_path).cert))
+
+    @cli.command()
+    @_config_option
+    @click.option(
+        "--listen", metavar="HOST:PORT", help="Override 'listen' from the config ([::1]:4646, :4646)."
+    )
+    @click.option("--insecure", is_flag=True, help="Serve plain ws:// without TLS.")
+    def serve(config_path: Path, listen: str | None, insecure: bool) -> None:
+        """Run the tower."""
+        serve_tower(load_config(config_path), listen, insecure)
+
+    return cli
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    # Plain write, not rich: the message must stay one line whatever the terminal width.
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: run the CLI and turn expected errors into one line and an exit code."""
+    try:
+        make_cli().main(args=list(argv) if argv is not None else None, prog_name=PROG)
+    except SupctlError as e:
+        _fail(str(e), e.exit_code)
+    except OSError as e:
+        # Files that cannot be written, ports already in use: the environment, not a bug.
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(" ".join(f"{where}{e.strerror or e}".split()), ExitCode.FAILURE)
