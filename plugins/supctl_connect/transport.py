@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import Mapping
 from urllib.parse import urlencode
@@ -29,6 +30,16 @@ def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
         raise UsageError(f"cannot load CA file {ca_file}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def os_reason(exc: BaseException) -> str:
+    """A short reason for a failed connect; asyncio hides errno in a generic text."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    errno_ = getattr(exc, "errno", None)
+    if errno_:
+        return os.strerror(errno_).lower()
+    return str(exc) or type(exc).__name__
 
 
 def rejection_message(exc: InvalidStatus) -> SupctlError:
@@ -86,8 +97,7 @@ class WebSocketTransport:
         except InvalidURI as exc:
             raise UsageError(f"bad tower URL: {exc}") from None
         except (OSError, TimeoutError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc) or "timed out"
-            raise UnavailableError(f"cannot reach the tower at {settings.host}: {reason}") from None
+            raise UnavailableError(f"cannot reach the tower at {settings.host}: {os_reason(exc)}") from None
         except WebSocketException as exc:
             raise UnavailableError(f"WebSocket handshake with {settings.host} failed: {exc}") from None
         if ws.subprotocol != SUBPROTOCOL:

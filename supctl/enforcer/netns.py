@@ -154,7 +154,9 @@ class _Worker:
         return _new_socket(target)
 
     def shutdown(self, wait: bool) -> None:
-        self.executor.shutdown(wait=wait, cancel_futures=True)
+        # Queued socket creations still run (they are quick): cancelling them
+        # would surface as a bare CancelledError in connects nobody cancelled.
+        self.executor.shutdown(wait=wait, cancel_futures=False)
 
 
 def _close_result(future: concurrent.futures.Future[tuple[socket.socket, int]]) -> None:

@@ -1,0 +1,232 @@
+"""A real supctl stack for end-to-end tests: tower, enforcer(s) and supctl processes.
+
+Every process runs the installed console scripts (next to the running Python),
+talks real TLS WebSockets on 127.0.0.1, and is killed on exit, pass or fail.
+Readiness is awaited by reading the processes' own log lines with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+
+def program(name: str) -> str:
+    """The console script ``name`` of the environment running the tests."""
+    local = BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    assert found, f"{name} is not installed"
+    return found
+
+
+class LogFile:
+    """A process's stderr captured in a file, searched with a deadline."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def text(self) -> str:
+        try:
+            return self.path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(
+        self, pattern: str, deadline: float = 20.0, proc: subprocess.Popen[Any] | None = None
+    ) -> re.Match[str]:
+        regex = re.compile(pattern)
+        end = time.monotonic() + deadline
+        while True:
+            match = regex.search(self.text())
+            if match:
+                return match
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"process exited ({proc.returncode}) before {pattern!r}:\n{self.text()}")
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out waiting for {pattern!r} in {self.path}:\n{self.text()}")
+            time.sleep(0.02)  # polling a log file; the deadline above is the bound
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.text()))
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen[bytes]
+    log: LogFile
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = 5.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+class Stack:
+    """A tower with one registered site per :meth:`add_site` call."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "tower"
+        self.procs: list[Proc] = []
+        self.tower: Proc | None = None
+        self.url = ""
+        self.env = dict(os.environ)
+        for key in list(self.env):
+            if key.startswith("SUPCTL_"):
+                del self.env[key]
+        self.env["HOME"] = str(root)  # no stray ~/.config/supctl/config.toml
+        self.env["XDG_CONFIG_HOME"] = str(root / "config")
+        self.env["COLUMNS"] = "200"
+
+    # --- processes -------------------------------------------------------------
+
+    def spawn(self, name: str, argv: Sequence[str], stdin: Any = subprocess.DEVNULL, **kw: Any) -> Proc:
+        log = LogFile(self.root / f"{name}-{len(self.procs)}.log")
+        with log.path.open("wb") as err:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=stdin,
+                stdout=kw.pop("stdout", subprocess.DEVNULL),
+                stderr=err,
+                env=kw.pop("env", self.env),
+                start_new_session=True,
+                **kw,
+            )
+        proc = Proc(popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_tower(self) -> None:
+        subprocess.run(
+            [program("control-tower"), "init", str(self.dir)], check=True, capture_output=True, env=self.env
+        )
+        self.tower = self.spawn(
+            "tower",
+            [
+                program("control-tower"),
+                "serve",
+                "--config",
+                str(self.dir / "tower.toml"),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        )
+        match = self.tower.log.wait_for(r"listening on (wss://127\.0\.0\.1:\d+)", proc=self.tower.popen)
+        self.url = match[1]
+        self.env.update(
+            SUPCTL_HOST=self.url,
+            SUPCTL_TOKEN_FILE=str(self.dir / "admin.token"),
+            SUPCTL_CA_FILE=str(self.dir / "ca.pem"),
+        )
+
+    def add_site(self, site: str, inventory: str, *, wait: bool = True) -> Proc:
+        token = subprocess.run(
+            [program("control-tower"), "site", "add", "--config", str(self.dir / "tower.toml"), site],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=self.env,
+        ).stdout.strip()
+        (self.root / f"{site}.token").write_text(token + "\n")
+        (self.root / f"{site}.toml").write_text(inventory)
+        return self.start_enforcer(site, wait=wait)
+
+    def start_enforcer(self, site: str, *, wait: bool = True) -> Proc:
+        assert self.tower is not None
+        before = self.tower.log.count(rf"site {re.escape(site)} connected")
+        proc = self.spawn(
+            f"enforcer-{site}",
+            [
+                program("edge-enforcer"),
+                "run",
+                "--tower",
+                self.url,
+                "--site",
+                site,
+                "--token-file",
+                str(self.root / f"{site}.token"),
+                "--ca-file",
+                str(self.dir / "ca.pem"),
+                "--inventory",
+                str(self.root / f"{site}.toml"),
+                "--verbose",
+            ],
+        )
+        if wait:
+            end = time.monotonic() + 20
+            while self.tower.log.count(rf"site {re.escape(site)} connected") <= before:
+                assert proc.popen.poll() is None, proc.log.text()
+                assert time.monotonic() < end, self.tower.log.text()
+                time.sleep(0.02)
+        return proc
+
+    def control_tower(self, *args: str) -> str:
+        """Run an admin command of ``control-tower``; return its stdout."""
+        return subprocess.run(
+            [program("control-tower"), *args], check=True, capture_output=True, text=True, env=self.env
+        ).stdout
+
+    def supctl(
+        self, *args: str, input: bytes | None = None, timeout: float = 60.0, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run supctl to completion."""
+        return subprocess.run(
+            [program("supctl"), *args],
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            env=env or self.env,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+    def forward(self, *args: str) -> tuple[Proc, int]:
+        """Start ``supctl ... --bind 0`` and return it with the local port it listens on."""
+        proc = self.spawn("supctl", [program("supctl"), *args])
+        match = proc.log.wait_for(r"Forwarding from \S+:(\d+) ->", proc=proc.popen)
+        return proc, int(match[1])
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.popen.poll() is None:
+                try:
+                    os.killpg(proc.popen.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        end = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.popen.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+
+
+def do_args(site: str, app: str, instance: str, *rest: str) -> list[str]:
+    return ["do", "-s", site, "applications", app, "service-instances", instance, *rest]
+
+
+def one_line_error(stderr: bytes) -> str:
+    """Assert stderr is exactly one line, without a traceback, and return it."""
+    text = stderr.decode()
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]

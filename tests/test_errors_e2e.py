@@ -1,0 +1,163 @@
+"""Every user-facing failure of ``connect`` is one line on stderr and a distinct exit code."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from stack import Stack, do_args, one_line_error
+
+from supctl.errors import ExitCode
+
+APP, INSTANCE, SITE = "popcorn-controller", "popcorn-controller-service-1", "stockholm-sergel"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("errors"))
+    try:
+        stack.start_tower()
+        stack.add_site(SITE, f"[applications.{APP}.service-instances.{INSTANCE}]\n")
+        # Registered but never connected: its enforcer is not started.
+        stack.control_tower("site", "add", "--config", str(stack.dir / "tower.toml"), "offline-site")
+        yield stack
+    finally:
+        stack.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = stack.supctl(*args, env=env, timeout=30)
+    assert result.stdout == b""
+    return result.returncode, one_line_error(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            do_args("nowhere", APP, INSTANCE, "connect", "tcp", "443"),
+            ExitCode.NOT_FOUND,
+            "unknown site 'nowhere'",
+        ),
+        (
+            do_args("offline-site", APP, INSTANCE, "connect", "tcp", "443"),
+            ExitCode.UNAVAILABLE,
+            "site 'offline-site' is not connected",
+        ),
+        (
+            do_args(SITE, "no-app", INSTANCE, "connect", "tcp", "443"),
+            ExitCode.NOT_FOUND,
+            "application 'no-app' not found at site 'stockholm-sergel'",
+        ),
+        (
+            do_args(SITE, APP, "no-instance", "connect", "tcp", "443"),
+            ExitCode.NOT_FOUND,
+            "service instance 'no-instance' of application 'popcorn-controller' not found",
+        ),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--ip-address", "destination.example"),
+            ExitCode.USAGE,
+            "connect never resolves names",
+        ),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--ip-address", "192.0.2.300"),
+            ExitCode.USAGE,
+            "must be a numeric IPv4 or IPv6 address",
+        ),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "65536"),
+            ExitCode.USAGE,
+            "65536 is not in the range",
+        ),
+        (do_args(SITE, APP, INSTANCE, "connect", "tcp", "0"), ExitCode.USAGE, "0 is not in the range"),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "https"),
+            ExitCode.USAGE,
+            "'https' is not a valid integer",
+        ),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "99999"),
+            ExitCode.USAGE,
+            "out of range",
+        ),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "example.com:80"),
+            ExitCode.USAGE,
+            "--bind address must be numeric",
+        ),
+        (do_args(SITE, APP, INSTANCE, "connect", "udp", "53"), ExitCode.USAGE, "No such command 'udp'"),
+    ],
+    ids=[
+        "unknown-site",
+        "site-offline",
+        "unknown-app",
+        "unknown-instance",
+        "name-as-ip",
+        "bad-ip",
+        "port-too-big",
+        "port-zero",
+        "port-not-number",
+        "bind-port",
+        "bind-name",
+        "unknown-protocol",
+    ],
+)
+def test_refusals(stack: Stack, args: list[str], code: int, message: str) -> None:
+    returncode, line = run_error(stack, *args)
+    assert returncode == code
+    assert line.startswith("supctl: error:")
+    assert message in line
+
+
+def test_bad_token(stack: Stack, tmp_path: Path) -> None:
+    token = tmp_path / "bad.token"
+    token.write_text("sct_admin_not-a-real-token\n")
+    env = dict(stack.env, SUPCTL_TOKEN_FILE=str(token))
+    returncode, line = run_error(stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", "443"), env=env)
+    assert returncode == ExitCode.DENIED
+    assert "invalid API token" in line
+    assert "not-a-real-token" not in line  # a token is never echoed back
+
+
+def test_missing_token(stack: Stack) -> None:
+    env = {k: v for k, v in stack.env.items() if k != "SUPCTL_TOKEN_FILE"}
+    returncode, line = run_error(stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", "443"), env=env)
+    assert returncode == ExitCode.DENIED
+    assert "no API token" in line
+
+
+def test_tower_unreachable(stack: Stack) -> None:
+    env = dict(stack.env, SUPCTL_HOST=f"wss://127.0.0.1:{free_port()}")
+    returncode, line = run_error(stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", "443"), env=env)
+    assert returncode == ExitCode.UNAVAILABLE
+    assert "cannot reach the tower" in line and "refused" in line
+
+
+def test_untrusted_certificate(stack: Stack, tmp_path: Path) -> None:
+    # Trust another tower's CA: the real tower's certificate must then be refused.
+    other_dir = tmp_path / "other"
+    stack.control_tower("init", str(other_dir))
+    env = dict(stack.env, SUPCTL_CA_FILE=str(other_dir / "ca.pem"))
+    returncode, line = run_error(stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", "443"), env=env)
+    assert returncode == ExitCode.UNAVAILABLE
+    assert "certificate" in line and "not trusted" in line
+
+
+def test_listen_address_in_use(stack: Stack) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        returncode, line = run_error(
+            stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", str(port))
+        )
+    assert returncode == ExitCode.USAGE
+    assert "cannot listen" in line
