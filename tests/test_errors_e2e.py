@@ -161,3 +161,18 @@ def test_listen_address_in_use(stack: Stack) -> None:
         )
     assert returncode == ExitCode.USAGE
     assert "cannot listen" in line
+
+
+def test_netcat_target_refused(stack: Stack) -> None:
+    returncode, line = run_error(stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", str(free_port())))
+    assert returncode == ExitCode.STREAM
+    assert "connection refused by 127.0.0.1:" in line
+
+
+def test_bind_ipv6_and_sigint(stack: Stack) -> None:
+    import signal
+
+    forward, port = stack.forward(*do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "[::1]:0"))
+    assert forward.log.wait_for(r"Forwarding from (\S+) ->")[1] == f"[::1]:{port}"
+    assert forward.stop(signal.SIGINT) == 0
+    assert "Traceback" not in forward.log.text()
