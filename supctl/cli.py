@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import click
 import pluggy
+from click.core import ParameterSource
 from rich.console import Console
 
 from .client.api import NODES, Invocation
@@ -75,6 +76,12 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         config: str | None,
     ) -> None:
         """Reach services running on edge sites as if they were local."""
+        source = ctx.get_parameter_source
+        if (
+            source("token_file") is ParameterSource.COMMANDLINE
+            and source("token") is not ParameterSource.COMMANDLINE
+        ):
+            token = None  # --token-file outranks SUPCTL_TOKEN: options beat the environment
         ctx.obj = Invocation(
             pm=pm,
             settings_loader=lambda: resolve(

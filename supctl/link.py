@@ -112,8 +112,12 @@ class Link:
             with contextlib.suppress(asyncio.TimeoutError, WsClosed, OSError):
                 await asyncio.wait_for(asyncio.shield(writer), 5)
         writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError, WsClosed, OSError):
-            await writer
+        # asyncio.wait, not `await writer` under suppress(CancelledError): that would also
+        # swallow a cancellation of *this* task arriving meanwhile (the enforcer's SIGTERM).
+        await asyncio.wait({writer})
+        failure = None if writer.cancelled() else writer.exception()
+        if failure is not None and not isinstance(failure, (WsClosed, OSError)):
+            raise failure
         with contextlib.suppress(WsClosed, OSError):
             await self.ws.close()
         self.on_lost(self.lost_reason or "connection closed")
@@ -239,6 +243,8 @@ class Channel:
         await self.accepted
 
     def accept(self) -> None:
+        if self.error is not None:  # reset (or link lost) while the handler was connecting
+            raise self.error
         self.link.conn.accept_stream(self.id)
         self.accepted.set_result(None)
         self.link.flush()

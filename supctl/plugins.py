@@ -60,5 +60,5 @@ def call_registration(
     """Call a registration hook plugin by plugin, each with its own ``register``
     bound to the plugin's name, so a duplicate can name both culprits."""
     hook = getattr(pm.hook, hook_name)
-    for impl in reversed(hook.get_hookimpls()):  # registration order, as pluggy stores LIFO
+    for impl in hook.get_hookimpls():  # registration order (pluggy stores FIFO, calls LIFO)
         impl.function(register=make_register(impl.plugin_name))

@@ -19,7 +19,11 @@ class TcpHandler:
         host = request.ip_address or "127.0.0.1"
         sock = await context.sockets.connect(instance.netns, host, request.port, context.connect_timeout)
         reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
-        channel.accept()
+        try:
+            channel.accept()
+        except BaseException:  # the stream went away while we connected
+            writer.transport.abort()
+            raise
         error = await pipe(channel, reader, writer)
         if error is not None:
             raise error  # already reset on the wire; raised so the enforcer logs why

@@ -114,7 +114,7 @@ class ClientLink(Link):
 
     def _open(self, event: StreamOpened) -> None:
         site = self.tower.sites.get(self.route.site)
-        if site is None:
+        if site is None or site.conn.closed is not None:  # closed: lost, on_lost not run yet
             self.conn.reset_stream(
                 event.stream_id, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected"
             )

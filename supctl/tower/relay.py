@@ -130,8 +130,11 @@ class Relay:
 
     def from_site(self, event: Event) -> None:
         if isinstance(event, StreamAccepted):
-            self.client.conn.accept_stream(self.client_id)
-            self.client.flush()
+            # The client's connection may be closing (its relays are aborted when
+            # it is lost): accepting then would raise and take the site link down.
+            if self.client.conn.is_open(self.client_id):
+                self.client.conn.accept_stream(self.client_id)
+                self.client.flush()
         elif isinstance(event, DataReceived):
             self.down.feed(event.data)
         elif isinstance(event, WindowUpdated):
@@ -172,4 +175,3 @@ class Relay:
             time.monotonic() - self.started,
             result,
         )
-

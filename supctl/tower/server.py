@@ -13,6 +13,7 @@ import logging
 import re
 import signal
 import ssl
+import weakref
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -73,7 +74,9 @@ class Tower:
     def __init__(self, store: TowerStore) -> None:
         self.store = store
         self.sites: dict[str, SiteLink] = {}
-        self._routes: dict[ServerConnection, Route | str] = {}
+        # Weak: a handshake that fails after process_request (no Upgrade header, client gone)
+        # never reaches handler(), which pops the entry; it must not stay forever.
+        self._routes: weakref.WeakKeyDictionary[ServerConnection, Route | str] = weakref.WeakKeyDictionary()
 
     # --- before the upgrade ---------------------------------------------------
 
