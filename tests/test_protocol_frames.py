@@ -54,6 +54,8 @@ def test_frame_type_values_are_the_wire_values() -> None:
         "WINDOW": 4,
         "EOF": 5,
         "RESET": 6,
+        "CONTROL": 7,
+        "STATUS": 8,
     }
 
 
@@ -250,7 +252,7 @@ def test_oversize_frame_is_frame_size_error_even_before_the_bytes_arrive(length:
     assert info.value.code is ErrorCode.FRAME_SIZE
 
 
-@pytest.mark.parametrize("type_", [7, 8, 0x7F, 0xFF])
+@pytest.mark.parametrize("type_", [9, 10, 0x7F, 0xFF])
 def test_unknown_frame_type(type_: int) -> None:
     with pytest.raises(FrameError, match=f"unknown frame type {type_}") as info:
         split_frames(struct.pack("!BII", type_, 1, 0))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from .frames import (
     CLOSE_CODE_BASE,
     HEADER,
+    MAX_CONTROL,
     MAX_DATA,
     MAX_WINDOW,
     WINDOW,
@@ -36,7 +37,7 @@ from .frames import (
     encode_window,
     split_frames,
 )
-from .messages import OpenRequest, decode_hello, encode_hello
+from .messages import OpenRequest, decode_hello, decode_object, encode_hello
 
 #: Default per-stream receive window.  It bounds what any hop buffers per stream.
 DEFAULT_WINDOW = 1024 * 1024
@@ -101,6 +102,21 @@ class HelloReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class StatusReceived:
+    """A site update after HELLO (e.g. container states changed)."""
+
+    payload: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReceived:
+    """A small JSON message on a stream, outside flow control (a signal, an exit status)."""
+
+    stream_id: int
+    payload: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The core gave up on the peer; close the WebSocket with ``close_code``."""
 
@@ -120,6 +136,8 @@ Event = (
     | EndOfStream
     | StreamReset
     | HelloReceived
+    | StatusReceived
+    | ControlReceived
     | ConnectionClosed
 )
 
@@ -164,6 +182,7 @@ class Connection:
         self._peer_parity = 0 if odd_ids else 1
         self._accept_streams = accept_streams
         self._accept_hello = accept_hello
+        self._hello_seen = False
         self.window = window
         self.max_streams = max_streams
         self._streams: dict[int, _Stream] = {}
@@ -264,6 +283,25 @@ class Connection:
         self._check_usable()
         self._emit(encode(FrameType.HELLO, 0, encode_hello(payload)))
 
+    def send_status(self, payload: dict[str, object]) -> None:
+        """A site update after HELLO; the peer keeps only the latest."""
+        self._check_usable()
+        self._emit(encode(FrameType.STATUS, 0, encode_hello(payload)))
+
+    def send_control(self, stream_id: int, payload: dict[str, object]) -> None:
+        """Send a small JSON object on an open stream, ahead of any flow-controlled DATA.
+
+        Allowed after either side's EOF (a signal after stdin closed, an exit
+        status before the output ends); not on a stream that is not open yet.
+        """
+        stream = self._get(stream_id)
+        if stream.state is not StreamState.OPEN:
+            raise LocalProtocolError(f"stream {stream_id} is not open")
+        body = encode_hello(payload)
+        if len(body) > MAX_CONTROL:
+            raise LocalProtocolError(f"CONTROL payload of {len(body)} bytes exceeds {MAX_CONTROL}")
+        self._emit(encode(FrameType.CONTROL, stream_id, body))
+
     def close(self, code: ErrorCode, reason: str) -> ConnectionClosed:
         if self.closed is None:
             self.closed = ConnectionClosed(code, reason[:120])
@@ -316,7 +354,13 @@ class Connection:
             if sid != 0 or not self._accept_hello:
                 raise FrameError("unexpected HELLO")
             self._accept_hello = False  # once per connection
+            self._hello_seen = True
             events.append(HelloReceived(decode_hello(frame.payload)))
+            return
+        if ftype is FrameType.STATUS:
+            if sid != 0 or not self._hello_seen:
+                raise FrameError("unexpected STATUS")
+            events.append(StatusReceived(decode_object(frame.payload, "STATUS")))
             return
         if sid == 0:
             raise FrameError(f"{ftype.name} on stream 0")
@@ -356,6 +400,16 @@ class Connection:
             stream.send_credit += increment
             if stream.state is StreamState.OPEN and not stream.local_eof:
                 events.append(WindowUpdated(sid))
+        elif ftype is FrameType.CONTROL:
+            if stream.state is not StreamState.OPEN or len(frame.payload) > MAX_CONTROL:
+                self._stream_error(stream, "unexpected or oversize CONTROL", events)
+                return
+            try:
+                payload = decode_object(frame.payload, "CONTROL")
+            except FrameError as exc:
+                self._stream_error(stream, str(exc), events)
+                return
+            events.append(ControlReceived(sid, payload))
         elif ftype is FrameType.EOF:
             if frame.payload or stream.state is not StreamState.OPEN or stream.remote_eof:
                 self._stream_error(stream, "unexpected EOF", events)

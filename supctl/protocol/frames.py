@@ -32,6 +32,8 @@ MAX_PAYLOAD = MAX_DATA
 MAX_WINDOW = 2**31 - 1
 #: Longest text in a RESET frame; longer texts are cut, never refused.
 MAX_REASON = 1024
+#: Largest CONTROL payload.  CONTROL bypasses flow control, so it must stay small.
+MAX_CONTROL = 4096
 
 
 class FrameType(enum.IntEnum):
@@ -42,6 +44,8 @@ class FrameType(enum.IntEnum):
     WINDOW = 4  # payload: u32 credit increment for the sender
     EOF = 5  # sender will send no more DATA (half-close)
     RESET = 6  # abort the stream; payload: u16 ErrorCode + UTF-8 text
+    CONTROL = 7  # stream-scoped JSON object outside flow control (signals, exit status)
+    STATUS = 8  # stream 0: enforcer -> tower, JSON update of the site after HELLO
 
 
 class ErrorCode(enum.IntEnum):

@@ -86,14 +86,18 @@ class OpenRequest:
         )
 
 
-def decode_hello(raw: bytes) -> dict[str, Any]:
+def decode_object(raw: bytes, what: str = "HELLO") -> dict[str, Any]:
     try:
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FrameError("HELLO is not JSON") from None
+        raise FrameError(f"{what} is not JSON") from None
     if not isinstance(obj, dict):
-        raise FrameError("HELLO must be a JSON object")
+        raise FrameError(f"{what} must be a JSON object")
     return obj
+
+
+def decode_hello(raw: bytes) -> dict[str, Any]:
+    return decode_object(raw, "HELLO")
 
 
 def encode_hello(obj: dict[str, Any]) -> bytes:
