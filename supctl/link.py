@@ -21,12 +21,14 @@ from .errors import StreamError
 from .protocol import (
     Connection,
     ConnectionClosed,
+    ControlReceived,
     DataReceived,
     EndOfStream,
     ErrorCode,
     Event,
     HelloReceived,
     OpenRequest,
+    StatusReceived,
     StreamAccepted,
     StreamOpened,
     StreamReset,
@@ -140,6 +142,9 @@ class Link:
         if isinstance(event, HelloReceived):
             self.on_hello(event.payload)
             return
+        if isinstance(event, StatusReceived):
+            self.on_status(event.payload)
+            return
         if isinstance(event, ConnectionClosed):
             self._close(event)
             return
@@ -150,6 +155,8 @@ class Link:
             channel._feed(event.data)
         elif isinstance(event, WindowUpdated):
             channel._writable.set()
+        elif isinstance(event, ControlReceived):
+            channel._feed_control(event.payload)
         elif isinstance(event, EndOfStream):
             channel._feed_eof()
         elif isinstance(event, StreamAccepted):
@@ -165,6 +172,9 @@ class Link:
 
     def on_hello(self, payload: dict[str, object]) -> None:
         """Called for the HELLO frame on links that accept one."""
+
+    def on_status(self, payload: dict[str, object]) -> None:
+        """Called for each STATUS frame (site updates after HELLO)."""
 
     def on_lost(self, reason: str) -> None:
         error = StreamError(f"link lost: {reason}", code=ErrorCode.LINK_LOST)
@@ -212,6 +222,8 @@ class Channel:
         self._eof_sent = False
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
+        self._controls: deque[dict[str, object]] = deque()
+        self._control_ready = asyncio.Event()
 
     # --- fed by the link -----------------------------------------------------
 
@@ -227,9 +239,14 @@ class Channel:
         self._readable.set()
         self._maybe_forget()
 
+    def _feed_control(self, payload: dict[str, object]) -> None:
+        self._controls.append(payload)
+        self._control_ready.set()
+
     def _fail(self, error: StreamError) -> None:
         if self.error is None:
             self.error = error
+        self._control_ready.set()
         if not self.accepted.done():
             self.accepted.set_exception(error)
             self.accepted.exception()  # mark retrieved: nobody may be waiting
@@ -283,6 +300,21 @@ class Channel:
             view = view[size:]
             self.bytes_out += size
             self.link.flush()
+
+    def send_control(self, payload: dict[str, object]) -> None:
+        """Send a small JSON object ahead of queued data (a signal, an exit status)."""
+        if self.error is None and self.link.conn.is_open(self.id):
+            self.link.conn.send_control(self.id, payload)
+            self.link.flush()
+
+    async def read_control(self) -> dict[str, object]:
+        """Next CONTROL message; raises StreamError once the stream is reset or lost."""
+        while not self._controls:
+            if self.error is not None:
+                raise self.error
+            self._control_ready.clear()
+            await self._control_ready.wait()
+        return self._controls.popleft()
 
     def write_eof(self) -> None:
         if self.error is None and not self._eof_sent and self.link.conn.is_open(self.id):

@@ -702,7 +702,8 @@ def test_handshakes_failing_after_authorisation_leave_no_state(env: Env) -> None
     from supctl.tower.store import TowerStore
 
     request = (
-        f"GET /v1/enforcer?site={ROGUE} HTTP/1.1\r\nHost: tower\r\nAuthorization: Bearer {env.rogue_token}\r\n"
+        f"GET /v1/enforcer?site={ROGUE} HTTP/1.1\r\nHost: tower\r\nConnection: Upgrade\r\n"
+        f"Authorization: Bearer {env.rogue_token}\r\n"
         f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
     ).encode()
 

@@ -22,6 +22,7 @@ from supctl.protocol import (
     MAX_MESSAGE_ACCEPTED,
     Connection,
     ConnectionClosed,
+    ControlReceived,
     DataReceived,
     EndOfStream,
     ErrorCode,
@@ -30,6 +31,7 @@ from supctl.protocol import (
     HelloReceived,
     LocalProtocolError,
     OpenRequest,
+    StatusReceived,
     StreamAccepted,
     StreamOpened,
     StreamReset,
@@ -38,6 +40,7 @@ from supctl.protocol import (
 from supctl.protocol.connection import StreamState
 from supctl.protocol.frames import (
     HEADER_SIZE,
+    MAX_CONTROL,
     MAX_DATA,
     MAX_PAYLOAD,
     MAX_WINDOW,
@@ -234,9 +237,10 @@ def test_open_with_max_window_and_zero_window_are_fine() -> None:
 @pytest.mark.parametrize("body", [b"", b"{not json", b"[1]", b'{"verb":""}', b'{"verb":"x","port":-5}'])
 def test_malformed_open_json_resets_only_that_stream(body: bytes) -> None:
     a, b, sid = established()
-    bad = 3
-    a._next_id = 5  # the bad OPEN below stands for stream 3
-    events = b.receive_data(open_frame(bad, body=body))
+    bad = a.open_stream(REQ)
+    (frame,) = drain(a)
+    # The OPEN arrives with a broken request (same id, same window).
+    events = b.receive_data(encode(FrameType.OPEN, bad, frame.payload[:4] + body))
     assert len(events) == 1
     reset = events[0]
     assert isinstance(reset, StreamReset)
@@ -246,14 +250,18 @@ def test_malformed_open_json_resets_only_that_stream(body: bytes) -> None:
     (frame,) = drain(b)
     assert frame.type is FrameType.RESET and frame.stream_id == bad
     assert frame.payload[:2] == b"\x00\x07"
-    # The id is used up: later frames for it are dropped, reusing it is fatal.
+    (event,) = pump_frames(a, [frame])
+    assert isinstance(event, StreamReset) and event.code is ErrorCode.PROTOCOL and not event.local
+    assert not a.is_open(bad) and a.closed is None
+    # The id is used up: later frames for it are dropped.
     assert b.receive_data(encode(FrameType.DATA, bad, b"late")) == []
     # Other streams keep working, and new streams open fine.
     a.send_data(sid, b"still here")
     assert pump(a, b) == [DataReceived(sid, b"still here")]
     sid2 = a.open_stream(REQ)
-    assert sid2 == 5
-    assert pump(a, b) == [StreamOpened(5, REQ)]
+    assert sid2 > bad
+    assert pump(a, b) == [StreamOpened(sid2, REQ)]
+    assert b.closed is None
 
 
 def test_max_streams_limit_resets_with_limit() -> None:
@@ -691,7 +699,7 @@ def test_window_crossing_the_final_eof_is_dropped() -> None:
     assert b.closed is None
 
 
-def test_data_crossing_a_refusal_is_impossible_but_open_then_reset_is_fine() -> None:
+def test_refusal_crossing_a_cancel_is_dropped() -> None:
     a, b = pair()
     sid = a.open_stream(REQ)
     pump(a, b)
@@ -784,6 +792,176 @@ def test_hello_and_open_in_one_message() -> None:
     tower = Connection(odd_ids=False, accept_streams=True, accept_hello=True)
     events = tower.receive_data(hello() + open_frame(1))
     assert events == [HelloReceived({"site": "edge-1"}), StreamOpened(1, REQ)]
+
+
+# --- CONTROL: small JSON objects on a stream, outside flow control ------------------------------
+
+
+def test_control_both_ways_without_credit() -> None:
+    a, b, sid = established(window_a=64, window_b=64)
+    a.send_data(sid, b"x" * 64)  # all credit used
+    a.send_control(sid, {"signal": "INT"})
+    assert a.send_credit(sid) == 0
+    assert pump(a, b) == [DataReceived(sid, b"x" * 64), ControlReceived(sid, {"signal": "INT"})]
+    b.send_control(sid, {"exit-status": 3})
+    assert pump(b, a) == [ControlReceived(sid, {"exit-status": 3})]
+    assert a.closed is None and b.closed is None
+
+
+def test_control_keeps_its_place_among_data_and_eof() -> None:
+    a, b, sid = established()
+    a.send_data(sid, b"1")
+    a.send_control(sid, {"n": 1})
+    a.send_data(sid, b"2")
+    a.send_eof(sid)
+    a.send_control(sid, {"n": 2})  # after our own EOF: allowed
+    assert pump(a, b) == [
+        DataReceived(sid, b"1"),
+        ControlReceived(sid, {"n": 1}),
+        DataReceived(sid, b"2"),
+        EndOfStream(sid),
+        ControlReceived(sid, {"n": 2}),
+    ]
+    b.send_control(sid, {"exit-status": 0})  # after the peer's EOF: allowed
+    b.send_eof(sid)
+    assert pump(b, a) == [ControlReceived(sid, {"exit-status": 0}), EndOfStream(sid)]
+    assert a.stream_count == b.stream_count == 0
+    with pytest.raises(LocalProtocolError):
+        a.send_control(sid, {})  # gone after both EOFs
+
+
+def test_send_control_before_the_stream_is_open_is_local_error() -> None:
+    a, b = pair()
+    sid = a.open_stream(REQ)
+    with pytest.raises(LocalProtocolError):
+        a.send_control(sid, {})  # OPENING
+    pump(a, b)
+    with pytest.raises(LocalProtocolError):
+        b.send_control(sid, {})  # PENDING
+    with pytest.raises(LocalProtocolError):
+        b.send_control(99, {})
+
+
+def test_send_control_oversize_is_local_error() -> None:
+    a, _, sid = established()
+    big = {"x": "y" * MAX_CONTROL}
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        a.send_control(sid, big)
+    assert a.pending_output == 0
+    a.send_control(sid, {"x": "y" * (MAX_CONTROL - 8)})  # exactly MAX_CONTROL bytes of JSON
+    (frame,) = drain(a)
+    assert len(frame.payload) == MAX_CONTROL
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"{", b"[1]", b"null", b"\xff", b"{" + b" " * MAX_CONTROL + b"}"],
+    ids=["empty", "truncated", "list", "null", "not-utf8", "oversize"],
+)
+def test_bad_control_resets_the_stream_only(payload: bytes) -> None:
+    a, b, sid = established()
+    other = a.open_stream(REQ)
+    pump(a, b)
+    b.accept_stream(other)
+    pump(b, a)
+    events = b.receive_data(encode(FrameType.CONTROL, sid, payload))
+    assert len(events) == 1 and isinstance(events[0], StreamReset)
+    assert events[0].code is ErrorCode.PROTOCOL and events[0].local
+    assert b.closed is None and not b.is_open(sid) and b.is_open(other)
+    a.send_data(other, b"fine")
+    assert pump(a, b) == [DataReceived(other, b"fine")]
+
+
+def test_control_on_pending_or_opening_stream_resets_it() -> None:
+    a, b = pair()
+    b.receive_data(open_frame(1))
+    assert [type(e) for e in b.receive_data(encode(FrameType.CONTROL, 1, b"{}"))] == [StreamReset]
+    sid = a.open_stream(REQ)
+    assert [type(e) for e in a.receive_data(encode(FrameType.CONTROL, sid, b"{}"))] == [StreamReset]
+    assert a.closed is None and b.closed is None
+
+
+def test_control_crossing_a_reset_is_dropped() -> None:
+    a, b, sid = established()
+    a.send_control(sid, {"signal": "TERM"})
+    in_flight = drain(a)
+    b.reset_stream(sid, ErrorCode.CANCEL)
+    assert pump_frames(b, in_flight) == []
+    assert b.closed is None
+
+
+def test_control_for_never_opened_stream_or_stream_zero_closes() -> None:
+    _, b = pair()
+    assert_closed(b.receive_data(encode(FrameType.CONTROL, 1, b"{}")), ErrorCode.PROTOCOL, b)
+    _, b = pair()
+    assert_closed(b.receive_data(encode(FrameType.CONTROL, 0, b"{}")), ErrorCode.PROTOCOL, b)
+
+
+def test_send_control_after_close_is_local_error() -> None:
+    a, _, sid = established()
+    a.close(ErrorCode.INTERNAL, "test")
+    with pytest.raises(LocalProtocolError):
+        a.send_control(sid, {})
+
+
+# --- STATUS: site updates after HELLO ----------------------------------------------------------
+
+
+def site_pair() -> tuple[Connection, Connection]:
+    tower = Connection(odd_ids=True, accept_streams=False, accept_hello=True)
+    enforcer = Connection(odd_ids=False, accept_streams=True)
+    return tower, enforcer
+
+
+def test_status_after_hello() -> None:
+    tower, enforcer = site_pair()
+    enforcer.send_hello({"site": "s"})
+    enforcer.send_status({"applications": {"a": {}}})
+    enforcer.send_status({"applications": {}})
+    assert pump(enforcer, tower) == [
+        HelloReceived({"site": "s"}),
+        StatusReceived({"applications": {"a": {}}}),
+        StatusReceived({"applications": {}}),
+    ]
+    assert tower.closed is None
+
+
+def test_status_before_hello_closes() -> None:
+    tower, enforcer = site_pair()
+    enforcer.send_status({})
+    events = pump(enforcer, tower)
+    closed = assert_closed(events, ErrorCode.PROTOCOL, tower)
+    assert "unexpected STATUS" in closed.reason
+
+
+def test_status_on_a_connection_without_hello_closes() -> None:
+    a, b = pair()
+    assert_closed(b.receive_data(encode(FrameType.STATUS, 0, b"{}")), ErrorCode.PROTOCOL, b)
+    assert_closed(a.receive_data(encode(FrameType.STATUS, 0, b"{}")), ErrorCode.PROTOCOL, a)
+
+
+@pytest.mark.parametrize("sid", [1, 2])
+def test_status_on_a_stream_closes(sid: int) -> None:
+    tower, _ = site_pair()
+    tower.receive_data(hello())
+    assert_closed(tower.receive_data(encode(FrameType.STATUS, sid, b"{}")), ErrorCode.PROTOCOL, tower)
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b"{", b"\xff"])
+def test_status_that_is_not_a_json_object_closes(payload: bytes) -> None:
+    tower, _ = site_pair()
+    tower.receive_data(hello())
+    closed = assert_closed(
+        tower.receive_data(encode(FrameType.STATUS, 0, payload)), ErrorCode.PROTOCOL, tower
+    )
+    assert "STATUS" in closed.reason
+
+
+def test_send_status_after_close_is_local_error() -> None:
+    _, enforcer = site_pair()
+    enforcer.close(ErrorCode.LINK_LOST, "gone")
+    with pytest.raises(LocalProtocolError):
+        enforcer.send_status({})
 
 
 # --- malformed messages -----------------------------------------------------------------------
@@ -957,6 +1135,9 @@ class LinkedConnections(RuleBasedStateMachine):
         self.eof_received: set[tuple[str, int]] = set()
         self.reset_by: dict[str, set[int]] = {"A": set(), "B": set()}
         self.reset_seen: dict[str, set[int]] = {"A": set(), "B": set()}
+        self.ctl_sent: dict[tuple[str, int], list[dict[str, object]]] = {}
+        self.ctl_received: dict[tuple[str, int], list[dict[str, object]]] = {}
+        self.ctl_before_eof: dict[tuple[str, int], int] = {}  # CONTROLs sent before that side's EOF
         self.pending_b: set[int] = set()  # StreamOpened at B, not yet answered
         self.sendable: dict[str, set[int]] = {"A": set(), "B": set()}  # state OPEN on that side
         for _ in range(streams):
@@ -984,6 +1165,12 @@ class LinkedConnections(RuleBasedStateMachine):
                 assert got == sent[: len(got)], "bytes lost, duplicated or reordered"
                 assert event.data
                 self.unconsumed[key] += len(event.data)
+            elif isinstance(event, ControlReceived):
+                got_ctl = self.ctl_received[(side, event.stream_id)]
+                got_ctl.append(event.payload)
+                assert got_ctl == self.ctl_sent[(peer, event.stream_id)][: len(got_ctl)], (
+                    "CONTROL out of order"
+                )
             elif isinstance(event, WindowUpdated):
                 # A RESET later in the same message may already have removed the stream.
                 assert conn.send_credit(event.stream_id) > 0 or not conn.is_open(event.stream_id)
@@ -992,6 +1179,8 @@ class LinkedConnections(RuleBasedStateMachine):
                 assert (peer, event.stream_id) in self.eof_sent
                 assert key not in self.eof_received
                 assert self.received[key] == self.sent[(peer, event.stream_id)], "EOF before all data"
+                before = self.ctl_before_eof[(peer, event.stream_id)]
+                assert len(self.ctl_received[key]) >= before, "EOF before all CONTROLs sent ahead of it"
                 self.eof_received.add(key)
             elif isinstance(event, StreamReset):
                 assert not event.local, event
@@ -1057,6 +1246,8 @@ class LinkedConnections(RuleBasedStateMachine):
             self.sent[(side, sid)] = bytearray()
             self.received[(side, sid)] = bytearray()
             self.unconsumed[(side, sid)] = 0
+            self.ctl_sent[(side, sid)] = []
+            self.ctl_received[(side, sid)] = []
 
     def answer(self, data: st.DataObject) -> None:
         if not self.pending_b:
@@ -1105,6 +1296,19 @@ class LinkedConnections(RuleBasedStateMachine):
         side, sid = data.draw(st.sampled_from(self._can_eof()), label="stream")
         self.conn[side].send_eof(sid)
         self.eof_sent.add((side, sid))
+        self.ctl_before_eof[(side, sid)] = len(self.ctl_sent[(side, sid)])
+
+    def _can_control(self) -> list[tuple[str, int]]:
+        return [(s, sid) for s in SIDES for sid in sorted(self.sendable[s]) if self.conn[s].is_open(sid)]
+
+    def control(self, data: st.DataObject) -> None:
+        """A CONTROL needs no credit and may follow either EOF."""
+        if not self._can_control():
+            return
+        side, sid = data.draw(st.sampled_from(self._can_control()), label="stream")
+        payload: dict[str, object] = {"n": len(self.ctl_sent[(side, sid)]), "from": side}
+        self.conn[side].send_control(sid, payload)
+        self.ctl_sent[(side, sid)].append(payload)
 
     def _can_reset(self) -> list[tuple[str, int]]:
         return [(s, sid) for s in SIDES for sid in self.sids if self.conn[s].is_open(sid)]
@@ -1159,7 +1363,7 @@ class LinkedConnections(RuleBasedStateMachine):
     # carry data both ways, hence EOF and reset are rarer than the rest.
 
     OPS = (
-        *("open_stream", "answer", "answer", "send", "send", "send", "consume", "consume"),
+        *("open_stream", "answer", "answer", "send", "send", "send", "consume", "consume", "control"),
         *("send_eof", "reset", "flush", "flush", "flush", "deliver", "deliver", "deliver"),
         *("transmit", "transmit", "settle"),
     )
@@ -1232,6 +1436,7 @@ class LinkedConnections(RuleBasedStateMachine):
             if self.conn[side].is_open(sid):
                 self.conn[side].send_eof(sid)
                 self.eof_sent.add((side, sid))
+                self.ctl_before_eof[(side, sid)] = len(self.ctl_sent[(side, sid)])
         self._settle()
         self._check_settled()
         assert self.conn["A"].stream_count == 0
@@ -1241,6 +1446,9 @@ class LinkedConnections(RuleBasedStateMachine):
                 assert self.received[("B", sid)] == self.sent[("A", sid)]
                 assert self.received[("A", sid)] == self.sent[("B", sid)]
                 assert ("A", sid) in self.eof_received and ("B", sid) in self.eof_received
+            for side in SIDES:
+                got, sent = self.ctl_received[(side, sid)], self.ctl_sent[(OTHER[side], sid)]
+                assert got == sent[: len(got)]
         self.busy = False
 
 

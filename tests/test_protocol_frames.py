@@ -13,6 +13,7 @@ from supctl.protocol import SUBPROTOCOL, ErrorCode, FrameError, FrameType, OpenR
 from supctl.protocol.frames import (
     CLOSE_CODE_BASE,
     HEADER_SIZE,
+    MAX_CONTROL,
     MAX_DATA,
     MAX_PAYLOAD,
     MAX_REASON,
@@ -25,7 +26,7 @@ from supctl.protocol.frames import (
     encode_window,
     split_frames,
 )
-from supctl.protocol.messages import decode_hello, encode_hello
+from supctl.protocol.messages import decode_hello, decode_object, encode_hello
 
 # --- constants and layout -------------------------------------------------------
 
@@ -42,6 +43,7 @@ def test_constants() -> None:
     assert MAX_PAYLOAD == MAX_DATA
     assert MAX_WINDOW == 2**31 - 1
     assert MAX_REASON == 1024
+    assert MAX_CONTROL == 4096
     assert CLOSE_CODE_BASE == 4000
 
 
@@ -103,6 +105,28 @@ def test_hello_payload_must_be_a_json_object(raw: bytes) -> None:
     with pytest.raises(FrameError) as info:
         decode_hello(raw)
     assert info.value.code is ErrorCode.PROTOCOL
+
+
+def test_status_frame_round_trip() -> None:
+    payload = encode_hello({"applications": {}})
+    (frame,) = split_frames(encode(FrameType.STATUS, 0, payload))
+    assert frame == Frame(FrameType.STATUS, 0, payload)
+    assert decode_object(frame.payload, "STATUS") == {"applications": {}}
+
+
+def test_control_frame_round_trip() -> None:
+    payload = encode_hello({"signal": "INT"})
+    (frame,) = split_frames(encode(FrameType.CONTROL, 5, payload))
+    assert frame == Frame(FrameType.CONTROL, 5, payload)
+    assert decode_object(frame.payload, "CONTROL") == {"signal": "INT"}
+
+
+@pytest.mark.parametrize("what", ["STATUS", "CONTROL"])
+def test_decode_object_names_the_frame(what: str) -> None:
+    with pytest.raises(FrameError, match=f"{what} is not JSON"):
+        decode_object(b"{", what)
+    with pytest.raises(FrameError, match=f"{what} must be a JSON object"):
+        decode_object(b"[1]", what)
 
 
 def test_open_frame_round_trip() -> None:
@@ -185,6 +209,7 @@ def test_several_frames_in_one_message_keep_their_order() -> None:
         encode(FrameType.OPEN, 1, b"\x00\x00\x10\x00{}")
         + encode(FrameType.DATA, 1, b"a")
         + encode_window(1, 10)
+        + encode(FrameType.CONTROL, 1, b"{}")
         + encode(FrameType.EOF, 1)
         + encode_reset(1, ErrorCode.CANCEL, "")
     )
@@ -192,6 +217,7 @@ def test_several_frames_in_one_message_keep_their_order() -> None:
         FrameType.OPEN,
         FrameType.DATA,
         FrameType.WINDOW,
+        FrameType.CONTROL,
         FrameType.EOF,
         FrameType.RESET,
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..link import Link, WebSocketLike
@@ -14,9 +14,11 @@ from ..protocol import (
     Event,
     HelloReceived,
     OpenRequest,
+    StatusReceived,
     StreamOpened,
 )
 from .relay import Relay
+from .siteinfo import SiteInfo
 
 if TYPE_CHECKING:
     from .server import Tower
@@ -60,36 +62,6 @@ class Route:
         )
 
 
-@dataclass
-class SiteInfo:
-    """What a site's enforcer told the tower in its HELLO."""
-
-    applications: dict[str, dict[str, list[str]]] = field(
-        default_factory=dict
-    )  # app -> instance -> containers
-    handlers: list[str] = field(default_factory=list)
-    version: str = ""
-
-    @classmethod
-    def parse(cls, payload: dict[str, Any]) -> SiteInfo:
-        apps = payload.get("applications", {})
-        handlers = payload.get("handlers", [])
-        if not isinstance(apps, dict) or not isinstance(handlers, list):
-            raise ValueError("HELLO needs 'applications' (object) and 'handlers' (list)")
-        parsed: dict[str, dict[str, list[str]]] = {}
-        for app, body in apps.items():
-            instances = body.get("service-instances", {}) if isinstance(body, dict) else None
-            if not isinstance(instances, dict):
-                raise ValueError(f"HELLO: application {app!r} has no 'service-instances' object")
-            parsed[app] = {}
-            for name, inst in instances.items():
-                containers = inst.get("containers", []) if isinstance(inst, dict) else None
-                if not isinstance(containers, list) or not all(isinstance(c, str) for c in containers):
-                    raise ValueError(f"HELLO: service instance {name!r} has a bad 'containers' list")
-                parsed[app][name] = list(containers)
-        return cls(parsed, [str(h) for h in handlers], str(payload.get("version", "")))
-
-
 class ClientLink(Link):
     """A supctl session: every stream it opens is relayed to its route's site."""
 
@@ -105,8 +77,8 @@ class ClientLink(Link):
         elif isinstance(event, ConnectionClosed):
             log.warning("closing session %s: %s", self.route.summary, event.reason)
             super().handle_event(event)
-        elif isinstance(event, HelloReceived):
-            pass  # impossible: the core refuses HELLO on a session link
+        elif isinstance(event, HelloReceived | StatusReceived):
+            pass  # impossible: the core refuses HELLO and STATUS on a session link
         else:
             relay = self.relays.get(event.stream_id)
             if relay is not None:
@@ -141,7 +113,7 @@ class SiteLink(Link):
         self.relays: dict[int, Relay] = {}
 
     def handle_event(self, event: Event) -> None:
-        if isinstance(event, HelloReceived):
+        if isinstance(event, HelloReceived | StatusReceived):
             self._hello(event.payload)
         elif isinstance(event, ConnectionClosed):
             log.warning("closing link of site %s: %s", self.site, event.reason)
@@ -154,12 +126,14 @@ class SiteLink(Link):
                 relay.from_site(event)
 
     def _hello(self, payload: dict[str, Any]) -> None:
+        first = self.info is None
         try:
             self.info = SiteInfo.parse(payload)
         except (ValueError, AttributeError) as exc:
-            self.close(ErrorCode.PROTOCOL, f"bad HELLO: {exc}")
+            self.close(ErrorCode.PROTOCOL, f"bad {'HELLO' if first else 'STATUS'}: {exc}")
             return
-        self.tower.site_connected(self)
+        if first:
+            self.tower.site_connected(self)
 
     def on_lost(self, reason: str) -> None:
         self.tower.site_lost(self, reason)

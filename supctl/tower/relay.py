@@ -14,6 +14,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from ..protocol import (
+    ControlReceived,
     DataReceived,
     EndOfStream,
     ErrorCode,
@@ -118,6 +119,11 @@ class Relay:
             self.down.pump()
         elif isinstance(event, EndOfStream):
             self.up.feed_eof()
+        elif isinstance(event, ControlReceived):
+            # Outside flow control by design: a signal must overtake queued stdin.
+            if self.site.conn.is_open(self.site_id):
+                self.site.conn.send_control(self.site_id, event.payload)
+                self.site.flush()
         elif isinstance(event, StreamReset):
             code = ErrorCode.CANCEL if event.local else event.code
             self.site.conn.reset_stream(self.site_id, code, event.text)
@@ -141,6 +147,10 @@ class Relay:
             self.up.pump()
         elif isinstance(event, EndOfStream):
             self.down.feed_eof()
+        elif isinstance(event, ControlReceived):
+            if self.client.conn.is_open(self.client_id):
+                self.client.conn.send_control(self.client_id, event.payload)
+                self.client.flush()
         elif isinstance(event, StreamReset):
             code = ErrorCode.INTERNAL if event.local else event.code
             self.client.conn.reset_stream(self.client_id, code, event.text)

@@ -25,11 +25,14 @@ from websockets.http11 import Request, Response
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
 from .config import TowerConfig
 from .links import ClientLink, Route, SiteLink
+from .siteinfo import InstanceInfo, SiteInfo
 from .store import TowerStore
 
 log = logging.getLogger("supctl.tower")
 
 CONNECT_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/connect$")
+EXEC_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/containers/([^/]+)/exec$")
+INSTANCES_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances$")
 ENFORCER_PATH = "/v1/enforcer"
 #: How long a client may take to finish the TLS + WebSocket handshake.
 OPEN_TIMEOUT = 10.0
@@ -40,6 +43,12 @@ class Rejection(Exception):
         super().__init__(message)
         self.status = status
         self.info = info
+
+
+def json_response(body: dict[str, Any]) -> Response:
+    data = json.dumps(body).encode()
+    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    return Response(200, "OK", headers, data)
 
 
 def error_response(status: int, message: str, info: Any = None) -> Response:
@@ -82,21 +91,26 @@ class Tower:
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         try:
-            self._routes[connection] = self._authorise(request)
+            outcome = self._authorise(request)
         except Rejection as exc:
             log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
             return error_response(exc.status, str(exc), exc.info)
         except Exception:  # a bug here must cost one request, not the tower
             log.exception("internal error authorising %s", request.path)
             return error_response(500, "internal error in the control tower")
+        if isinstance(outcome, Response):
+            return outcome  # a plain GET of state, answered without upgrading
+        self._routes[connection] = outcome
         return None
 
-    def _authorise(self, request: Request) -> Route | str:
+    def _authorise(self, request: Request) -> Route | str | Response:
         url = urlsplit(request.path)
         try:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
         except ValueError:
             raise Rejection(400, "malformed query string") from None
+        if "upgrade" not in request.headers.get("Connection", "").lower():
+            return json_response(self._show(url.path, query, self._admin(request)))
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
             raise Rejection(400, f"the client must offer the WebSocket subprotocol {SUBPROTOCOL}")
@@ -105,16 +119,49 @@ class Tower:
             if not self.store.check_site(site, bearer_token(request)):
                 raise Rejection(401, f"invalid token for site {site!r}")
             return site
-        match = CONNECT_PATH.match(url.path)
-        if match is None:
-            raise Rejection(404, f"no such endpoint: {url.path}")
+        if match := CONNECT_PATH.match(url.path):
+            who = self._admin(request)
+            return self._connect_route(unquote(match[1]), unquote(match[2]), query, who)
+        if match := EXEC_PATH.match(url.path):
+            who = self._admin(request)
+            app, instance, container = (unquote(part) for part in match.groups())
+            return self._exec_route(app, instance, container, query, who)
+        raise Rejection(404, f"no such endpoint: {url.path}")
+
+    def _admin(self, request: Request) -> str:
         accessor = self.store.check_admin(bearer_token(request))
         if accessor is None:
             raise Rejection(401, "invalid API token")
-        return self._connect_route(unquote(match[1]), unquote(match[2]), query, f"admin:{accessor}")
+        return f"admin:{accessor}"
+
+    def _site(self, query: dict[str, list[str]]) -> tuple[str, SiteInfo]:
+        site = single(query, "site")
+        if not self.store.site_exists(site):
+            raise Rejection(404, f"unknown site {site!r}")
+        link = self.sites.get(site)
+        if link is None or link.info is None:
+            raise Rejection(503, f"site {site!r} is not connected to the control tower")
+        return site, link.info
+
+    @staticmethod
+    def _instance(site: str, info: SiteInfo, app: str, instance: str) -> InstanceInfo:
+        if app not in info.applications:
+            raise Rejection(404, f"application {app!r} not found at site {site!r}")
+        found = info.instance(app, instance)
+        if found is None:
+            raise Rejection(
+                404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
+            )
+        return found
+
+    @staticmethod
+    def _handler(site: str, info: SiteInfo, name: str, what: str) -> None:
+        if name not in info.handlers:
+            raise Rejection(
+                400, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers}
+            )
 
     def _connect_route(self, app: str, instance: str, query: dict[str, list[str]], who: str) -> Route:
-        site = single(query, "site")
         protocol = single(query, "protocol")
         port_text = single(query, "port")
         ip_text = single(query, "ip-address", required=False)
@@ -126,25 +173,53 @@ class Tower:
                 ip = check_ip_address(ip_text)
             except ValueError:
                 raise Rejection(400, f"ip-address must be a numeric IP address, got {ip_text!r}") from None
-        if not self.store.site_exists(site):
-            raise Rejection(404, f"unknown site {site!r}")
-        link = self.sites.get(site)
-        if link is None or link.info is None:
-            raise Rejection(503, f"site {site!r} is not connected to the control tower")
-        instances = link.info.applications.get(app)
-        if instances is None:
-            raise Rejection(404, f"application {app!r} not found at site {site!r}")
-        if instance not in instances:
-            raise Rejection(
-                404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
-            )
-        if protocol not in link.info.handlers:
-            raise Rejection(
-                400,
-                f"protocol {protocol!r} is not supported at site {site!r}",
-                {"supported": link.info.handlers},
-            )
+        site, info = self._site(query)
+        self._instance(site, info, app, instance)
+        self._handler(site, info, protocol, "protocol")
         return Route("connect", site, app, instance, protocol, int(port_text), ip, who=who)
+
+    def _exec_route(
+        self, app: str, instance: str, container: str, query: dict[str, list[str]], who: str
+    ) -> Route:
+        site, info = self._site(query)
+        found = self._instance(site, info, app, instance)
+        if container not in found.containers:
+            raise Rejection(
+                404, f"container {container!r} not found in service instance {instance!r} at site {site!r}"
+            )
+        self._handler(site, info, "exec", "verb")
+        return Route("exec", site, app, instance, container=container, who=who)
+
+    def _show(self, path: str, query: dict[str, list[str]], who: str) -> dict[str, Any]:
+        """``GET /v1/state/...``: what the tower knows of sites, for ``supctl show``."""
+        if path == "/v1/state/sites":
+            return {"sites": [self._site_summary(name) for name in self.store.sites()]}
+        if path == "/v1/state/applications":
+            _, info = self._site(query)
+            return {
+                "applications": [
+                    {"name": app, "service-instances": sorted(instances)}
+                    for app, instances in sorted(info.applications.items())
+                ]
+            }
+        if match := INSTANCES_PATH.match(path):
+            site, info = self._site(query)
+            app = unquote(match[1])
+            if app not in info.applications:
+                raise Rejection(404, f"application {app!r} not found at site {site!r}")
+            instances = info.applications[app]
+            return {"service-instances": [instances[name].show() for name in sorted(instances)]}
+        raise Rejection(404, f"no such endpoint: {path}")
+
+    def _site_summary(self, name: str) -> dict[str, Any]:
+        link = self.sites.get(name)
+        info = link.info if link is not None else None
+        return {
+            "name": name,
+            "connected": info is not None,
+            "version": info.version if info else None,
+            "applications": sorted(info.applications) if info else [],
+        }
 
     # --- after the upgrade ----------------------------------------------------
 

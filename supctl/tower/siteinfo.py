@@ -1,0 +1,81 @@
+"""What a site's enforcer reports in HELLO and STATUS: applications, instances, containers.
+
+Payload shape (JSON)::
+
+    {"site": "...", "version": "...", "handlers": ["exec", "tcp"],
+     "applications": {APP: {"service-instances": {INSTANCE: {
+         "netns": "ns-name" | null, "runtime": "netns",
+         "containers": {NAME: {"state": "running", "pid": 123, "restarts": 0}}}}}}}
+
+``containers`` may also be a plain list of names (no runtime state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Container fields the tower keeps and shows; anything else an enforcer sends is dropped.
+CONTAINER_FIELDS = ("state", "pid", "restarts", "exit-code", "started")
+
+
+@dataclass
+class InstanceInfo:
+    name: str
+    application: str
+    netns: str | None = None
+    runtime: str = ""
+    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def show(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "application": self.application,
+            "runtime": self.runtime,
+            "netns": self.netns,
+            "containers": [{"name": name, **state} for name, state in sorted(self.containers.items())],
+        }
+
+
+@dataclass
+class SiteInfo:
+    applications: dict[str, dict[str, InstanceInfo]] = field(default_factory=dict)
+    handlers: list[str] = field(default_factory=list)
+    version: str = ""
+
+    def instance(self, application: str, name: str) -> InstanceInfo | None:
+        return self.applications.get(application, {}).get(name)
+
+    @classmethod
+    def parse(cls, payload: dict[str, Any]) -> SiteInfo:
+        apps = payload.get("applications", {})
+        handlers = payload.get("handlers", [])
+        if not isinstance(apps, dict) or not isinstance(handlers, list):
+            raise ValueError("needs 'applications' (object) and 'handlers' (list)")
+        parsed: dict[str, dict[str, InstanceInfo]] = {}
+        for app, body in apps.items():
+            instances = body.get("service-instances", {}) if isinstance(body, dict) else None
+            if not isinstance(instances, dict):
+                raise ValueError(f"application {app!r} has no 'service-instances' object")
+            parsed[app] = {name: _instance(app, name, inst) for name, inst in instances.items()}
+        return cls(parsed, [str(h) for h in handlers], str(payload.get("version", "")))
+
+
+def _instance(app: str, name: str, body: Any) -> InstanceInfo:
+    if not isinstance(body, dict):
+        raise ValueError(f"service instance {name!r} must be an object")
+    raw = body.get("containers", {})
+    containers: dict[str, dict[str, Any]] = {}
+    if isinstance(raw, list) and all(isinstance(c, str) for c in raw):
+        containers = {c: {} for c in raw}
+    elif isinstance(raw, dict):
+        for cname, state in raw.items():
+            if not isinstance(state, dict):
+                raise ValueError(f"container {cname!r} of {name!r} must be an object")
+            containers[str(cname)] = {k: state[k] for k in CONTAINER_FIELDS if k in state}
+    else:
+        raise ValueError(f"service instance {name!r} has a bad 'containers' value")
+    netns = body.get("netns")
+    return InstanceInfo(
+        name, app, netns if isinstance(netns, str) else None, str(body.get("runtime", "")), containers
+    )
