@@ -160,6 +160,7 @@ class Link:
         elif isinstance(event, EndOfStream):
             channel._feed_eof()
         elif isinstance(event, StreamAccepted):
+            channel._writable.set()  # the real window replaces EARLY_DATA
             if not channel.accepted.done():
                 channel.accepted.set_result(None)
         elif isinstance(event, StreamReset):
@@ -184,13 +185,18 @@ class Link:
 
     # --- channels ------------------------------------------------------------
 
-    async def open_channel(self, request: OpenRequest) -> Channel:
-        """Open a stream and wait until the far end accepts it (or raise StreamError)."""
+    async def open_channel(self, request: OpenRequest, *, wait: bool = True) -> Channel:
+        """Open a stream; with ``wait``, return once the far end accepted it (or raise
+        StreamError).  Without, return at once: the first EARLY_DATA bytes may be
+        written before the far end accepts, and a refusal surfaces as StreamError
+        from read() or write()."""
         if self.conn.closed is not None or self._closing:
             raise StreamError(f"link lost: {self.lost_reason or 'closed'}", code=ErrorCode.LINK_LOST)
         channel = Channel(self, self.conn.open_stream(request))
         self.channels[channel.id] = channel
         self.flush()
+        if not wait:
+            return channel
         try:
             await channel.wait_accepted()
         except BaseException:

@@ -411,7 +411,8 @@ SESSION_ATTACKS: dict[str, tuple[list[bytes | str], int, str]] = {
     "open-stream-zero": ([open_frame(0)], PROTOCOL, "OPEN on stream 0"),
     "open-id-reused": ([open_frame(5) + open_frame(3)], PROTOCOL, "invalid stream id 3"),
     "open-too-short": ([encode(FrameType.OPEN, 1, b"\x00\x01")], PROTOCOL, "too short"),
-    "open-window-too-large": ([open_frame(1, window=2**32 - 1)], FLOW_CONTROL, "too large"),
+    "open-window-too-large": ([open_frame(1, window=2**32 - 1)], FLOW_CONTROL, "out of range"),
+    "open-window-too-small": ([open_frame(1, window=1024)], FLOW_CONTROL, "out of range"),
     "hello-from-client": ([encode(FrameType.HELLO, 0, b"{}")], PROTOCOL, "unexpected HELLO"),
     "data-on-stream-zero": ([_data(0, 1)], PROTOCOL, "on stream 0"),
 }

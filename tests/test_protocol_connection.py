@@ -18,6 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from supctl.protocol import (
     DEFAULT_WINDOW,
+    EARLY_DATA,
     MAX_MESSAGE,
     MAX_MESSAGE_ACCEPTED,
     Connection,
@@ -63,8 +64,9 @@ def open_frame(sid: int, window: int = 4096, body: bytes | None = None) -> bytes
 
 
 def pair(window_a: int = 4096, window_b: int = 4096, **kw_b: object) -> tuple[Connection, Connection]:
-    a = Connection(odd_ids=True, accept_streams=False, window=window_a)
-    b = Connection(odd_ids=False, accept_streams=True, window=window_b, **kw_b)  # type: ignore[arg-type]
+    # Tiny windows make every flow-control edge reachable; they need early data off.
+    a = Connection(odd_ids=True, accept_streams=False, window=window_a, early_data=0)
+    b = Connection(odd_ids=False, accept_streams=True, window=window_b, early_data=0, **kw_b)  # type: ignore[arg-type]
     return a, b
 
 
@@ -112,7 +114,8 @@ def established(window_a: int = 4096, window_b: int = 4096) -> tuple[Connection,
 
 
 def test_message_size_constants() -> None:
-    assert DEFAULT_WINDOW == 1024 * 1024
+    assert DEFAULT_WINDOW == 256 * 1024
+    assert EARLY_DATA == 64 * 1024 <= DEFAULT_WINDOW
     assert MAX_MESSAGE == 1024 * 1024
     assert MAX_MESSAGE_ACCEPTED == 2 * MAX_MESSAGE
 
@@ -371,12 +374,10 @@ def test_sending_beyond_credit_is_local_error() -> None:
 
 
 def test_sending_before_accept_is_local_error() -> None:
-    a, b = pair()
+    a, b = pair()  # early_data=0: nothing may be sent before ACCEPT
     sid = a.open_stream(REQ)
     with pytest.raises(LocalProtocolError):
         a.send_data(sid, b"x")
-    with pytest.raises(LocalProtocolError):
-        a.send_eof(sid)
     pump(a, b)
     with pytest.raises(LocalProtocolError):
         b.send_data(sid, b"x")  # pending: accept first
@@ -565,21 +566,56 @@ def test_eof_with_payload_resets_the_stream() -> None:
     assert b.closed is None
 
 
-def test_eof_on_pending_stream_resets_it() -> None:
+def test_eof_on_pending_stream_is_early_half_close() -> None:
     _, b = pair()
     b.receive_data(open_frame(1))
-    events = b.receive_data(encode(FrameType.EOF, 1))
-    assert [type(e) for e in events] == [StreamReset]
+    assert b.receive_data(encode(FrameType.EOF, 1)) == [EndOfStream(1)]
+    assert b.is_open(1)  # still waiting for our ACCEPT; we may answer after it
+    b.accept_stream(1)
+    b.send_data(1, b"late answer")
+    b.send_eof(1)
     assert not b.is_open(1)
 
 
-def test_data_on_pending_or_opening_stream_resets_it() -> None:
+def test_data_on_opening_stream_resets_it_and_early_data_is_bounded() -> None:
     a, b = pair()
-    b.receive_data(open_frame(1))
-    assert [type(e) for e in b.receive_data(encode(FrameType.DATA, 1, b"x"))] == [StreamReset]
     sid = a.open_stream(REQ)
     assert [type(e) for e in a.receive_data(encode(FrameType.DATA, sid, b"x"))] == [StreamReset]
-    assert a.closed is None and b.closed is None
+    assert a.closed is None
+    # With early_data=0, any DATA before ACCEPT exceeds what the opener may send.
+    b.receive_data(open_frame(1))
+    assert [type(e) for e in b.receive_data(encode(FrameType.DATA, 1, b"x"))] == [ConnectionClosed]
+    assert b.closed is not None and b.closed.code is ErrorCode.FLOW_CONTROL
+
+
+def test_early_data_travels_before_accept() -> None:
+    a = Connection(odd_ids=True, accept_streams=False)
+    b = Connection(odd_ids=False, accept_streams=True)
+    sid = a.open_stream(REQ)
+    assert a.send_credit(sid) == EARLY_DATA
+    a.send_data(sid, b"x" * EARLY_DATA)
+    a.send_eof(sid)
+    events = b.receive_data(a.data_to_send())
+    assert [type(e) for e in events] == [StreamOpened, DataReceived, EndOfStream]
+    b.accept_stream(sid)
+    b.send_data(sid, b"answer")
+    b.send_eof(sid)
+    events = a.receive_data(b.data_to_send())
+    assert [type(e) for e in events] == [StreamAccepted, DataReceived, EndOfStream]
+    assert not a.is_open(sid) and not b.is_open(sid)
+
+
+def test_early_data_beyond_the_allowance_closes() -> None:
+    b = Connection(odd_ids=False, accept_streams=True)
+    b.receive_data(open_frame(1, window=DEFAULT_WINDOW))
+    events = b.receive_data(encode(FrameType.DATA, 1, b"x" * (EARLY_DATA // 2)) * 2 + encode(FrameType.DATA, 1, b"y"))
+    assert isinstance(events[-1], ConnectionClosed) and events[-1].code is ErrorCode.FLOW_CONTROL
+
+
+def test_window_below_early_data_is_refused() -> None:
+    b = Connection(odd_ids=False, accept_streams=True)
+    (closed,) = b.receive_data(open_frame(1, window=EARLY_DATA - 1))
+    assert isinstance(closed, ConnectionClosed) and closed.code is ErrorCode.FLOW_CONTROL
 
 
 # --- RESET ------------------------------------------------------------------------------
@@ -790,7 +826,7 @@ def test_send_hello_and_then_open_streams() -> None:
 
 def test_hello_and_open_in_one_message() -> None:
     tower = Connection(odd_ids=False, accept_streams=True, accept_hello=True)
-    events = tower.receive_data(hello() + open_frame(1))
+    events = tower.receive_data(hello() + open_frame(1, window=DEFAULT_WINDOW))
     assert events == [HelloReceived({"site": "edge-1"}), StreamOpened(1, REQ)]
 
 
@@ -1122,8 +1158,8 @@ class LinkedConnections(RuleBasedStateMachine):
     )
     def setup(self, window_a: int, window_b: int, seed: int, streams: int) -> None:
         self.conn = {
-            "A": Connection(odd_ids=True, accept_streams=False, window=window_a),
-            "B": Connection(odd_ids=False, accept_streams=True, window=window_b),
+            "A": Connection(odd_ids=True, accept_streams=False, window=window_a, early_data=0),
+            "B": Connection(odd_ids=False, accept_streams=True, window=window_b, early_data=0),
         }
         self.wire: dict[str, deque[bytes]] = {"A": deque(), "B": deque()}  # sent by side, in flight
         self.rng = random.Random(seed)

@@ -20,6 +20,7 @@ from supctl.protocol import (
     MAX_MESSAGE,
     Connection,
     ConnectionClosed,
+    ControlReceived,
     DataReceived,
     EndOfStream,
     ErrorCode,
@@ -27,6 +28,7 @@ from supctl.protocol import (
     FrameType,
     HelloReceived,
     OpenRequest,
+    StatusReceived,
     StreamAccepted,
     StreamOpened,
     StreamReset,
@@ -52,6 +54,8 @@ EVENT_TYPES = (
     EndOfStream,
     StreamReset,
     HelloReceived,
+    StatusReceived,
+    ControlReceived,
     ConnectionClosed,
 )
 
@@ -117,8 +121,12 @@ class Target:
                 assert conn.send_credit(event.stream_id) >= 0
             elif isinstance(event, StreamReset):
                 assert not conn.is_open(event.stream_id)
-            elif isinstance(event, HelloReceived):
+            elif isinstance(event, HelloReceived | StatusReceived):
                 assert isinstance(event.payload, dict)
+            elif isinstance(event, ControlReceived):
+                assert isinstance(event.payload, dict)
+                if conn.is_open(event.stream_id):  # answer like an exec handler would
+                    conn.send_control(event.stream_id, {"ack": True})
 
 
 def check_state(conn: Connection) -> None:
@@ -148,7 +156,7 @@ configs = st.fixed_dictionaries(
 
 
 def make_target(config: dict[str, object], open_own: int = 0) -> Target:
-    conn = Connection(**config)  # type: ignore[arg-type]
+    conn = Connection(**config, early_data=0)  # type: ignore[arg-type]
     for _ in range(open_own):
         conn.open_stream(REQ)
     conn.data_to_send()
@@ -202,12 +210,12 @@ _payloads = st.one_of(
     _u32.map(lambda v: struct.pack("!I", v)),
     st.tuples(_u32, _open_json).map(lambda t: struct.pack("!I", t[0]) + t[1]),
     st.integers(0, 0xFFFF).map(lambda code: struct.pack("!H", code) + b"reason"),
-    st.sampled_from([b'{"site":"s"}', b"{}", b"null", b"{"]),
+    st.sampled_from([b'{"site":"s"}', b"{}", b"null", b"{", b'{"signal":"INT"}', b"{" + b" " * 5000 + b"}"]),
     st.binary(max_size=40),
 )
 _good_frames = st.builds(
     lambda t, sid, payload: encode(FrameType(t), sid, payload),
-    st.integers(0, 6),
+    st.sampled_from(sorted(FrameType)),
     st.one_of(
         st.integers(0, 8), st.integers(0, 8), st.integers(0, 8), st.sampled_from([2**31 - 1, 2**32 - 1])
     ),
@@ -268,12 +276,13 @@ def valid_traffic(data: st.DataObject) -> tuple[list[bytes], list[bytes], int, i
     """
     wa = data.draw(st.sampled_from([64, 100, 4096]), label="window A")
     wb = data.draw(st.sampled_from([64, 100, 4096]), label="window B")
-    a = Connection(odd_ids=True, accept_streams=False, window=wa)
-    b = Connection(odd_ids=False, accept_streams=True, window=wb, accept_hello=True)
+    a = Connection(odd_ids=True, accept_streams=False, window=wa, early_data=0)
+    b = Connection(odd_ids=False, accept_streams=True, window=wb, accept_hello=True, early_data=0)
     a_msgs: list[bytes] = []
     b_msgs: list[bytes] = []
     sids: list[int] = []
-    if data.draw(st.booleans(), label="hello"):
+    hello = data.draw(st.booleans(), label="hello")
+    if hello:
         a.send_hello({"site": "edge"})
 
     def exchange(limit: int) -> None:
@@ -299,28 +308,36 @@ def valid_traffic(data: st.DataObject) -> tuple[list[bytes], list[bytes], int, i
                 return
 
     conns = {"A": a, "B": b}
-    for _ in range(data.draw(st.integers(1, 12), label="steps")):
-        action = data.draw(
-            st.sampled_from(["open", "send", "send", "eof", "reset", "exchange"]), label="action"
-        )
+    actions = ["open", "send", "send", "control", "eof", "reset", "exchange", "exchange"]
+    if hello:
+        actions.append("status")
+    for _ in range(data.draw(st.integers(1, 16), label="steps")):
+        action = data.draw(st.sampled_from(actions), label="action")
         live = [s for s in sids if a.is_open(s)]
-        if action == "open" or not live:
+        if action == "open" or (not live and action != "exchange"):
             sids.append(a.open_stream(REQ))
         elif action == "send":
             sid = data.draw(st.sampled_from(live), label="stream")
             for conn in (a, b):
                 if credit := conn.send_credit(sid):
                     conn.send_data(sid, bytes([sid % 256]) * data.draw(st.integers(1, credit), label="size"))
-        elif action == "eof":
+        elif action in ("eof", "control"):
             sid = data.draw(st.sampled_from(live), label="stream")
             conn = conns[data.draw(st.sampled_from("AB"), label="side")]
             stream = conn._streams.get(sid)
-            if stream is not None and stream.state is StreamState.OPEN and not stream.local_eof:
+            if stream is None or stream.state is not StreamState.OPEN:
+                pass
+            elif action == "control":
+                conn.send_control(sid, {"signal": "INT"})
+            elif not stream.local_eof:
                 conn.send_eof(sid)
         elif action == "reset":
             sid = data.draw(st.sampled_from(live), label="stream")
             conns[data.draw(st.sampled_from("AB"), label="side")].reset_stream(sid, ErrorCode.CANCEL, "bye")
-        exchange(data.draw(st.sampled_from([1, 50, MAX_MESSAGE]), label="limit"))
+        elif action == "status":
+            a.send_status({"applications": {}})
+        else:  # deliver what is queued; until then frames cross each other
+            exchange(data.draw(st.sampled_from([1, 50, MAX_MESSAGE]), label="limit"))
     exchange(MAX_MESSAGE)
     return a_msgs, b_msgs, wa, wb
 
@@ -443,7 +460,7 @@ def test_every_single_byte_message() -> None:
 
 def test_every_frame_type_on_every_kind_of_stream_id() -> None:
     for accept_streams in (False, True):
-        for t in range(8):
+        for t in range(len(FrameType) + 2):
             for sid in (0, 1, 2, 3, 4, 2**32 - 1):
                 for payload in (b"", b"\x00\x00\x00\x40", b"\x00\x00\x00\x40" + REQ.to_json(), b"\x00\x01"):
                     conn = Connection(odd_ids=True, accept_streams=accept_streams, accept_hello=True)

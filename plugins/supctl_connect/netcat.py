@@ -46,8 +46,7 @@ class StdioNetcat:
         loop = asyncio.get_running_loop()
         reader = await self._stdin_reader(loop)
         if reader is None:
-            # Regular files and /dev/null cannot be watched by the event loop, and
-            # never block: read them on a worker thread.
+            # Regular files and /dev/null never block: read them on a worker thread.
             while data := await loop.run_in_executor(None, os.read, self.stdin, READ_SIZE):
                 await channel.write(data)
         else:
@@ -64,7 +63,10 @@ class StdioNetcat:
     async def _stdin_reader(
         self, loop: asyncio.AbstractEventLoop
     ) -> tuple[asyncio.StreamReader, asyncio.BaseTransport] | None:
-        if stat.S_ISREG(os.fstat(self.stdin).st_mode):
+        mode = os.fstat(self.stdin).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(self.stdin)):
+            # Only pipes, sockets and terminals can be watched by the loop; uvloop
+            # aborts the process (not an exception) on /dev/null or a regular file.
             return None
         stream = asyncio.StreamReader(limit=READ_SIZE)
         pipe = os.fdopen(os.dup(self.stdin), "rb", buffering=0)

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
+from supctl import aio
 from supctl.client.api import BindAddress, Invocation, Listener, Netcat
 from supctl.errors import ExitCode, UnavailableError, UsageError
 from supctl.link import Channel, Link
@@ -105,7 +106,7 @@ def make_connect_command() -> click.Group:
         if target_ip:
             query["ip-address"] = target_ip
         target = f"{BindAddress(target_ip or '127.0.0.1', port)} in {inv.where}"
-        return asyncio.run(_run(inv, path, query, target, bind_address, quiet))
+        return aio.run(_run(inv, path, query, target, bind_address, quiet))
 
     return connect
 
@@ -117,7 +118,9 @@ async def _run(
     request = OpenRequest(verb="connect")  # the tower fills in what it authorised
 
     async def open_stream() -> Channel:
-        return await link.open_channel(request)
+        # No wait for ACCEPT: the first bytes travel with the OPEN (EARLY_DATA), and a
+        # refusal arrives as StreamError from the channel, for this connection only.
+        return await link.open_channel(request, wait=False)
 
     if bind is None:
         netcat: Netcat | None = inv.pm.hook.supctl_netcat()

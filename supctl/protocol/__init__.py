@@ -2,6 +2,7 @@
 
 from .connection import (
     DEFAULT_WINDOW,
+    EARLY_DATA,
     MAX_MESSAGE,
     MAX_MESSAGE_ACCEPTED,
     Connection,
@@ -25,6 +26,7 @@ SUBPROTOCOL = "supctl.v1"
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "EARLY_DATA",
     "MAX_MESSAGE",
     "MAX_MESSAGE_ACCEPTED",
     "SUBPROTOCOL",

@@ -39,8 +39,15 @@ from .frames import (
 )
 from .messages import OpenRequest, decode_hello, decode_object, encode_hello
 
-#: Default per-stream receive window.  It bounds what any hop buffers per stream.
-DEFAULT_WINDOW = 1024 * 1024
+#: Default per-stream receive window.  It bounds what any hop buffers per stream, and
+#: how long a small message on another stream may wait behind bulk data: 256 KiB
+#: keeps a ping under bulk load at a few ms per hop with no loss of loopback
+#: throughput (bench/bench.py).
+DEFAULT_WINDOW = 256 * 1024
+#: What an opener may send before ACCEPT (the protocol guarantees every window is at
+#: least this big), so the first request bytes travel with the OPEN instead of
+#: waiting a round trip through every hop.
+EARLY_DATA = 64 * 1024
 #: Largest WebSocket message data_to_send builds; peers accept twice this.
 MAX_MESSAGE = 1024 * 1024
 #: What a peer must accept as one WebSocket message (websockets' max_size).
@@ -48,8 +55,8 @@ MAX_MESSAGE_ACCEPTED = 2 * MAX_MESSAGE
 
 
 class StreamState(enum.Enum):
-    OPENING = "opening"  # we sent OPEN, no ACCEPT yet
-    PENDING = "pending"  # the peer sent OPEN, we have not accepted yet
+    OPENING = "opening"  # we sent OPEN, no ACCEPT yet (we may send EARLY_DATA already)
+    PENDING = "pending"  # the peer sent OPEN, we have not accepted yet (early data may arrive)
     OPEN = "open"
 
 
@@ -175,9 +182,13 @@ class Connection:
         accept_hello: bool = False,
         window: int = DEFAULT_WINDOW,
         max_streams: int = 1024,
+        early_data: int = EARLY_DATA,
     ) -> None:
-        if not 0 < window <= MAX_WINDOW:
+        # early_data is part of the protocol version: both ends must use the same
+        # value.  Only in-memory tests of tiny windows change it (to 0).
+        if not 0 <= early_data <= window <= MAX_WINDOW or window == 0:
             raise ValueError("window out of range")
+        self.early_data = early_data
         self._next_id = 1 if odd_ids else 2
         self._peer_parity = 0 if odd_ids else 1
         self._accept_streams = accept_streams
@@ -197,7 +208,7 @@ class Connection:
 
     def send_credit(self, stream_id: int) -> int:
         stream = self._streams.get(stream_id)
-        if stream is None or stream.state is not StreamState.OPEN or stream.local_eof:
+        if stream is None or stream.state is StreamState.PENDING or stream.local_eof:
             return 0
         return stream.send_credit
 
@@ -221,7 +232,7 @@ class Connection:
         if stream_id > 0xFFFFFFFF:
             raise LocalProtocolError("stream ids exhausted")
         self._next_id += 2
-        self._streams[stream_id] = _Stream(stream_id, StreamState.OPENING, 0, self.window)
+        self._streams[stream_id] = _Stream(stream_id, StreamState.OPENING, self.early_data, self.window)
         self._emit(encode(FrameType.OPEN, stream_id, WINDOW.pack(self.window) + request.to_json()))
         return stream_id
 
@@ -236,7 +247,7 @@ class Connection:
         """Queue ``data``; it must fit in ``send_credit(stream_id)``."""
         stream = self._get(stream_id)
         size = len(data)
-        if stream.state is not StreamState.OPEN or stream.local_eof:
+        if stream.state is StreamState.PENDING or stream.local_eof:
             raise LocalProtocolError(f"stream {stream_id} cannot send data now")
         if size > stream.send_credit:
             raise LocalProtocolError(f"{size} bytes exceed the credit of {stream.send_credit}")
@@ -249,7 +260,7 @@ class Connection:
 
     def send_eof(self, stream_id: int) -> None:
         stream = self._get(stream_id)
-        if stream.state is not StreamState.OPEN or stream.local_eof:
+        if stream.state is StreamState.PENDING or stream.local_eof:
             raise LocalProtocolError(f"stream {stream_id} cannot send EOF now")
         stream.local_eof = True
         self._emit(encode(FrameType.EOF, stream_id))
@@ -380,15 +391,23 @@ class Connection:
             if stream.state is not StreamState.OPENING:
                 self._stream_error(stream, "ACCEPT for a stream that is not opening", events)
                 return
-            stream.send_credit = self._window_value(decode_u32(frame.payload, "ACCEPT"))
+            window = self._window_value(decode_u32(frame.payload, "ACCEPT"))
+            # The real window replaces the EARLY_DATA we assumed; increments
+            # received before ACCEPT stay counted.
+            stream.send_credit += window - self.early_data
+            if stream.send_credit > MAX_WINDOW:
+                raise FrameError("window too large", ErrorCode.FLOW_CONTROL)
             stream.state = StreamState.OPEN
             events.append(StreamAccepted(sid))
         elif ftype is FrameType.DATA:
-            if stream.state is not StreamState.OPEN or stream.remote_eof:
+            if stream.state is StreamState.OPENING or stream.remote_eof:
                 self._stream_error(stream, "DATA on a stream that is not open", events)
                 return
             size = len(frame.payload)
-            if size > stream.recv_window:
+            limit = stream.recv_window
+            if stream.state is StreamState.PENDING:  # before ACCEPT only EARLY_DATA is allowed
+                limit -= self.window - self.early_data
+            if size > limit:
                 raise FrameError(f"stream {sid} sent beyond its window", ErrorCode.FLOW_CONTROL)
             stream.recv_window -= size
             if size:
@@ -398,7 +417,7 @@ class Connection:
             if increment == 0 or stream.send_credit + increment > MAX_WINDOW:
                 raise FrameError(f"bad window increment {increment}", ErrorCode.FLOW_CONTROL)
             stream.send_credit += increment
-            if stream.state is StreamState.OPEN and not stream.local_eof:
+            if stream.state is not StreamState.PENDING and not stream.local_eof:
                 events.append(WindowUpdated(sid))
         elif ftype is FrameType.CONTROL:
             if stream.state is not StreamState.OPEN or len(frame.payload) > MAX_CONTROL:
@@ -411,7 +430,7 @@ class Connection:
                 return
             events.append(ControlReceived(sid, payload))
         elif ftype is FrameType.EOF:
-            if frame.payload or stream.state is not StreamState.OPEN or stream.remote_eof:
+            if frame.payload or stream.state is StreamState.OPENING or stream.remote_eof:
                 self._stream_error(stream, "unexpected EOF", events)
                 return
             stream.remote_eof = True
@@ -444,10 +463,9 @@ class Connection:
 
     # --- helpers -------------------------------------------------------------
 
-    @staticmethod
-    def _window_value(value: int) -> int:
-        if value > MAX_WINDOW:
-            raise FrameError(f"window {value} too large", ErrorCode.FLOW_CONTROL)
+    def _window_value(self, value: int) -> int:
+        if not self.early_data <= value <= MAX_WINDOW:
+            raise FrameError(f"window {value} out of range", ErrorCode.FLOW_CONTROL)
         return value
 
     def _stream_error(self, stream: _Stream, text: str, events: list[Event]) -> None:

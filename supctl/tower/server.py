@@ -22,6 +22,7 @@ from websockets.asyncio.server import serve as ws_serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from .. import aio
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
 from .config import TowerConfig
 from .links import ClientLink, Route, SiteLink
@@ -309,4 +310,4 @@ async def run_tower(
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    asyncio.run(run_tower(config, host, port, insecure))
+    aio.run(run_tower(config, host, port, insecure))
