@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .client.api import Listener, Netcat, RegisterVerb, Transport
     from .client.settings import ClientSettings
     from .enforcer.api import RegisterHandler
+    from .enforcer.runtime import RegisterRuntime
 
 hookspec = pluggy.HookspecMarker("supctl")
 hookimpl = pluggy.HookimplMarker("supctl")
@@ -46,6 +47,20 @@ def supctl_add_handlers(register: RegisterHandler) -> None:
 
     :param register: ``register(protocol, handler)`` where ``handler`` follows
         :class:`supctl.enforcer.api.Handler`.
+    :return: nothing; every implementation is called.
+    """
+
+
+@hookspec
+def supctl_add_runtimes(register: RegisterRuntime) -> None:
+    """Add runtimes: the ways the enforcer starts processes in a service instance
+    (built in: ``netns``, ``host``).
+
+    Called once when ``edge-enforcer run`` starts, before the inventory is checked.
+    Each instance's ``runtime`` must name a registered runtime.
+
+    :param register: ``register(name, runtime)`` where ``runtime`` follows
+        :class:`supctl.enforcer.runtime.Runtime`.
     :return: nothing; every implementation is called.
     """
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from websockets.exceptions import ConnectionClosed as WsClosed
@@ -307,7 +307,7 @@ class Channel:
             self.bytes_out += size
             self.link.flush()
 
-    def send_control(self, payload: dict[str, object]) -> None:
+    def send_control(self, payload: Mapping[str, object]) -> None:
         """Send a small JSON object ahead of queued data (a signal, an exit status)."""
         if self.error is None and self.link.conn.is_open(self.id):
             self.link.conn.send_control(self.id, payload)

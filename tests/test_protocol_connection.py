@@ -10,6 +10,7 @@ import os
 import random
 import struct
 from collections import deque
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -608,7 +609,9 @@ def test_early_data_travels_before_accept() -> None:
 def test_early_data_beyond_the_allowance_closes() -> None:
     b = Connection(odd_ids=False, accept_streams=True)
     b.receive_data(open_frame(1, window=DEFAULT_WINDOW))
-    events = b.receive_data(encode(FrameType.DATA, 1, b"x" * (EARLY_DATA // 2)) * 2 + encode(FrameType.DATA, 1, b"y"))
+    events = b.receive_data(
+        encode(FrameType.DATA, 1, b"x" * (EARLY_DATA // 2)) * 2 + encode(FrameType.DATA, 1, b"y")
+    )
     assert isinstance(events[-1], ConnectionClosed) and events[-1].code is ErrorCode.FLOW_CONTROL
 
 
@@ -1155,11 +1158,14 @@ class LinkedConnections(RuleBasedStateMachine):
         window_b=st.integers(64, 4096),
         seed=st.integers(0, 2**32 - 1),
         streams=st.integers(1, 3),
+        early=st.sampled_from([0, 0, 16, 64]),
     )
-    def setup(self, window_a: int, window_b: int, seed: int, streams: int) -> None:
+    def setup(self, window_a: int, window_b: int, seed: int, streams: int, early: int) -> None:
+        # Small windows need a small early-data allowance; it must be the same on both ends.
+        self.early = early
         self.conn = {
-            "A": Connection(odd_ids=True, accept_streams=False, window=window_a, early_data=0),
-            "B": Connection(odd_ids=False, accept_streams=True, window=window_b, early_data=0),
+            "A": Connection(odd_ids=True, accept_streams=False, window=window_a, early_data=early),
+            "B": Connection(odd_ids=False, accept_streams=True, window=window_b, early_data=early),
         }
         self.wire: dict[str, deque[bytes]] = {"A": deque(), "B": deque()}  # sent by side, in flight
         self.rng = random.Random(seed)
@@ -1175,7 +1181,9 @@ class LinkedConnections(RuleBasedStateMachine):
         self.ctl_received: dict[tuple[str, int], list[dict[str, object]]] = {}
         self.ctl_before_eof: dict[tuple[str, int], int] = {}  # CONTROLs sent before that side's EOF
         self.pending_b: set[int] = set()  # StreamOpened at B, not yet answered
-        self.sendable: dict[str, set[int]] = {"A": set(), "B": set()}  # state OPEN on that side
+        # May send DATA/EOF: A from OPEN on (early data), B once it accepted.
+        self.sendable: dict[str, set[int]] = {"A": set(), "B": set()}
+        self.accepted: dict[str, set[int]] = {"A": set(), "B": set()}  # state OPEN: CONTROL allowed
         for _ in range(streams):
             self.open_stream()
 
@@ -1192,7 +1200,7 @@ class LinkedConnections(RuleBasedStateMachine):
                 self.pending_b.add(event.stream_id)
             elif isinstance(event, StreamAccepted):
                 assert side == "A"
-                self.sendable["A"].add(event.stream_id)
+                self.accepted["A"].add(event.stream_id)
             elif isinstance(event, DataReceived):
                 key = (side, event.stream_id)
                 got = self.received[key]
@@ -1225,6 +1233,7 @@ class LinkedConnections(RuleBasedStateMachine):
                 self.reset_seen[side].add(event.stream_id)
                 self.pending_b.discard(event.stream_id)
                 self.sendable[side].discard(event.stream_id)
+                self.accepted[side].discard(event.stream_id)
             else:
                 raise AssertionError(f"unexpected event {event!r}")
 
@@ -1265,9 +1274,12 @@ class LinkedConnections(RuleBasedStateMachine):
                 assert not a.is_open(sid) and not b.is_open(sid)
             if a.is_open(sid):
                 sa, sb = a._streams[sid], b._streams[sid]
-                if sa.state is StreamState.OPEN:
-                    assert sa.send_credit == sb.recv_window
+                assert sa.send_credit + self._grant_due(sa) == sb.recv_window
                 assert sb.send_credit == sa.recv_window
+
+    def _grant_due(self, stream: Any) -> int:
+        """Credit A still gets from B's ACCEPT: until then it only has the early allowance."""
+        return 0 if stream.state is StreamState.OPEN else self.conn["B"].window - self.early
 
     # --- actions of the applications ----------------------------------------------------
 
@@ -1278,6 +1290,7 @@ class LinkedConnections(RuleBasedStateMachine):
         assert sid not in self.sids and sid % 2 == 1
         assert not self.sids or sid > self.sids[-1]
         self.sids.append(sid)
+        self.sendable["A"].add(sid)  # early data and EOF may go before ACCEPT
         for side in SIDES:
             self.sent[(side, sid)] = bytearray()
             self.received[(side, sid)] = bytearray()
@@ -1296,6 +1309,7 @@ class LinkedConnections(RuleBasedStateMachine):
         else:
             self.conn["B"].accept_stream(sid)
             self.sendable["B"].add(sid)
+            self.accepted["B"].add(sid)
 
     def _can_send(self) -> list[tuple[str, int]]:
         return [(s, sid) for s in SIDES for sid in sorted(self.sendable[s]) if self.conn[s].send_credit(sid)]
@@ -1335,7 +1349,7 @@ class LinkedConnections(RuleBasedStateMachine):
         self.ctl_before_eof[(side, sid)] = len(self.ctl_sent[(side, sid)])
 
     def _can_control(self) -> list[tuple[str, int]]:
-        return [(s, sid) for s in SIDES for sid in sorted(self.sendable[s]) if self.conn[s].is_open(sid)]
+        return [(s, sid) for s in SIDES for sid in sorted(self.accepted[s]) if self.conn[s].is_open(sid)]
 
     def control(self, data: st.DataObject) -> None:
         """A CONTROL needs no credit and may follow either EOF."""
@@ -1357,6 +1371,7 @@ class LinkedConnections(RuleBasedStateMachine):
         assert not self.conn[side].is_open(sid)
         self.reset_by[side].add(sid)
         self.sendable[side].discard(sid)
+        self.accepted[side].discard(sid)
         self.pending_b.discard(sid)
 
     # --- the network: in-order queues, delivered at random times ----------------------------
@@ -1442,8 +1457,7 @@ class LinkedConnections(RuleBasedStateMachine):
         for sid in set(a._streams) & set(b._streams):
             for snd, rcv in (("A", "B"), ("B", "A")):
                 s_stream = self.conn[snd]._streams[sid]
-                if snd == "A" and s_stream.state is not StreamState.OPEN:
-                    continue  # A's credit starts with ACCEPT
+                grant_due = self._grant_due(s_stream) if snd == "A" else 0
                 data_in_flight = sum(
                     len(f.payload) for f in flight[snd] if f.type is FrameType.DATA and f.stream_id == sid
                 )
@@ -1453,7 +1467,10 @@ class LinkedConnections(RuleBasedStateMachine):
                     if f.type is FrameType.WINDOW and f.stream_id == sid
                 )
                 r_stream = self.conn[rcv]._streams[sid]
-                assert s_stream.send_credit + data_in_flight == r_stream.recv_window - credit_in_flight
+                assert (
+                    s_stream.send_credit + grant_due + data_in_flight
+                    == r_stream.recv_window - credit_in_flight
+                )
         self.busy = False
 
     def teardown(self) -> None:
@@ -1466,6 +1483,7 @@ class LinkedConnections(RuleBasedStateMachine):
         for sid in sorted(self.pending_b):
             self.conn["B"].accept_stream(sid)
             self.sendable["B"].add(sid)
+            self.accepted["B"].add(sid)
         self.pending_b.clear()
         self._settle()
         for side, sid in self._can_eof():

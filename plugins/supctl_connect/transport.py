@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import json
 import os
 import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 import websockets
@@ -15,7 +20,14 @@ from websockets.version import version as websockets_version
 
 from supctl import __version__
 from supctl.client.settings import ClientSettings
-from supctl.errors import DeniedError, SupctlError, UnavailableError, UsageError, from_http_status
+from supctl.errors import (
+    DeniedError,
+    ProtocolError,
+    SupctlError,
+    UnavailableError,
+    UsageError,
+    from_http_status,
+)
 from supctl.link import Link
 from supctl.protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection
 
@@ -45,17 +57,56 @@ def os_reason(exc: BaseException) -> str:
 def rejection_message(exc: InvalidStatus) -> SupctlError:
     """Turn the tower's HTTP rejection (JSON errors body) into one line."""
     response = exc.response
+    return http_error(response.status_code, response.reason_phrase, bytes(response.body or b""))
+
+
+def http_error(status: int, reason: str, body: bytes) -> SupctlError:
+    """One line from an HTTP error status and the platform's JSON errors body."""
     text = ""
     try:
-        body = json.loads(bytes(response.body or b""))
-        first = body["errors"][0]
+        first = json.loads(body)["errors"][0]
         text = str(first.get("error-message", ""))
         info = first.get("error-info")
         if info:
             text += f" ({info})" if isinstance(info, str) else f" ({json.dumps(info, sort_keys=True)})"
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        text = f"the tower answered HTTP {response.status_code} {response.reason_phrase}"
-    return from_http_status(response.status_code, text)
+        text = f"the tower answered HTTP {status} {reason}"
+    return from_http_status(status, text)
+
+
+def require_token(settings: ClientSettings) -> str:
+    if not settings.token:
+        raise DeniedError("no API token: give --token-file, SUPCTL_TOKEN or token-file in the config file")
+    return settings.token
+
+
+def unreachable(reason: object, host: str) -> SupctlError:
+    """The one-line error for a tower that could not be reached over HTTPS."""
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return UnavailableError(
+            f"the tower's TLS certificate at {host} is not trusted: {reason.verify_message}"
+            " (give its CA with --ca-file)"
+        )
+    if isinstance(reason, ssl.SSLError):
+        return UnavailableError(f"TLS handshake with {host} failed: {reason.reason or reason}")
+    if isinstance(reason, BaseException):
+        return UnavailableError(f"cannot reach the tower at {host}: {os_reason(reason)}")
+    return UnavailableError(f"cannot reach the tower at {host}: {reason}")
+
+
+def _fetch(request: urllib.request.Request, context: ssl.SSLContext | None, host: str) -> bytes:
+    """Blocking HTTP(S) GET (run on a worker thread); errors as one-line SupctlErrors."""
+    try:
+        with urllib.request.urlopen(request, timeout=OPEN_TIMEOUT, context=context) as response:  # noqa: S310
+            body: bytes = response.read()
+            return body
+    except urllib.error.HTTPError as exc:
+        with exc:
+            raise http_error(exc.code, str(exc.reason), exc.read()) from None
+    except urllib.error.URLError as exc:
+        raise unreachable(exc.reason, host) from None
+    except (OSError, http.client.HTTPException) as exc:  # TimeoutError and SSLError are OSErrors
+        raise unreachable(exc, host) from None
 
 
 class WebSocketTransport:
@@ -64,10 +115,7 @@ class WebSocketTransport:
 
     async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
         settings = self.settings
-        if not settings.token:
-            raise DeniedError(
-                "no API token: give --token-file, SUPCTL_TOKEN or token-file in the config file"
-            )
+        require_token(settings)
         uri = f"{settings.host}{path}?{urlencode(dict(query))}"
         secure = settings.host.startswith("wss://")
         context = client_ssl_context(str(settings.ca_file) if settings.ca_file else None) if secure else None
@@ -106,3 +154,29 @@ class WebSocketTransport:
         link = Link(ws, Connection(odd_ids=True, accept_streams=False), name="tower")
         link.start()
         return link
+
+    async def get(self, path: str, query: Mapping[str, str]) -> Any:
+        """``GET path?query`` over plain HTTPS (no WebSocket upgrade): the tower's JSON answer.
+
+        Same TLS verification, token and error mapping as :meth:`open_session`.
+        """
+        settings = self.settings
+        token = require_token(settings)
+        secure = settings.host.startswith("wss://")
+        url = f"{'https' if secure else 'http'}://{settings.host.split('://', 1)[1]}{path}"
+        if query:
+            url += f"?{urlencode(dict(query))}"
+        context = client_ssl_context(str(settings.ca_file) if settings.ca_file else None) if secure else None
+        request = urllib.request.Request(  # noqa: S310 - the scheme is https or http, checked above
+            url,
+            headers={
+                "Authorization": f"Bearer {token}",
+                "Accept": "application/json",
+                "User-Agent": f"supctl/{__version__}",
+            },
+        )
+        body = await asyncio.to_thread(_fetch, request, context, settings.host)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ProtocolError(f"the tower at {settings.host} answered {path} with invalid JSON") from None

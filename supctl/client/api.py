@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 from rich.console import Console
@@ -71,6 +71,16 @@ class Transport(Protocol):
 
         Raises a :class:`~supctl.errors.SupctlError` with a one-line message when
         the tower refuses (HTTP status) or cannot be reached.
+        """
+        ...
+
+    async def get(self, path: str, query: Mapping[str, str]) -> Any:
+        """``GET path?query`` without a WebSocket (the tower's ``/v1/state/...`` views
+        used by ``supctl show``) and return the decoded JSON body.
+
+        Same credentials, TLS checks and errors as :meth:`open_session`: a refusal
+        (HTTP 400/401/404/503...) or an unreachable tower raises a
+        :class:`~supctl.errors.SupctlError` with a one-line message.
         """
         ...
 

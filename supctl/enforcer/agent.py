@@ -20,6 +20,7 @@ from ..errors import StreamError
 from ..link import Channel, Link, WebSocketLike
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened
 from .api import Handler, HandlerContext
+from .containers import ContainerSupervisor
 from .inventory import Inventory
 
 log = logging.getLogger("supctl.enforcer")
@@ -28,6 +29,9 @@ BACKOFF_START = 0.5
 BACKOFF_CAP = 30.0
 #: A link that stayed up this long resets the backoff.
 STABLE_AFTER = 10.0
+#: At most one STATUS frame per this many seconds: a crash-looping container, or
+#: every container stopping at once, becomes one update, not a burst.
+STATUS_INTERVAL = 0.2
 
 
 class EnforcerLink(Link):
@@ -56,6 +60,7 @@ class Agent:
         inventory: Inventory,
         handlers: dict[str, Handler],
         context: HandlerContext,
+        supervisor: ContainerSupervisor | None = None,
     ) -> None:
         self.url = f"{tower.rstrip('/')}/v1/enforcer?{urlencode({'site': site})}"
         self.site = site
@@ -64,14 +69,31 @@ class Agent:
         self.inventory = inventory
         self.handlers = handlers
         self.context = context
+        self.supervisor = supervisor
+        self._status_changed = asyncio.Event()
+        if supervisor is not None:
+            supervisor.on_change = self._status_changed.set
 
     def hello(self) -> dict[str, object]:
+        """The HELLO payload, and every STATUS payload (the tower keeps the latest)."""
+        states = self.supervisor.states() if self.supervisor is not None else None
         return {
             "site": self.site,
             "version": __version__,
             "handlers": sorted(self.handlers),
-            "applications": self.inventory.describe(),
+            "applications": self.inventory.describe(states),
         }
+
+    async def _push_status(self, link: EnforcerLink) -> None:
+        """Send a STATUS frame after container state changes, coalesced."""
+        while True:
+            await self._status_changed.wait()
+            self._status_changed.clear()
+            if link.conn.closed is not None:
+                return
+            link.conn.send_status(self.hello())
+            link.flush()
+            await asyncio.sleep(STATUS_INTERVAL)
 
     async def run_forever(self) -> None:
         attempt = 0
@@ -110,9 +132,12 @@ class Agent:
             write_limit=2**18,
         )
         link = EnforcerLink(ws, self)
+        self._status_changed.clear()  # HELLO carries the states as of now
         link.conn.send_hello(self.hello())
         link.flush()
         log.warning("connected to the tower as site %s", self.site)
+        pusher = asyncio.create_task(self._push_status(link))
+        link.tasks.add(pusher)
         try:
             await link.run()
         finally:
@@ -124,12 +149,14 @@ class Agent:
     async def serve_stream(self, channel: Channel, request: OpenRequest) -> None:
         started = time.monotonic()
         result = "ok"
+        # connect streams are served per protocol (tcp...); any other verb by its name (exec...).
+        kind, name = ("protocol", request.protocol) if request.verb == "connect" else ("verb", request.verb)
         try:
             instance = self.inventory.find(request.application, request.service_instance)
-            handler = self.handlers.get(request.protocol)
+            handler = self.handlers.get(name)
             if handler is None:
                 raise StreamError(
-                    f"protocol {request.protocol!r} is not supported at this site", code=ErrorCode.UNSUPPORTED
+                    f"{kind} {name!r} is not supported at this site", code=ErrorCode.UNSUPPORTED
                 )
             await handler.handle(channel, request, instance, self.context)
         except StreamError as exc:
@@ -140,7 +167,7 @@ class Agent:
             channel.reset(ErrorCode.LINK_LOST, "the enforcer is shutting down")
             raise
         except Exception:  # a handler bug costs one stream, never the enforcer
-            log.exception("handler %r failed", request.protocol)
+            log.exception("handler %r failed", name)
             result = "internal error"
             channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
         finally:

@@ -5,12 +5,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..link import Channel
     from ..protocol import OpenRequest
     from .netns import NamespaceSockets
+    from .runtime import Runtime
+
+
+@dataclass(frozen=True)
+class Container:
+    """A container of a service instance, from the inventory.
+
+    Without ``command`` it is only a name to exec into (its processes are started by
+    someone else, or there are none); with one, the enforcer keeps it running.
+    """
+
+    name: str
+    command: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # None: "/"
+    user: str | None = None  # a login name or a numeric uid; None: the enforcer's user
 
 
 @dataclass(frozen=True)
@@ -20,7 +36,14 @@ class ServiceInstance:
     application: str
     name: str
     netns: str | None  # a namespace under /run/netns; None for host networking
-    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    containers: dict[str, Container] = field(default_factory=dict)
+    #: Name of the registered runtime that starts its processes; "" picks the
+    #: default: ``netns`` when the instance has a namespace, else ``host``.
+    runtime: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.runtime:
+            object.__setattr__(self, "runtime", "netns" if self.netns else "host")
 
     @property
     def where(self) -> str:
@@ -36,6 +59,8 @@ class HandlerContext:
     site: str
     sockets: NamespaceSockets
     connect_timeout: float = 10.0
+    #: Runtimes by name (``supctl_add_runtimes``); ``runtimes[instance.runtime]`` starts processes.
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("supctl.enforcer"))
 
 

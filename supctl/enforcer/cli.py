@@ -12,13 +12,16 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from .. import aio
 from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
 from ..plugins import Registry, call_registration, make_plugin_manager
 from .agent import Agent
 from .api import Handler, HandlerContext
+from .containers import ContainerSupervisor
 from .inventory import load_inventory
 from .netns import NamespaceSockets
+from .runtime import Runtime
 
 
 def load_handlers() -> dict[str, Handler]:
@@ -30,6 +33,17 @@ def load_handlers() -> dict[str, Handler]:
 
     call_registration(pm, "supctl_add_handlers", make_register)
     return handlers.items
+
+
+def load_runtimes() -> dict[str, Runtime]:
+    pm = make_plugin_manager()
+    runtimes: Registry[Runtime] = Registry("runtime")
+
+    def make_register(plugin: str):  # type: ignore[no-untyped-def]
+        return lambda name, runtime: runtimes.add(name, runtime, plugin)
+
+    call_registration(pm, "supctl_add_runtimes", make_register)
+    return runtimes.items
 
 
 def make_cli() -> click.Group:
@@ -74,35 +88,49 @@ def make_cli() -> click.Group:
             except (OSError, ssl.SSLError) as exc:
                 raise UsageError(f"cannot load CA file {ca_file}: {exc}") from None
             context.minimum_version = ssl.TLSVersion.TLSv1_2
+        runtimes = load_runtimes()
+        site_inventory = load_inventory(inventory)
+        site_inventory.check_runtimes(runtimes)
+        # Container output goes to our stderr, next to our log, one prefixed line at a time.
+        supervisor = ContainerSupervisor(site_inventory, runtimes, output=sys.stderr.buffer)
         sockets = NamespaceSockets()
         agent = Agent(
             tower=tower,
             site=site,
             token=read_token_file(token_file),
             ssl_context=context,
-            inventory=load_inventory(inventory),
+            inventory=site_inventory,
             handlers=load_handlers(),
-            context=HandlerContext(site=site, sockets=sockets, connect_timeout=connect_timeout),
+            context=HandlerContext(
+                site=site, sockets=sockets, connect_timeout=connect_timeout, runtimes=runtimes
+            ),
+            supervisor=supervisor,
         )
         try:
-            asyncio.run(_run_until_signal(agent))
+            aio.run(_run_until_signal(agent, supervisor))
         finally:
             sockets.close()
 
     return cli
 
 
-async def _run_until_signal(agent: Agent) -> None:
+async def _run_until_signal(agent: Agent, supervisor: ContainerSupervisor) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # Containers run for the enforcer's whole life, tower or no tower.
+    supervisor.start()
     runner = asyncio.ensure_future(agent.run_forever())
     stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (runner, stopper):
-        task.cancel()
-    await asyncio.gather(runner, stopper, return_exceptions=True)
+    try:
+        await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (runner, stopper):
+            task.cancel()
+        await asyncio.gather(runner, stopper, return_exceptions=True)
+    finally:
+        # After the link (its exec streams kill their processes): SIGTERM, grace, SIGKILL.
+        await supervisor.stop()
 
 
 def main() -> None:

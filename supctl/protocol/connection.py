@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .frames import (
@@ -290,16 +291,16 @@ class Connection:
             self._emit(encode_window(stream_id, stream.unacked))
             stream.unacked = 0
 
-    def send_hello(self, payload: dict[str, object]) -> None:
+    def send_hello(self, payload: Mapping[str, object]) -> None:
         self._check_usable()
         self._emit(encode(FrameType.HELLO, 0, encode_hello(payload)))
 
-    def send_status(self, payload: dict[str, object]) -> None:
+    def send_status(self, payload: Mapping[str, object]) -> None:
         """A site update after HELLO; the peer keeps only the latest."""
         self._check_usable()
         self._emit(encode(FrameType.STATUS, 0, encode_hello(payload)))
 
-    def send_control(self, stream_id: int, payload: dict[str, object]) -> None:
+    def send_control(self, stream_id: int, payload: Mapping[str, object]) -> None:
         """Send a small JSON object on an open stream, ahead of any flow-controlled DATA.
 
         Allowed after either side's EOF (a signal after stdin closed, an exit

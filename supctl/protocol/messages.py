@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -100,5 +101,5 @@ def decode_hello(raw: bytes) -> dict[str, Any]:
     return decode_object(raw, "HELLO")
 
 
-def encode_hello(obj: dict[str, Any]) -> bytes:
+def encode_hello(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()

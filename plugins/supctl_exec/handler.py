@@ -1,0 +1,202 @@
+"""The enforcer's ``exec`` handler: run a command in a container of a service instance.
+
+The command runs as ``/bin/sh -c COMMAND`` through the instance's runtime (in its
+network namespace, with the container's env, cwd and user), as the leader of its
+own process group.  Wire format: docs/protocol.md, "exec streams".
+
+Four independent tasks serve a stream, so no direction can hold up another:
+stdin (stream -> pipe), stdout and stderr (pipe -> stream, as output records)
+and CONTROL (signals).  Output is written with ``await channel.write()``, which
+waits for credit: a command printing faster than the client reads blocks on its
+pipe, and the enforcer's memory stays bounded by the pipes and one window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from supctl.enforcer.api import HandlerContext, ServiceInstance
+from supctl.enforcer.runtime import ProcessSpec, Runtime, exit_status, kill_group, reap, wait_exited
+from supctl.errors import StreamError
+from supctl.link import Channel
+from supctl.protocol import ErrorCode, OpenRequest
+from supctl.protocol.exec import STDERR, STDOUT, encode_output
+
+#: Seconds between a client's INT/TERM and SIGKILL, if the command is still running.
+GRACE = 5.0
+#: Bytes read from a pipe at once (one output record at most this big).
+READ_CHUNK = 256 * 1024
+#: After the command exited and its group was killed, a pipe that stays open and
+#: silent this long is held by a process that left the group (``setsid``): stop
+#: waiting for its EOF.
+ORPHAN_WAIT = 1.0
+SIGNALS = {
+    "INT": signal.SIGINT,
+    "TERM": signal.SIGTERM,
+    "HUP": signal.SIGHUP,
+    "KILL": signal.SIGKILL,
+    "QUIT": signal.SIGQUIT,
+}
+
+# Spawns abandoned by a cancelled stream, kept referenced until reaped.
+_reaping: set[asyncio.Task[None]] = set()
+
+
+class ExecHandler:
+    async def handle(
+        self, channel: Channel, request: OpenRequest, instance: ServiceInstance, context: HandlerContext
+    ) -> None:
+        command = request.args.get("command")
+        if not isinstance(command, str) or not command:
+            raise StreamError("exec needs a command (args.command, a string)", code=ErrorCode.PROTOCOL)
+        container = instance.containers.get(request.container)
+        if container is None:
+            raise StreamError(
+                f"container {request.container} not found in service instance {instance.name}",
+                code=ErrorCode.NOT_FOUND,
+            )
+        runtime = context.runtimes.get(instance.runtime)
+        if runtime is None:  # the enforcer checks the inventory at start; a bug if seen
+            raise StreamError(f"runtime {instance.runtime!r} is not available", code=ErrorCode.INTERNAL)
+        pipe = asyncio.subprocess.PIPE
+        spec = ProcessSpec.for_container(
+            container, ["/bin/sh", "-c", command], stdin=pipe, stdout=pipe, stderr=pipe
+        )
+        proc = await _spawn(runtime, instance, spec)
+        try:
+            channel.accept()  # only now: a spawn failure is a refusal, not an accepted stream
+            await _Session(channel, proc, context.log).run()
+        finally:
+            # Reset, link lost, enforcer stopping, or done: nothing may stay behind.
+            await reap(proc)
+
+
+async def _spawn(
+    runtime: Runtime, instance: ServiceInstance, spec: ProcessSpec
+) -> asyncio.subprocess.Process:
+    task = asyncio.ensure_future(runtime.spawn(instance, spec))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # The stream went away mid-spawn: the process may still appear; end it.
+        task.add_done_callback(_reap_abandoned)
+        raise
+
+
+def _reap_abandoned(task: asyncio.Future[asyncio.subprocess.Process]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    proc = task.result()
+    kill_group(proc, signal.SIGKILL)  # now, even if the loop is closing
+    reaper = asyncio.ensure_future(reap(proc))
+    _reaping.add(reaper)
+    reaper.add_done_callback(_reaping.discard)
+
+
+class _OutputPump:
+    """One pipe (stdout or stderr) to the stream, as output records."""
+
+    def __init__(self, session: _Session, fd: int, reader: asyncio.StreamReader) -> None:
+        self.session = session
+        self.fd = fd
+        self.reader = reader
+        self.reading_since: float | None = None  # waiting on the pipe since (monotonic)
+
+    async def run(self) -> None:
+        while True:
+            self.reading_since = time.monotonic()
+            data = await self.reader.read(READ_CHUNK)
+            self.reading_since = None
+            if not data:
+                return
+            record = encode_output(self.fd, data)
+            # Two pumps share the stream: a record must not be cut by the other's.
+            async with self.session.write_lock:
+                await self.session.channel.write(record)
+
+
+class _Session:
+    def __init__(self, channel: Channel, proc: asyncio.subprocess.Process, log: logging.Logger) -> None:
+        self.channel = channel
+        self.proc = proc
+        self.log = log
+        self.write_lock = asyncio.Lock()
+        self.grace: asyncio.TimerHandle | None = None
+
+    async def run(self) -> None:
+        proc = self.proc
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        pumps = [_OutputPump(self, STDOUT, proc.stdout), _OutputPump(self, STDERR, proc.stderr)]
+        outputs = {asyncio.create_task(pump.run()): pump for pump in pumps}
+        stdin = asyncio.create_task(self._stdin(proc.stdin))
+        control = asyncio.create_task(self._control())
+        exited = asyncio.create_task(wait_exited(proc))
+        everything = [*outputs, stdin, control, exited]
+        try:
+            waiting = set(everything)
+            while not exited.done():
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # StreamError: reset by the client or link lost
+            # The command exited.  Whatever it left running in its group goes too.
+            kill_group(proc, signal.SIGKILL)
+            stdin.cancel()
+            await self._drain(outputs)
+            code, signum = exit_status(exited.result())
+            self.channel.send_control({"exit": {"code": code, "signal": signum}})
+            self.channel.write_eof()
+        finally:
+            if self.grace is not None:
+                self.grace.cancel()
+            for task in everything:
+                task.cancel()
+            await asyncio.gather(*everything, return_exceptions=True)
+
+    async def _drain(self, outputs: dict[asyncio.Task[None], _OutputPump]) -> None:
+        """Wait until the pipes are empty and written to the stream (the exit status
+        must come after all output)."""
+        exited_at = time.monotonic()
+        pending = set(outputs)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=ORPHAN_WAIT / 4)
+            for task in done:
+                if not task.cancelled():
+                    task.result()
+            now = time.monotonic()
+            for task in pending:
+                since = outputs[task].reading_since
+                if since is not None and now - max(since, exited_at) >= ORPHAN_WAIT:
+                    task.cancel()  # an escaped process holds the pipe; no more output is coming
+
+    async def _stdin(self, stdin: asyncio.StreamWriter) -> None:
+        broken = False
+        while data := await self.channel.read():
+            if broken or stdin.is_closing():
+                # The command closed its stdin: drop the input but keep reading, so
+                # the client's credit keeps flowing until it sees the exit status.
+                broken = True
+                continue
+            try:
+                stdin.write(data)
+                await stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                broken = True
+        with contextlib.suppress(OSError):
+            stdin.close()  # the client's EOF is the command's EOF
+
+    async def _control(self) -> None:
+        while True:
+            message = await self.channel.read_control()
+            name = message.get("signal")
+            signum = SIGNALS.get(name) if isinstance(name, str) else None
+            if signum is None:
+                self.log.debug("exec: ignoring CONTROL message %.200r", message)
+                continue
+            kill_group(self.proc, signum)
+            if signum in (signal.SIGINT, signal.SIGTERM) and self.grace is None:
+                loop = asyncio.get_running_loop()
+                self.grace = loop.call_later(GRACE, kill_group, self.proc, signal.SIGKILL)

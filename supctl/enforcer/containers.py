@@ -1,0 +1,205 @@
+"""Keep the inventory's containers running, for the enforcer's whole life.
+
+Each container with a ``command`` gets one supervising task: spawn it through its
+instance's runtime, wait for it to exit, restart it after a backoff (0.5 s
+doubling to 30 s; back to 0.5 s once a run lasted 10 s).  The tower link does
+not matter here: containers run whether or not the tower is reachable.
+
+States (as the tower shows them):
+
+* ``running``: the process is up (``pid``, ``started``);
+* ``restarting``: it exited (``exit-code``: its status, or -N for signal N) and
+  waits for its backoff;
+* ``failed``: the last start failed (a missing namespace, user, directory or
+  command); retried with the same backoff, since a namespace may come later;
+* ``stopped``: the enforcer stopped it on shutdown.
+
+Output: stdout and stderr of every container go, line by line, to the
+enforcer's stderr, prefixed ``INSTANCE/CONTAINER| `` (or are discarded when
+``output`` is None).  When the main process exits, its process group gets
+SIGKILL, so nothing it started outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from ..errors import StreamError
+from .api import Container, ServiceInstance
+from .inventory import Inventory
+from .runtime import ProcessSpec, Runtime, kill_group, reap, wait_exited
+
+log = logging.getLogger("supctl.enforcer.containers")
+
+BACKOFF_START = 0.5
+BACKOFF_CAP = 30.0
+#: A run that lasted this long resets the backoff.
+STABLE_AFTER = 10.0
+#: Seconds between SIGTERM and SIGKILL on shutdown.
+STOP_GRACE = 5.0
+#: Longest output line passed on whole; longer ones are cut into pieces.
+LINE_LIMIT = 64 * 1024
+
+Key = tuple[str, str, str]  # application, service instance, container
+
+
+@dataclass
+class ContainerState:
+    state: str = "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    started: str | None = None  # ISO 8601, UTC
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "exit-code": self.exit_code,
+            "started": self.started,
+        }
+
+
+class ContainerSupervisor:
+    def __init__(
+        self,
+        inventory: Inventory,
+        runtimes: dict[str, Runtime],
+        *,
+        output: IO[bytes] | None = None,
+        on_change: Callable[[], None] | None = None,
+        backoff_start: float = BACKOFF_START,
+        backoff_cap: float = BACKOFF_CAP,
+        stable_after: float = STABLE_AFTER,
+        stop_grace: float = STOP_GRACE,
+    ) -> None:
+        self.inventory = inventory
+        self.runtimes = runtimes
+        self.output = output
+        #: Called after every state change (the agent pushes a STATUS frame).
+        self.on_change = on_change
+        self.backoff_start = backoff_start
+        self.backoff_cap = backoff_cap
+        self.stable_after = stable_after
+        self.stop_grace = stop_grace
+        self._states: dict[Key, ContainerState] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        """Start supervising every container that has a command (needs a running loop)."""
+        for (app, name), instance in sorted(self.inventory.instances.items()):
+            for cname, container in sorted(instance.containers.items()):
+                if container.command is not None:
+                    key = (app, name, cname)
+                    self._states[key] = ContainerState()
+                    self._tasks.append(
+                        asyncio.create_task(
+                            self._supervise(key, instance, container), name=f"container-{cname}"
+                        )
+                    )
+
+    def states(self) -> dict[Key, dict[str, Any]]:
+        return {key: state.as_dict() for key, state in self._states.items()}
+
+    async def stop(self) -> None:
+        """SIGTERM every container's group, SIGKILL after the grace, wait for all."""
+        self._stopping.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _changed(self, target: ContainerState, /, **fields: Any) -> None:
+        for name, value in fields.items():
+            setattr(target, name, value)
+        if self.on_change is not None:
+            self.on_change()
+
+    async def _supervise(self, key: Key, instance: ServiceInstance, container: Container) -> None:
+        state = self._states[key]
+        label = f"{instance.name}/{container.name}"
+        runtime = self.runtimes[instance.runtime]  # checked when the enforcer started
+        stdout = asyncio.subprocess.PIPE if self.output is not None else asyncio.subprocess.DEVNULL
+        spec = ProcessSpec.for_container(
+            container, list(container.command or ()), stdout=stdout, stderr=asyncio.subprocess.STDOUT
+        )
+        attempt = 0
+        first = True
+        while not self._stopping.is_set():
+            if not first:
+                state.restarts += 1
+            first = False
+            began = time.monotonic()
+            try:
+                proc = await runtime.spawn(instance, spec)
+            except StreamError as exc:
+                log.warning("container %s cannot start: %s", label, exc)
+                self._changed(state, state="failed", pid=None)
+            else:
+                started = datetime.now(UTC).isoformat(timespec="seconds")
+                self._changed(state, state="running", pid=proc.pid, started=started)
+                returncode = await self._run(proc, label)
+                if self._stopping.is_set():
+                    log.info("container %s stopped with status %d", label, returncode)
+                    self._changed(state, state="stopped", pid=None, exit_code=returncode)
+                    return
+                log.warning("container %s exited with status %d", label, returncode)
+                self._changed(state, state="restarting", pid=None, exit_code=returncode)
+            if time.monotonic() - began >= self.stable_after:
+                attempt = 0
+            delay = min(self.backoff_cap, self.backoff_start * 2**attempt)
+            attempt = min(attempt + 1, 16)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        self._changed(state, state="stopped", pid=None)
+
+    async def _run(self, proc: asyncio.subprocess.Process, label: str) -> int:
+        """Wait for the process (or for shutdown); always leaves it and its group reaped."""
+        pump = None
+        if proc.stdout is not None and self.output is not None:
+            pump = asyncio.create_task(_copy_lines(proc.stdout, self.output, f"{label}| ".encode()))
+        exited = asyncio.create_task(wait_exited(proc))
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not exited.done():
+                kill_group(proc, signal.SIGTERM)
+                done, _ = await asyncio.wait({exited}, timeout=self.stop_grace)
+                if not done:
+                    kill_group(proc, signal.SIGKILL)
+            return await exited
+        finally:
+            stopping.cancel()
+            exited.cancel()
+            kill_group(proc, signal.SIGKILL)  # the group too: no child outlives its container
+            if pump is not None:
+                # Let it pass on what is left in the pipe; a process that left the
+                # group (setsid) could hold the pipe open for ever, hence the bound.
+                await asyncio.wait({pump}, timeout=1.0)
+            await reap(proc)
+            if pump is not None:
+                await asyncio.gather(pump, return_exceptions=True)  # ends: reap closed its pipe
+
+
+async def _copy_lines(reader: asyncio.StreamReader, out: IO[bytes], prefix: bytes) -> None:
+    """Pass a container's output on, one prefixed line at a time."""
+    pending = b""
+    while chunk := await reader.read(LINE_LIMIT):
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        if len(pending) >= LINE_LIMIT:
+            lines.append(pending)
+            pending = b""
+        if lines:
+            out.write(b"".join(prefix + line + b"\n" for line in lines))
+            out.flush()
+    if pending:
+        out.write(prefix + pending + b"\n")
+        out.flush()
