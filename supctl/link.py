@@ -128,6 +128,13 @@ class Link:
         """Close the link from this side (flushes what is queued first)."""
         self._close(self.conn.close(code, reason))
 
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Close and wait (bounded) until the link is down."""
+        self.close()
+        if self.task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.task, timeout)
+
     def _close(self, closed: ConnectionClosed) -> None:
         self._closing = True
         self.flush()

@@ -54,6 +54,17 @@ class Registry(Generic[T]):
         self.owners[name] = owner
 
 
+def collect(pm: pluggy.PluginManager, hook_name: str, kind: str) -> dict[str, T]:
+    """Run a ``register(name, item)`` hook and return the names it registered."""
+    registry: Registry[T] = Registry(kind)
+
+    def make_register(plugin: str) -> Callable[[str, T], None]:
+        return lambda name, item: registry.add(name, item, plugin)
+
+    call_registration(pm, hook_name, make_register)
+    return registry.items
+
+
 def call_registration(
     pm: pluggy.PluginManager, hook_name: str, make_register: Callable[[str], Callable[..., None]]
 ) -> None:

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import stat
 import sys
 
 from supctl.client.api import OpenStream
-from supctl.link import READ_SIZE, Channel
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+from supctl.client.stdio import copy_stdin, write_all
+from supctl.link import Channel
 
 
 class StdioNetcat:
@@ -43,43 +36,12 @@ class StdioNetcat:
         channel.write_eof()
 
     async def _upstream(self, channel: Channel) -> None:
-        loop = asyncio.get_running_loop()
-        reader = await self._stdin_reader(loop)
-        if reader is None:
-            # Regular files and /dev/null never block: read them on a worker thread.
-            while data := await loop.run_in_executor(None, os.read, self.stdin, READ_SIZE):
-                await channel.write(data)
-        else:
-            stream, transport = reader
-            try:
-                while data := await stream.read(READ_SIZE):
-                    await channel.write(data)
-            finally:
-                transport.close()
-                with contextlib.suppress(OSError):
-                    os.set_blocking(self.stdin, True)  # the shell shares this file description
+        await copy_stdin(self.stdin, channel)
         channel.write_eof()
-
-    async def _stdin_reader(
-        self, loop: asyncio.AbstractEventLoop
-    ) -> tuple[asyncio.StreamReader, asyncio.BaseTransport] | None:
-        mode = os.fstat(self.stdin).st_mode
-        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(self.stdin)):
-            # Only pipes, sockets and terminals can be watched by the loop; uvloop
-            # aborts the process (not an exception) on /dev/null or a regular file.
-            return None
-        stream = asyncio.StreamReader(limit=READ_SIZE)
-        pipe = os.fdopen(os.dup(self.stdin), "rb", buffering=0)
-        try:
-            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), pipe)
-        except (ValueError, OSError):
-            pipe.close()
-            return None
-        return stream, transport
 
     async def _downstream(self, channel: Channel) -> None:
         loop = asyncio.get_running_loop()
         while data := await channel.read():
-            await loop.run_in_executor(None, _write_all, self.stdout, data)
+            await loop.run_in_executor(None, write_all, self.stdout, data)
         with contextlib.suppress(OSError):
             sys.stdout.flush()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import signal
 from urllib.parse import quote
@@ -129,7 +128,7 @@ async def _run(
         try:
             await netcat.run(open_stream)
         finally:
-            await _close(link)
+            await link.aclose()
         return ExitCode.OK
 
     listener: Listener | None = inv.pm.hook.supctl_listener()
@@ -169,11 +168,4 @@ async def _serve_until_stopped(link: Link, serving: object) -> int:
         for task in (server, stopper):
             task.cancel()
         await asyncio.gather(server, stopper, return_exceptions=True)
-        await _close(link)
-
-
-async def _close(link: Link) -> None:
-    link.close()
-    if link.task is not None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(link.task, 5)
+        await link.aclose()

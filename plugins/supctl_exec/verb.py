@@ -12,11 +12,7 @@ a second one resets the stream and exits at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import select
 import signal
-import stat
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -24,8 +20,9 @@ from urllib.parse import quote
 import click
 
 from supctl.client.api import Invocation, Transport
+from supctl.client.stdio import copy_stdin, write_all
 from supctl.errors import ProtocolError, StreamError, UsageError
-from supctl.link import READ_SIZE, Channel, Link
+from supctl.link import Channel
 from supctl.protocol import ErrorCode, FrameError, OpenRequest
 from supctl.protocol.exec import OutputDecoder
 
@@ -43,47 +40,6 @@ def exit_code(status: object) -> int:
         if isinstance(signum, int) and not isinstance(signum, bool) and 0 < signum < 128:
             return 128 + signum
     raise ProtocolError(f"the site sent a malformed exit status: {status!r}")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write everything, also when fd shares a non-blocking file description with a
-    terminal stdin that the event loop watches."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [])
-
-
-def _watchable(fd: int) -> bool:
-    """Pipes, sockets and terminals can be watched by the loop (uvloop aborts on others)."""
-    mode = os.fstat(fd).st_mode
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)
-
-
-async def copy_stdin(fd: int, channel: Channel) -> None:
-    """Copy ``fd`` to the channel until EOF (not sending EOF itself)."""
-    loop = asyncio.get_running_loop()
-    if not _watchable(fd):
-        # Regular files and /dev/null never block: read them on a worker thread.
-        while data := await loop.run_in_executor(None, os.read, fd, READ_SIZE):
-            await channel.write(data)
-        return
-    stream = asyncio.StreamReader(limit=READ_SIZE)
-    pipe = os.fdopen(os.dup(fd), "rb", buffering=0)
-    try:
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), pipe)
-    except BaseException:
-        pipe.close()
-        raise
-    try:
-        while data := await stream.read(READ_SIZE):
-            await channel.write(data)
-    finally:
-        transport.close()
-        with contextlib.suppress(OSError):
-            os.set_blocking(fd, True)  # the shell shares this file description
 
 
 class ExecSession:
@@ -173,7 +129,7 @@ class ExecSession:
                 raise ProtocolError(f"the site sent malformed exec output: {exc}") from None
             for fd, chunk in records:  # the decoder checked fd: 1 or 2
                 try:
-                    await loop.run_in_executor(None, _write_all, self.outputs[fd], chunk)
+                    await loop.run_in_executor(None, write_all, self.outputs[fd], chunk)
                 except BrokenPipeError:
                     # Like a command in a pipeline whose reader went away (`| head`): quietly.
                     self.channel.reset(ErrorCode.CANCEL, "the output of supctl was closed")
@@ -202,14 +158,7 @@ async def run_exec(
         channel = await link.open_channel(OpenRequest(verb="exec", args={"command": command}))
         return await ExecSession(channel, stdin, stdout, stderr).run()
     finally:
-        await _close(link)
-
-
-async def _close(link: Link) -> None:
-    link.close()
-    if link.task is not None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(link.task, 5)
+        await link.aclose()
 
 
 def exec_path(application: str, instance: str, container: str) -> str:

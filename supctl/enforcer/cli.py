@@ -15,7 +15,7 @@ from rich.console import Console
 from .. import aio
 from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
-from ..plugins import Registry, call_registration, make_plugin_manager
+from ..plugins import collect, make_plugin_manager
 from .agent import Agent
 from .api import Handler, HandlerContext
 from .containers import ContainerSupervisor
@@ -25,25 +25,11 @@ from .runtime import Runtime
 
 
 def load_handlers() -> dict[str, Handler]:
-    pm = make_plugin_manager()
-    handlers: Registry[Handler] = Registry("handler for protocol")
-
-    def make_register(plugin: str):  # type: ignore[no-untyped-def]
-        return lambda protocol, handler: handlers.add(protocol, handler, plugin)
-
-    call_registration(pm, "supctl_add_handlers", make_register)
-    return handlers.items
+    return collect(make_plugin_manager(), "supctl_add_handlers", "handler for protocol")
 
 
 def load_runtimes() -> dict[str, Runtime]:
-    pm = make_plugin_manager()
-    runtimes: Registry[Runtime] = Registry("runtime")
-
-    def make_register(plugin: str):  # type: ignore[no-untyped-def]
-        return lambda name, runtime: runtimes.add(name, runtime, plugin)
-
-    call_registration(pm, "supctl_add_runtimes", make_register)
-    return runtimes.items
+    return collect(make_plugin_manager(), "supctl_add_runtimes", "runtime")
 
 
 def make_cli() -> click.Group:
