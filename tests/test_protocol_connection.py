@@ -621,6 +621,89 @@ def test_window_below_early_data_is_refused() -> None:
     assert isinstance(closed, ConnectionClosed) and closed.code is ErrorCode.FLOW_CONTROL
 
 
+@pytest.mark.parametrize(
+    ("window", "early_data"),
+    [(EARLY_DATA - 1, EARLY_DATA), (0, 0), (100, -1), (100, 101), (MAX_WINDOW + 1, 0)],
+)
+def test_constructor_refuses_windows_below_the_early_allowance(window: int, early_data: int) -> None:
+    with pytest.raises(ValueError):
+        Connection(odd_ids=True, accept_streams=False, window=window, early_data=early_data)
+
+
+def test_accept_below_early_data_closes() -> None:
+    a = Connection(odd_ids=True, accept_streams=False)
+    sid = a.open_stream(REQ)
+    events = a.receive_data(encode(FrameType.ACCEPT, sid, u32(EARLY_DATA - 1)))
+    assert_closed(events, ErrorCode.FLOW_CONTROL, a)
+
+
+def test_early_data_credit_is_topped_up_by_accept() -> None:
+    a = Connection(odd_ids=True, accept_streams=False, window=EARLY_DATA)
+    b = Connection(odd_ids=False, accept_streams=True, window=4 * EARLY_DATA)
+    sid = a.open_stream(REQ)
+    a.send_data(sid, b"e" * 1000)
+    assert a.send_credit(sid) == EARLY_DATA - 1000
+    assert pump(a, b) == [StreamOpened(sid, REQ), DataReceived(sid, b"e" * 1000)]
+    b.accept_stream(sid)
+    assert pump(b, a) == [StreamAccepted(sid)]
+    # B's real window replaces the early allowance; what was sent stays spent.
+    assert a.send_credit(sid) == 4 * EARLY_DATA - 1000
+    assert b._streams[sid].recv_window == 4 * EARLY_DATA - 1000
+
+
+def test_window_for_early_data_before_accept() -> None:
+    """The acceptor may hand back credit for early data it consumed before accepting."""
+    a = Connection(odd_ids=True, accept_streams=False)
+    b = Connection(odd_ids=False, accept_streams=True, window=EARLY_DATA)
+    sid = a.open_stream(REQ)
+    a.send_data(sid, b"x" * EARLY_DATA)
+    assert a.send_credit(sid) == 0
+    pump(a, b)
+    b.consumed(sid, EARLY_DATA)  # still PENDING
+    assert pump(b, a) == [WindowUpdated(sid)]  # an OPENING stream gets the event too
+    assert a.send_credit(sid) == EARLY_DATA
+    a.send_data(sid, b"y" * EARLY_DATA)  # B allows it: its window grew by the credit it gave
+    assert pump(a, b) == [DataReceived(sid, b"y" * EARLY_DATA)]
+    assert b.closed is None
+    b.accept_stream(sid)
+    pump(b, a)
+    assert a.send_credit(sid) == 0  # ACCEPT of a window equal to EARLY_DATA adds nothing
+
+
+def test_early_data_then_refusal() -> None:
+    a = Connection(odd_ids=True, accept_streams=False)
+    b = Connection(odd_ids=False, accept_streams=True)
+    sid = a.open_stream(REQ)
+    a.send_data(sid, b"GET / HTTP/1.0\r\n\r\n")
+    a.send_eof(sid)
+    events = pump(a, b)
+    assert [type(e) for e in events] == [StreamOpened, DataReceived, EndOfStream]
+    b.reset_stream(sid, ErrorCode.REFUSED, "connection refused")
+    assert pump(b, a) == [StreamReset(sid, ErrorCode.REFUSED, "connection refused")]
+    assert a.stream_count == b.stream_count == 0
+
+
+def test_early_data_crossing_a_refusal_is_dropped() -> None:
+    a = Connection(odd_ids=True, accept_streams=False)
+    b = Connection(odd_ids=False, accept_streams=True)
+    sid = a.open_stream(REQ)
+    pump(a, b)
+    b.reset_stream(sid, ErrorCode.REFUSED)
+    a.send_data(sid, b"x" * 100)  # A has not seen the refusal yet
+    a.send_eof(sid)
+    assert pump(a, b) == []
+    assert b.closed is None
+    assert pump(b, a) == [StreamReset(sid, ErrorCode.REFUSED, "")]
+
+
+def test_no_control_before_accept_even_with_early_data() -> None:
+    a = Connection(odd_ids=True, accept_streams=False)
+    sid = a.open_stream(REQ)
+    assert a.send_credit(sid) == EARLY_DATA
+    with pytest.raises(LocalProtocolError):
+        a.send_control(sid, {"signal": "INT"})
+
+
 # --- RESET ------------------------------------------------------------------------------
 
 

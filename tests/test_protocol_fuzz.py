@@ -12,11 +12,13 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supctl.protocol import (
+    EARLY_DATA,
     MAX_MESSAGE,
     Connection,
     ConnectionClosed,
@@ -144,6 +146,12 @@ def check_state(conn: Connection) -> None:
         assert conn.stream_count == 0
 
 
+def _with_early_data(config: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+    window = config["window"]
+    choices = sorted({0, min(64, window), min(EARLY_DATA, window)})
+    return st.sampled_from(choices).map(lambda early: {**config, "early_data": early})
+
+
 configs = st.fixed_dictionaries(
     {
         "odd_ids": st.booleans(),
@@ -152,11 +160,11 @@ configs = st.fixed_dictionaries(
         "window": st.sampled_from([1, 2, 64, 1000, 65536, MAX_WINDOW]),
         "max_streams": st.sampled_from([1, 3, 1024]),
     }
-)
+).flatmap(_with_early_data)
 
 
-def make_target(config: dict[str, object], open_own: int = 0) -> Target:
-    conn = Connection(**config, early_data=0)  # type: ignore[arg-type]
+def make_target(config: dict[str, Any], open_own: int = 0) -> Target:
+    conn = Connection(**{"early_data": 0, **config})
     for _ in range(open_own):
         conn.open_stream(REQ)
     conn.data_to_send()
@@ -174,7 +182,7 @@ def assert_closed_stays_closed(target: Target) -> None:
 
 @FUZZ
 @given(config=configs, open_own=st.integers(0, 3), messages=st.lists(st.binary(max_size=80), max_size=8))
-def test_random_bytes(config: dict[str, object], open_own: int, messages: list[bytes]) -> None:
+def test_random_bytes(config: dict[str, Any], open_own: int, messages: list[bytes]) -> None:
     target = make_target(config, open_own)
     for message in messages:
         target.feed(message)
@@ -242,22 +250,23 @@ _messages = st.lists(
 )
 
 
-def establish(target: Target, config: dict[str, object], open_own: int) -> None:
+def establish(target: Target, config: dict[str, Any], open_own: int) -> None:
     """Give random frames something to hit: accepted own streams and, when the
     peer may open streams, two peer streams (the target accepts ids not divisible by 3)."""
+    window = struct.pack("!I", max(64, config["early_data"]))  # never below the early allowance
     own = range(1 if config["odd_ids"] else 2, 2 * open_own + 1, 2)
     for sid in own:
-        target.feed(encode(FrameType.ACCEPT, sid, struct.pack("!I", 64)))
+        target.feed(encode(FrameType.ACCEPT, sid, window))
     if config["accept_streams"]:
         first = 2 if config["odd_ids"] else 1
         for sid in (first, first + 2):
-            target.feed(encode(FrameType.OPEN, sid, struct.pack("!I", 64) + REQ.to_json()))
+            target.feed(encode(FrameType.OPEN, sid, window + REQ.to_json()))
     assert target.closed is None
 
 
 @FUZZ
 @given(config=configs, open_own=st.integers(0, 3), messages=_messages)
-def test_random_frames(config: dict[str, object], open_own: int, messages: list[bytes]) -> None:
+def test_random_frames(config: dict[str, Any], open_own: int, messages: list[bytes]) -> None:
     target = make_target(config, open_own)
     establish(target, config, open_own)
     for message in messages:
@@ -268,16 +277,37 @@ def test_random_frames(config: dict[str, object], open_own: int, messages: list[
 # --- 3. mutated valid traffic ------------------------------------------------------------------
 
 
-def valid_traffic(data: st.DataObject) -> tuple[list[bytes], list[bytes], int, int]:
+@dataclass
+class Traffic:
+    a_msgs: list[bytes]  # what A (the opener) sent
+    b_msgs: list[bytes]  # what B (the acceptor) sent
+    a_config: dict[str, Any]  # how to build a fresh A or B that the messages fit
+    b_config: dict[str, Any]
+
+    @property
+    def opened(self) -> int:
+        return sum(1 for m in self.a_msgs for f in split_frames(m) if f.type is FrameType.OPEN)
+
+
+def valid_traffic(data: st.DataObject) -> Traffic:
     """Run a well-behaved pair and record what each side sent.
 
-    A (odd ids, like supctl) opens streams; B (even ids) accepts them.  Returns
-    (messages A sent, messages B sent, A's window, B's window).
+    A (odd ids, like supctl) opens streams; B (even ids) accepts them.  Frames
+    cross each other between exchanges; with early data A sends before ACCEPT.
     """
     wa = data.draw(st.sampled_from([64, 100, 4096]), label="window A")
     wb = data.draw(st.sampled_from([64, 100, 4096]), label="window B")
-    a = Connection(odd_ids=True, accept_streams=False, window=wa, early_data=0)
-    b = Connection(odd_ids=False, accept_streams=True, window=wb, accept_hello=True, early_data=0)
+    early = data.draw(st.sampled_from([0, 16, 64]), label="early data")
+    a_config = {"odd_ids": True, "accept_streams": False, "window": wa, "early_data": early}
+    b_config = {
+        "odd_ids": False,
+        "accept_streams": True,
+        "accept_hello": True,
+        "window": wb,
+        "early_data": early,
+    }
+    a = Connection(**a_config)
+    b = Connection(**b_config)
     a_msgs: list[bytes] = []
     b_msgs: list[bytes] = []
     sids: list[int] = []
@@ -325,12 +355,13 @@ def valid_traffic(data: st.DataObject) -> tuple[list[bytes], list[bytes], int, i
             sid = data.draw(st.sampled_from(live), label="stream")
             conn = conns[data.draw(st.sampled_from("AB"), label="side")]
             stream = conn._streams.get(sid)
-            if stream is None or stream.state is not StreamState.OPEN:
+            if stream is None:
                 pass
             elif action == "control":
-                conn.send_control(sid, {"signal": "INT"})
-            elif not stream.local_eof:
-                conn.send_eof(sid)
+                if stream.state is StreamState.OPEN:
+                    conn.send_control(sid, {"signal": "INT"})
+            elif stream.state is not StreamState.PENDING and not stream.local_eof:
+                conn.send_eof(sid)  # the opener may send EOF before ACCEPT
         elif action == "reset":
             sid = data.draw(st.sampled_from(live), label="stream")
             conns[data.draw(st.sampled_from("AB"), label="side")].reset_stream(sid, ErrorCode.CANCEL, "bye")
@@ -339,7 +370,7 @@ def valid_traffic(data: st.DataObject) -> tuple[list[bytes], list[bytes], int, i
         else:  # deliver what is queued; until then frames cross each other
             exchange(data.draw(st.sampled_from([1, 50, MAX_MESSAGE]), label="limit"))
     exchange(MAX_MESSAGE)
-    return a_msgs, b_msgs, wa, wb
+    return Traffic(a_msgs, b_msgs, a_config, b_config)
 
 
 def mutate(data: st.DataObject, messages: list[bytes]) -> list[bytes]:
@@ -393,11 +424,9 @@ def mutate(data: st.DataObject, messages: list[bytes]) -> list[bytes]:
 @FUZZ
 @given(data=st.data())
 def test_mutated_traffic_to_the_accepting_side(data: st.DataObject) -> None:
-    a_msgs, _, _, wb = valid_traffic(data)
-    target = make_target(
-        {"odd_ids": False, "accept_streams": True, "accept_hello": True, "window": wb, "max_streams": 1024}
-    )
-    for message in mutate(data, a_msgs):
+    traffic = valid_traffic(data)
+    target = make_target(traffic.b_config)
+    for message in mutate(data, traffic.a_msgs):
         target.feed(message)
     assert_closed_stays_closed(target)
 
@@ -405,13 +434,9 @@ def test_mutated_traffic_to_the_accepting_side(data: st.DataObject) -> None:
 @FUZZ
 @given(data=st.data())
 def test_mutated_traffic_to_the_opening_side(data: st.DataObject) -> None:
-    a_msgs, b_msgs, wa, _ = valid_traffic(data)
-    opened = sum(1 for m in a_msgs for f in split_frames(m) if f.type is FrameType.OPEN)
-    target = make_target(
-        {"odd_ids": True, "accept_streams": False, "accept_hello": False, "window": wa, "max_streams": 1024},
-        open_own=opened,
-    )
-    for message in mutate(data, b_msgs):
+    traffic = valid_traffic(data)
+    target = make_target(traffic.a_config, open_own=traffic.opened)
+    for message in mutate(data, traffic.b_msgs):
         target.feed(message)
     assert_closed_stays_closed(target)
 
@@ -429,21 +454,15 @@ def replay_reaction(conn: Connection, events: list[Event]) -> None:
 @given(data=st.data())
 def test_unmutated_traffic_replays_without_closing(data: st.DataObject) -> None:
     """The replay itself is sound: without mutations no side closes the connection."""
-    a_msgs, b_msgs, wa, wb = valid_traffic(data)
-    b = make_target(
-        {"odd_ids": False, "accept_streams": True, "accept_hello": True, "window": wb, "max_streams": 1024}
-    )
+    traffic = valid_traffic(data)
+    b = make_target(traffic.b_config)
     b.react = lambda events: replay_reaction(b.conn, events)  # type: ignore[method-assign]
-    for message in a_msgs:
+    for message in traffic.a_msgs:
         b.feed(message)
     assert b.closed is None
-    opened = sum(1 for m in a_msgs for f in split_frames(m) if f.type is FrameType.OPEN)
-    a = make_target(
-        {"odd_ids": True, "accept_streams": False, "accept_hello": False, "window": wa, "max_streams": 1024},
-        open_own=opened,
-    )
+    a = make_target(traffic.a_config, open_own=traffic.opened)
     a.react = lambda events: replay_reaction(a.conn, events)  # type: ignore[method-assign]
-    for message in b_msgs:
+    for message in traffic.b_msgs:
         a.feed(message)
     assert a.closed is None
 

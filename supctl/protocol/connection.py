@@ -316,7 +316,8 @@ class Connection:
 
     def close(self, code: ErrorCode, reason: str) -> ConnectionClosed:
         if self.closed is None:
-            self.closed = ConnectionClosed(code, reason[:120])
+            # A WebSocket close reason is at most 123 bytes of UTF-8.
+            self.closed = ConnectionClosed(code, reason.encode()[:120].decode("utf-8", "ignore"))
             self._streams.clear()
         return self.closed
 

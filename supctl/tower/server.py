@@ -8,6 +8,7 @@ reason and no half-open session.
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import logging
 import re
@@ -54,9 +55,7 @@ def json_response(body: dict[str, Any]) -> Response:
 
 def error_response(status: int, message: str, info: Any = None) -> Response:
     body = json.dumps({"errors": [{"error-message": message, "error-info": info}]}).encode()
-    reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(
-        status, "Service Unavailable"
-    )
+    reason = http.HTTPStatus(status).phrase
     headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return Response(status, reason, headers, body)
 
