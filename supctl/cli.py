@@ -64,6 +64,12 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
     )
     @click.option("--token-file", envvar="SUPCTL_TOKEN_FILE", help="File holding the API token.")
     @click.option("--ca-file", envvar="SUPCTL_CA_FILE", help="CA certificate(s) to trust for the tower.")
+    @click.option(
+        "--tower-fingerprint",
+        envvar="SUPCTL_TOWER_FINGERPRINT",
+        metavar="SHA256",
+        help="Trust only the tower certificate with this SHA-256 fingerprint (no CA or hostname check).",
+    )
     @click.option("--config", "config", help="Config file (default ~/.config/supctl/config.toml).")
     @click.version_option(package_name="supctl", message="supctl %(version)s")
     @click.pass_context
@@ -73,10 +79,19 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         token: str | None,
         token_file: str | None,
         ca_file: str | None,
+        tower_fingerprint: str | None,
         config: str | None,
     ) -> None:
         """Reach services running on edge sites as if they were local."""
         source = ctx.get_parameter_source
+        if token and source("token") is ParameterSource.COMMANDLINE:
+            # Once per invocation (the root callback runs once); never the token itself.
+            Console(stderr=True, highlight=False).print(
+                "[yellow]warning: --token is visible to other users in ps;"
+                " prefer --token-file or SUPCTL_TOKEN[/]",
+                soft_wrap=True,
+                markup=True,
+            )
         if (
             source("token_file") is ParameterSource.COMMANDLINE
             and source("token") is not ParameterSource.COMMANDLINE
@@ -85,7 +100,12 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         ctx.obj = Invocation(
             pm=pm,
             settings_loader=lambda: resolve(
-                host=host, token=token, token_file=token_file, ca_file=ca_file, config=config
+                host=host,
+                token=token,
+                token_file=token_file,
+                ca_file=ca_file,
+                config=config,
+                tower_fingerprint=tower_fingerprint,
             ),
         )
 

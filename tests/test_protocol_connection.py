@@ -10,6 +10,7 @@ import os
 import random
 import struct
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -388,11 +389,12 @@ def test_sending_before_accept_is_local_error() -> None:
 
 def test_sending_on_unknown_stream_is_local_error() -> None:
     a, _ = pair()
-    for action in (
+    actions: tuple[Callable[[], None], ...] = (
         lambda: a.send_data(1, b"x"),
         lambda: a.send_eof(1),
         lambda: a.accept_stream(1),
-    ):
+    )
+    for action in actions:
         with pytest.raises(LocalProtocolError):
             action()
     a.reset_stream(1, ErrorCode.CANCEL)  # a no-op, never an error

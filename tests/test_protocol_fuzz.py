@@ -298,8 +298,8 @@ def valid_traffic(data: st.DataObject) -> Traffic:
     wa = data.draw(st.sampled_from([64, 100, 4096]), label="window A")
     wb = data.draw(st.sampled_from([64, 100, 4096]), label="window B")
     early = data.draw(st.sampled_from([0, 16, 64]), label="early data")
-    a_config = {"odd_ids": True, "accept_streams": False, "window": wa, "early_data": early}
-    b_config = {
+    a_config: dict[str, Any] = {"odd_ids": True, "accept_streams": False, "window": wa, "early_data": early}
+    b_config: dict[str, Any] = {
         "odd_ids": False,
         "accept_streams": True,
         "accept_hello": True,

@@ -144,7 +144,10 @@ def assert_usage_error(call: Callable[[], object], *fragments: str) -> UsageErro
         ("host = wss://unquoted\n", "is not valid TOML"),
         ("[section\n", "is not valid TOML"),
         (b"host = '\xff\xfe'\n", "is not valid TOML"),
-        ('hots = "wss://typo:1"\n', "unknown key 'hots' (known: host, token, token-file, ca-file)"),
+        (
+            'hots = "wss://typo:1"\n',
+            "unknown key 'hots' (known: host, token, token-file, ca-file, tower-fingerprint)",
+        ),
         ("host = 4646\n", "'host' must be a string"),
         ('[host]\nname = "x"\n', "'host' must be a string"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import json
 import os
@@ -30,6 +31,7 @@ from supctl.errors import (
 )
 from supctl.link import Link
 from supctl.protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection
+from supctl.tlspin import check_peer, pinned_connection, pinned_context
 
 OPEN_TIMEOUT = 15.0
 
@@ -42,6 +44,58 @@ def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
         raise UsageError(f"cannot load CA file {ca_file}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def tower_ssl_context(settings: ClientSettings) -> ssl.SSLContext | None:
+    """None for ws://; with a pinned fingerprint no CA/hostname check (the pin replaces them)."""
+    if not settings.host.startswith("wss://"):
+        return None
+    if settings.tower_fingerprint is not None:
+        return pinned_context()
+    return client_ssl_context(str(settings.ca_file) if settings.ca_file else None)
+
+
+class PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """Checks the tower's certificate fingerprint right after the TLS handshake.
+
+    http.client buffers the request and sends it only once ``connect()`` returned,
+    so a mismatch raises before the token leaves this process.
+    """
+
+    def __init__(self, *args: Any, pin: bytes, tower: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pin = pin
+        self.tower = tower
+
+    def connect(self) -> None:
+        super().connect()
+        try:
+            check_peer(self.sock if isinstance(self.sock, ssl.SSLSocket) else None, self.pin, self.tower)
+        except BaseException:
+            self.close()
+            raise
+
+
+class PinnedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext, pin: bytes, tower: str) -> None:
+        super().__init__(context=context)
+        self.pinned_context = context
+        self.pin = pin
+        self.tower = tower
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(PinnedHTTPSConnection, pin=self.pin, tower=self.tower)
+        return self.do_open(connection, req, context=self.pinned_context)
+
+
+def https_opener(settings: ClientSettings) -> urllib.request.OpenerDirector:
+    """An opener with the same TLS checks (CA or pin) as the WebSocket sessions."""
+    context = tower_ssl_context(settings)
+    if context is not None and settings.tower_fingerprint is not None:
+        return urllib.request.build_opener(
+            PinnedHTTPSHandler(context, settings.tower_fingerprint, settings.host)
+        )
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
 
 
 def os_reason(exc: BaseException) -> str:
@@ -85,7 +139,7 @@ def unreachable(reason: object, host: str) -> SupctlError:
     if isinstance(reason, ssl.SSLCertVerificationError):
         return UnavailableError(
             f"the tower's TLS certificate at {host} is not trusted: {reason.verify_message}"
-            " (give its CA with --ca-file)"
+            " (give its CA with --ca-file, or pin it with --tower-fingerprint)"
         )
     if isinstance(reason, ssl.SSLError):
         return UnavailableError(f"TLS handshake with {host} failed: {reason.reason or reason}")
@@ -94,10 +148,10 @@ def unreachable(reason: object, host: str) -> SupctlError:
     return UnavailableError(f"cannot reach the tower at {host}: {reason}")
 
 
-def _fetch(request: urllib.request.Request, context: ssl.SSLContext | None, host: str) -> bytes:
+def _fetch(request: urllib.request.Request, opener: urllib.request.OpenerDirector, host: str) -> bytes:
     """Blocking HTTP(S) GET (run on a worker thread); errors as one-line SupctlErrors."""
     try:
-        with urllib.request.urlopen(request, timeout=OPEN_TIMEOUT, context=context) as response:  # noqa: S310
+        with opener.open(request, timeout=OPEN_TIMEOUT) as response:
             body: bytes = response.read()
             return body
     except urllib.error.HTTPError as exc:
@@ -117,12 +171,13 @@ class WebSocketTransport:
         settings = self.settings
         require_token(settings)
         uri = f"{settings.host}{path}?{urlencode(dict(query))}"
-        secure = settings.host.startswith("wss://")
-        context = client_ssl_context(str(settings.ca_file) if settings.ca_file else None) if secure else None
+        pin = settings.tower_fingerprint
         try:
             ws = await connect(
                 uri,
-                ssl=context,
+                ssl=tower_ssl_context(settings),
+                # With a pin, the certificate is checked before the request (and its token) is sent.
+                create_connection=pinned_connection(pin, settings.host) if pin is not None else None,
                 additional_headers={"Authorization": f"Bearer {settings.token}"},
                 user_agent_header=f"supctl/{__version__} websockets/{websockets_version}",
                 subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
@@ -136,7 +191,7 @@ class WebSocketTransport:
         except ssl.SSLCertVerificationError as exc:
             raise UnavailableError(
                 f"the tower's TLS certificate at {settings.host} is not trusted: {exc.verify_message}"
-                " (give its CA with --ca-file)"
+                " (give its CA with --ca-file, or pin it with --tower-fingerprint)"
             ) from None
         except ssl.SSLError as exc:
             raise UnavailableError(
@@ -166,7 +221,7 @@ class WebSocketTransport:
         url = f"{'https' if secure else 'http'}://{settings.host.split('://', 1)[1]}{path}"
         if query:
             url += f"?{urlencode(dict(query))}"
-        context = client_ssl_context(str(settings.ca_file) if settings.ca_file else None) if secure else None
+        opener = https_opener(settings)
         request = urllib.request.Request(  # noqa: S310 - the scheme is https or http, checked above
             url,
             headers={
@@ -175,7 +230,7 @@ class WebSocketTransport:
                 "User-Agent": f"supctl/{__version__}",
             },
         )
-        body = await asyncio.to_thread(_fetch, request, context, settings.host)
+        body = await asyncio.to_thread(_fetch, request, opener, settings.host)
         try:
             return json.loads(body)
         except ValueError:

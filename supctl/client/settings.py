@@ -1,7 +1,8 @@
 """Where supctl finds the tower and its credentials.
 
 Precedence, highest first: command-line option, environment variable
-(``SUPCTL_HOST``, ``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, ``SUPCTL_CA_FILE``), config
+(``SUPCTL_HOST``, ``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, ``SUPCTL_CA_FILE``,
+``SUPCTL_TOWER_FINGERPRINT``), config
 file (``~/.config/supctl/config.toml`` or ``--config``), built-in default.
 """
 
@@ -14,9 +15,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from ..tlspin import format_fingerprint, parse_fingerprint
 
 DEFAULT_HOST = "wss://127.0.0.1:4646"
-CONFIG_KEYS = ("host", "token", "token-file", "ca-file")
+CONFIG_KEYS = ("host", "token", "token-file", "ca-file", "tower-fingerprint")
 
 
 def default_config_path() -> Path:
@@ -29,10 +31,16 @@ class ClientSettings:
     host: str
     token: str | None
     ca_file: Path | None
+    #: SHA-256 of the tower's certificate (DER): when set, it replaces the CA and hostname checks.
+    tower_fingerprint: bytes | None = None
 
     def __repr__(self) -> str:  # never show the token, not even in a debugger
         token = "***" if self.token else None
-        return f"ClientSettings(host={self.host!r}, token={token}, ca_file={self.ca_file!r})"
+        pin = format_fingerprint(self.tower_fingerprint) if self.tower_fingerprint else None
+        return (
+            f"ClientSettings(host={self.host!r}, token={token}, ca_file={self.ca_file!r},"
+            f" tower_fingerprint={pin!r})"
+        )
 
 
 def read_config(path: Path, *, explicit: bool) -> dict[str, str]:
@@ -67,6 +75,13 @@ def read_token_file(path: Path) -> str:
     return token
 
 
+def check_token(token: str) -> str:
+    """A token must fit in an HTTP header; the message never shows it."""
+    if any(not 33 <= ord(c) <= 126 for c in token):
+        raise UsageError("the API token contains spaces or characters that cannot be sent in an HTTP header")
+    return token
+
+
 def resolve(
     *,
     host: str | None,
@@ -74,6 +89,7 @@ def resolve(
     token_file: str | None,
     ca_file: str | None,
     config: str | None,
+    tower_fingerprint: str | None = None,
 ) -> ClientSettings:
     """Merge options (already merged with env by click) with the config file."""
     path = Path(config).expanduser() if config else default_config_path()
@@ -87,8 +103,14 @@ def resolve(
         token_file = file.get("token-file")
     if token is None and token_file is not None:
         token = read_token_file(Path(token_file).expanduser())
+    if token is not None:
+        check_token(token)
     ca = ca_file or file.get("ca-file")
     ca_path = Path(ca).expanduser() if ca else None
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist")
-    return ClientSettings(host=host.rstrip("/"), token=token, ca_file=ca_path)
+    fingerprint = tower_fingerprint or file.get("tower-fingerprint")
+    pin = parse_fingerprint(fingerprint) if fingerprint else None
+    if pin is not None and parts.scheme != "wss":
+        raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")
+    return ClientSettings(host=host.rstrip("/"), token=token, ca_file=ca_path, tower_fingerprint=pin)

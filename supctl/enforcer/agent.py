@@ -19,6 +19,7 @@ from .. import __version__
 from ..errors import StreamError
 from ..link import Channel, Link, WebSocketLike
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened
+from ..tlspin import FingerprintMismatch, pinned_connection
 from .api import Handler, HandlerContext
 from .containers import ContainerSupervisor
 from .inventory import Inventory
@@ -61,8 +62,11 @@ class Agent:
         handlers: dict[str, Handler],
         context: HandlerContext,
         supervisor: ContainerSupervisor | None = None,
+        tower_fingerprint: bytes | None = None,
     ) -> None:
         self.url = f"{tower.rstrip('/')}/v1/enforcer?{urlencode({'site': site})}"
+        # With a pin, the certificate is checked before the request (and the site token) is sent.
+        self.pinned = pinned_connection(tower_fingerprint, tower.rstrip("/")) if tower_fingerprint else None
         self.site = site
         self.token = token
         self.ssl_context = ssl_context
@@ -106,6 +110,8 @@ class Agent:
                 reason = f"the tower refused us: HTTP {exc.response.status_code} {_body(exc)}"
             except ssl.SSLCertVerificationError as exc:
                 reason = f"the tower's certificate is not trusted: {exc.verify_message}"
+            except FingerprintMismatch as exc:
+                reason = str(exc)
             except (TimeoutError, OSError, WebSocketException) as exc:
                 reason = (
                     f"cannot reach the tower: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
@@ -123,6 +129,7 @@ class Agent:
         ws = await connect(
             self.url,
             ssl=self.ssl_context,
+            create_connection=self.pinned,
             additional_headers={"Authorization": f"Bearer {self.token}"},
             user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets_version}",
             subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
@@ -172,12 +179,14 @@ class Agent:
             channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
         finally:
             log.info(
-                "stream closed application=%s instance=%s protocol=%s target=%s sent=%d received=%d "
+                "stream closed application=%s instance=%s verb=%s protocol=%s target=%s sent=%d received=%d "
                 "peak_buffered=%d seconds=%.3f result=%s",
                 request.application,
                 request.service_instance,
+                request.verb,
                 request.protocol,
-                request.target,
+                # A connect stream's address; an exec stream's container (it has no address).
+                request.target if request.verb == "connect" else request.container,
                 channel.bytes_out,
                 channel.bytes_in,
                 channel.peak_buffered,

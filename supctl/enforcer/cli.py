@@ -16,6 +16,7 @@ from .. import aio
 from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
 from ..plugins import collect, make_plugin_manager
+from ..tlspin import parse_fingerprint, pinned_context
 from .agent import Agent
 from .api import Handler, HandlerContext
 from .containers import ContainerSupervisor
@@ -46,6 +47,11 @@ def make_cli() -> click.Group:
         "--ca-file", type=click.Path(path_type=Path), help="CA to trust for the tower (default: system)."
     )
     @click.option(
+        "--tower-fingerprint",
+        metavar="SHA256",
+        help="Trust only the tower certificate with this SHA-256 fingerprint (no CA or hostname check).",
+    )
+    @click.option(
         "--inventory", required=True, type=click.Path(path_type=Path), help="TOML inventory of the site."
     )
     @click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds to reach a target.")
@@ -55,6 +61,7 @@ def make_cli() -> click.Group:
         site: str,
         token_file: Path,
         ca_file: Path | None,
+        tower_fingerprint: str | None,
         inventory: Path,
         connect_timeout: float,
         verbose: bool,
@@ -67,8 +74,13 @@ def make_cli() -> click.Group:
         logging.getLogger("websockets").setLevel(logging.WARNING)
         if not tower.startswith(("wss://", "ws://")):
             raise UsageError(f"--tower must look like wss://HOST:PORT, got {tower!r}")
+        pin = parse_fingerprint(tower_fingerprint) if tower_fingerprint else None
+        if pin is not None and not tower.startswith("wss://"):
+            raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")
         context = None
-        if tower.startswith("wss://"):
+        if pin is not None:
+            context = pinned_context()  # the pin replaces the CA and hostname checks
+        elif tower.startswith("wss://"):
             try:
                 context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
             except (OSError, ssl.SSLError) as exc:
@@ -85,6 +97,7 @@ def make_cli() -> click.Group:
             site=site,
             token=read_token_file(token_file),
             ssl_context=context,
+            tower_fingerprint=pin,
             inventory=site_inventory,
             handlers=load_handlers(),
             context=HandlerContext(

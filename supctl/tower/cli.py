@@ -1,6 +1,6 @@
-"""The ``control-tower`` program: set a tower up, register sites, serve.
+"""The ``control-tower`` program: set a tower up, register sites, serve, read the audit log.
 
-Machine-readable results (a site token, site names, a fingerprint) go to stdout
+Machine-readable results (a site token, site names, a fingerprint, audit records) go to stdout
 and nothing else does, so ``TOKEN=$(control-tower site add ...)`` works; people
 read stderr.  Click objects are built by :func:`make_cli`, not at import time,
 so importing this module has no side effects.
@@ -8,6 +8,7 @@ so importing this module has no side effects.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from supctl.errors import ExitCode, SupctlError, UsageError
+from supctl.tower.audit import EVENTS
 from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs
 from supctl.tower.config import CONFIG_NAME, TowerConfig, load_config, parse_listen, write_default_config
 from supctl.tower.store import TowerStore, atomic_write
@@ -122,6 +124,72 @@ def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None
     server.serve(config, host, port, insecure)
 
 
+def show_audit(
+    path: Path,
+    *,
+    follow: bool = False,
+    table: bool = False,
+    user: str | None = None,
+    site: str | None = None,
+    event: str | None = None,
+    since: str | None = None,
+) -> None:
+    """Print the audit log's records that match, as JSON lines (exactly as stored) or a table."""
+    from rich.table import Table
+
+    from supctl.tower import audit
+
+    if not follow and not path.is_file():
+        raise UsageError(f"audit log {path} not found (control-tower serve creates it)")
+    criteria = {
+        "user": user,
+        "site": site,
+        "event": event,
+        "since": audit.parse_since(since) if since is not None else None,
+    }
+    lines = audit.follow_lines(path) if follow else audit.read_lines(path)
+    records = audit.filtered(lines, **criteria)
+    out = Console(highlight=False, soft_wrap=False)
+    if not out.is_terminal:
+        out.width = max(out.width, 200)  # a file or a pipe: room for every column
+
+    def new_table(header: bool) -> Table:
+        t = Table(show_header=header, box=None, pad_edge=False)
+        for name, width, narrowest in audit.TABLE_COLUMNS:
+            t.add_column(
+                name,
+                justify="right" if name in audit.NUMERIC_COLUMNS else "left",
+                width=width if follow else None,  # following: one-row tables whose columns line up
+                min_width=narrowest,
+                overflow="fold",
+            )
+        return t
+
+    try:
+        if not table:
+            for line, _ in records:
+                sys.stdout.write(line + "\n")
+                if follow:
+                    sys.stdout.flush()
+        elif not follow:
+            whole = new_table(header=True)
+            for _, rec in records:
+                whole.add_row(*audit.table_row(rec))
+            out.print(whole)
+        else:
+            out.print(new_table(header=True))
+            for _, rec in records:
+                row = new_table(header=False)
+                row.add_row(*audit.table_row(rec))
+                out.print(row)
+        sys.stdout.flush()
+    except KeyboardInterrupt:  # the way to stop --follow
+        pass
+    except BrokenPipeError:  # `control-tower audit | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
+
+
 def make_cli() -> click.Group:
     """Build the ``control-tower`` command tree."""
 
@@ -178,6 +246,42 @@ def make_cli() -> click.Group:
     def serve(config_path: Path, listen: str | None, insecure: bool) -> None:
         """Run the tower."""
         serve_tower(load_config(config_path), listen, insecure)
+
+    @cli.command("audit")
+    @_config_option
+    @click.option("--follow", "-f", is_flag=True, help="Keep printing records as the tower appends them.")
+    @click.option("--user", metavar="USER", help="Only records of this user.")
+    @click.option("--site", metavar="SITE", help="Only records of this site.")
+    @click.option(
+        "--event",
+        type=click.Choice(EVENTS),
+        help="Only records of this event.",
+    )
+    @click.option(
+        "--since",
+        metavar="ISO|-10m",
+        help="Only records from this time on (ISO 8601, or -30s, -10m, -2h, -1d).",
+    )
+    @click.option("--table", is_flag=True, help="A table for people instead of JSON lines.")
+    def audit_cmd(
+        config_path: Path,
+        follow: bool,
+        user: str | None,
+        site: str | None,
+        event: str | None,
+        since: str | None,
+        table: bool,
+    ) -> None:
+        """Print the audit log (JSON lines as stored; fields: docs/audit.md)."""
+        show_audit(
+            load_config(config_path).audit,
+            follow=follow,
+            table=table,
+            user=user,
+            site=site,
+            event=event,
+            since=since,
+        )
 
     return cli
 

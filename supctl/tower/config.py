@@ -1,4 +1,4 @@
-"""``tower.toml``: where the tower listens and where its certificates and tokens live.
+"""``tower.toml``: where the tower listens and where its certificates, tokens and audit log live.
 
 Relative paths are taken relative to the directory holding ``tower.toml``, so a
 tower directory can be moved or mounted elsewhere as a whole.
@@ -19,7 +19,13 @@ from supctl.tower.store import atomic_write
 
 CONFIG_NAME = "tower.toml"
 DEFAULT_LISTEN = "127.0.0.1:4646"  # loopback by default: exposing the tower is a decision
-DEFAULT_FILES = {"cert": "server.pem", "key": "server-key.pem", "ca": "ca.pem", "state": "state.json"}
+DEFAULT_FILES = {
+    "cert": "server.pem",
+    "key": "server-key.pem",
+    "ca": "ca.pem",
+    "state": "state.json",
+    "audit": "audit.jsonl",
+}
 
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -34,6 +40,7 @@ class TowerConfig:
     key: Path
     ca: Path
     state: Path
+    audit: Path  # the append-only audit log (docs/audit.md)
     listen: str = DEFAULT_LISTEN
     insecure: bool = False  # serve plain ws:// (no TLS); the CLI's --insecure does the same
 
@@ -129,6 +136,9 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "",
         "# Hashed admin and site tokens; re-read by a running tower whenever it changes.",
         f"state = {toml_string(DEFAULT_FILES['state'])}",
+        "",
+        "# Append-only JSON-lines audit log (mode 0600), one record per session and stream (docs/audit.md).",
+        f"audit = {toml_string(DEFAULT_FILES['audit'])}",
         "",
         "# true serves plain ws:// without TLS (e.g. behind a TLS-terminating proxy).",
         "insecure = false",

@@ -17,6 +17,7 @@ from ..protocol import (
     StatusReceived,
     StreamOpened,
 )
+from . import audit
 from .relay import Relay
 from .siteinfo import SiteInfo
 
@@ -39,6 +40,9 @@ class Route:
     ip_address: str = ""
     container: str = ""
     who: str = ""
+    # Set by the tower once the session is accepted, for its audit records.
+    peer: str = ""  # the client's address
+    session: str = ""  # a random id shared by the session's records
 
     def request(self, args: dict[str, Any]) -> OpenRequest:
         # Identity fields come from the authorised URL, never from the client's frame.
@@ -86,18 +90,31 @@ class ClientLink(Link):
 
     def _open(self, event: StreamOpened) -> None:
         site = self.tower.sites.get(self.route.site)
+        args = event.request.args
         if site is None or site.conn.closed is not None:  # closed: lost, on_lost not run yet
-            self.conn.reset_stream(
-                event.stream_id, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected"
-            )
+            text = f"site {self.route.site} is not connected"
+            self.conn.reset_stream(event.stream_id, ErrorCode.LINK_LOST, text)
+            if self.tower.audit is not None:
+                self.tower.audit.append(
+                    audit.stream_record(
+                        self.route,
+                        event.stream_id,
+                        bytes_up=0,
+                        bytes_down=0,
+                        duration=0.0,
+                        result=text,
+                        close_reason="site-lost",
+                        command=audit.exec_command(self.route, args),
+                    )
+                )
             return
-        site_id = site.conn.open_stream(self.route.request(event.request.args))
-        Relay(self, event.stream_id, site, site_id, self.route.summary)
+        site_id = site.conn.open_stream(self.route.request(args))
+        Relay(self, event.stream_id, site, site_id, self.route.summary, audit.exec_command(self.route, args))
         site.flush()
 
     def on_lost(self, reason: str) -> None:
         for relay in list(self.relays.values()):
-            relay.abort(ErrorCode.CANCEL, f"client went away: {reason}")
+            relay.abort(ErrorCode.CANCEL, f"client went away: {reason}", "client-lost")
 
 
 class SiteLink(Link):
@@ -138,4 +155,4 @@ class SiteLink(Link):
     def on_lost(self, reason: str) -> None:
         self.tower.site_lost(self, reason)
         for relay in list(self.relays.values()):
-            relay.abort(ErrorCode.LINK_LOST, f"lost the link to site {self.site}: {reason}")
+            relay.abort(ErrorCode.LINK_LOST, f"lost the link to site {self.site}: {reason}", "site-lost")

@@ -4,6 +4,10 @@ Each hop has its own flow control.  The tower forwards DATA only as far as the
 next hop grants credit, and gives the previous hop credit back only for bytes it
 forwarded, so per stream and direction it holds at most one window.  Everything
 here runs synchronously inside event dispatch: no task per stream.
+
+When a stream ends, :meth:`Relay.finish` writes its one audit record (bytes
+each way, duration, result, close reason; for exec the command and the exit
+status seen passing by): nothing is recorded per chunk.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..protocol import (
     StreamReset,
     WindowUpdated,
 )
+from . import audit
 
 if TYPE_CHECKING:
     from .links import ClientLink, SiteLink
@@ -97,16 +102,35 @@ class Direction:
 class Relay:
     """One stream of a supctl session joined to one stream of a site link."""
 
-    __slots__ = ("client", "client_id", "down", "site", "site_id", "started", "summary", "up")
+    __slots__ = (
+        "client",
+        "client_id",
+        "command",
+        "down",
+        "exit",
+        "site",
+        "site_id",
+        "started",
+        "summary",
+        "up",
+    )
 
     def __init__(
-        self, client: ClientLink, client_id: int, site: SiteLink, site_id: int, summary: str
+        self,
+        client: ClientLink,
+        client_id: int,
+        site: SiteLink,
+        site_id: int,
+        summary: str,
+        command: str | None = None,
     ) -> None:
         self.client, self.client_id, self.site, self.site_id = client, client_id, site, site_id
         self.up = Direction(client, client_id, site, site_id)
         self.down = Direction(site, site_id, client, client_id)
         self.started = time.monotonic()
         self.summary = summary
+        self.command = command  # exec: the command from the client's OPEN args, for the audit
+        self.exit: tuple[object, object] | None = None  # exec: (code, signal) seen passing by
         client.relays[client_id] = self
         site.relays[site_id] = self
 
@@ -128,7 +152,7 @@ class Relay:
             code = ErrorCode.CANCEL if event.local else event.code
             self.site.conn.reset_stream(self.site_id, code, event.text)
             self.site.flush()
-            self.finish(f"reset by client: {event.text or event.code.name.lower()}")
+            self.finish(event.text or event.code.name.lower(), "client-reset")
             return
         self._maybe_done()
 
@@ -148,6 +172,8 @@ class Relay:
         elif isinstance(event, EndOfStream):
             self.down.feed_eof()
         elif isinstance(event, ControlReceived):
+            if "exit" in event.payload:  # exec's exit status, on its way to the client
+                self.exit = audit.exit_fields(event.payload)
             if self.client.conn.is_open(self.client_id):
                 self.client.conn.send_control(self.client_id, event.payload)
                 self.client.flush()
@@ -155,33 +181,59 @@ class Relay:
             code = ErrorCode.INTERNAL if event.local else event.code
             self.client.conn.reset_stream(self.client_id, code, event.text)
             self.client.flush()
-            self.finish(f"reset by site: {event.text or event.code.name.lower()}")
+            self.finish(event.text or event.code.name.lower(), "site-reset")
             return
         self._maybe_done()
 
-    def abort(self, code: ErrorCode, text: str) -> None:
-        """One side of the relay went away: reset the other side."""
+    def abort(self, code: ErrorCode, text: str, close: str) -> None:
+        """One side of the relay went away (``close``: client-lost, site-lost): reset the other side."""
         for link, stream_id in ((self.client, self.client_id), (self.site, self.site_id)):
             link.conn.reset_stream(stream_id, code, text)
             link.flush()
-        self.finish(text)
+        self.finish(text, close)
 
     def _maybe_done(self) -> None:
         if self.up.eof_sent and self.down.eof_sent:
-            self.finish("ok")
+            self.finish("ok", "eof")
 
-    def finish(self, result: str) -> None:
+    def finish(self, result: str, close: str) -> None:
+        """The stream ended: forget it, log it and write its audit record.
+
+        ``close`` is one of :data:`audit.CLOSE_REASONS`; ``result`` is ``ok`` or
+        the reset's text.
+        """
         if self.client.relays.pop(self.client_id, None) is None:
             return
         self.site.relays.pop(self.site_id, None)
+        seconds = time.monotonic() - self.started
+        shown = {"client-reset": "reset by client: ", "site-reset": "reset by site: "}.get(close, "")
         log.info(
             "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d "
-            "seconds=%.3f result=%s",
+            "seconds=%.3f result=%s%s",
             self.summary,
             self.up.total,
             self.down.total,
             self.up.peak,
             self.down.peak,
-            time.monotonic() - self.started,
+            seconds,
+            shown,
             result,
         )
+        trail = self.client.tower.audit
+        if trail is not None:
+            exit_code, exit_signal = self.exit or (None, None)
+            trail.append(
+                audit.stream_record(
+                    self.client.route,
+                    self.client_id,
+                    # Bytes that reached the next hop: all of them, unless a reset dropped a queue.
+                    bytes_up=self.up.total - self.up.queued,
+                    bytes_down=self.down.total - self.down.queued,
+                    duration=round(seconds, 3),
+                    result=result,
+                    close_reason=close,
+                    command=self.command,
+                    exit_code=exit_code,
+                    exit_signal=exit_signal,
+                )
+            )

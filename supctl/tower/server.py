@@ -2,7 +2,9 @@
 
 Every refusal happens in ``process_request``, before the WebSocket upgrade, as an
 HTTP status with the platform's JSON error body, so a client sees a one-line
-reason and no half-open session.
+reason and no half-open session.  Every decision there (a session accepted or
+refused, a ``show`` answered) is one audit record; a session whose record cannot
+be written is refused (503), so nothing is let through unrecorded.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import http
 import json
 import logging
 import re
+import secrets
 import signal
 import ssl
 import weakref
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -25,6 +29,8 @@ from websockets.http11 import Request, Response
 
 from .. import aio
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
+from . import audit
+from .audit import AuditLog
 from .config import TowerConfig
 from .links import ClientLink, Route, SiteLink
 from .siteinfo import InstanceInfo, SiteInfo
@@ -80,8 +86,12 @@ def single(query: dict[str, list[str]], name: str, *, required: bool = True) -> 
 
 
 class Tower:
-    def __init__(self, store: TowerStore) -> None:
+    def __init__(self, store: TowerStore, audit_log: AuditLog | None = None) -> None:
         self.store = store
+        self.audit = audit_log
+        # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
+        # checked out: process_request is synchronous, so it never mixes two requests.
+        self._requester = ""
         self.sites: dict[str, SiteLink] = {}
         # Weak: a handshake that fails after process_request (no Upgrade header, client gone)
         # never reaches handler(), which pops the entry; it must not stay forever.
@@ -90,18 +100,85 @@ class Tower:
     # --- before the upgrade ---------------------------------------------------
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self._requester = ""
         try:
             outcome = self._authorise(request)
         except Rejection as exc:
             log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
+            self._audit_refused(connection, request, exc.status, str(exc))
             return error_response(exc.status, str(exc), exc.info)
         except Exception:  # a bug here must cost one request, not the tower
             log.exception("internal error authorising %s", request.path)
+            self._audit_refused(connection, request, 500, "internal error in the control tower")
             return error_response(500, "internal error in the control tower")
         if isinstance(outcome, Response):
-            return outcome  # a plain GET of state, answered without upgrading
+            # A plain GET of state, answered without upgrading.
+            if not self._audit(
+                audit.record("show", **self._requested(connection, request), status=200, result="ok")
+            ):
+                return error_response(503, "the control tower cannot write its audit log")
+            return outcome
+        if isinstance(outcome, Route):
+            outcome = replace(outcome, peer=_peer(connection), session=secrets.token_hex(4))
+            rec = audit.record("session-accepted", path=audit.cut(urlsplit(request.path).path), result="ok")
+            rec.update(audit.route_fields(outcome))
+            if not self._audit(rec):
+                return error_response(503, "the control tower cannot write its audit log")
         self._routes[connection] = outcome
         return None
+
+    # --- audit records of requests ----------------------------------------------
+
+    def _audit(self, rec: dict[str, Any]) -> bool:
+        return self.audit is None or self.audit.append(rec)
+
+    def _audit_refused(
+        self, connection: ServerConnection, request: Request, status: int, message: str
+    ) -> None:
+        try:
+            fields = self._requested(connection, request)
+            result = f"{status} {message}"
+            self._audit(audit.record("session-refused", **fields, status=status, result=result))
+        except Exception:  # recording a refusal must never turn it into something else
+            log.exception("internal error recording a refusal of %s", urlsplit(request.path).path)
+
+    def _requested(self, connection: ServerConnection, request: Request) -> dict[str, Any]:
+        """What a request asked for, read leniently from its URL (it may be invalid), and who
+        asked (if its token checked out).  Values the client chose are cut short."""
+        url = urlsplit(request.path)
+        try:
+            query = parse_qs(url.query, keep_blank_values=True)
+        except ValueError:
+            query = {}
+
+        def first(name: str) -> str | None:
+            return audit.cut(query.get(name, [None])[0])
+
+        user, accessor = audit.split_who(self._requester)
+        fields: dict[str, Any] = {
+            "user": user,
+            "accessor": accessor,
+            "client": _peer(connection),
+            "site": first("site"),
+            "path": audit.cut(url.path),
+        }
+        if "upgrade" not in request.headers.get("Connection", "").lower():
+            fields["verb"] = "show"
+        elif url.path == ENFORCER_PATH:
+            fields["verb"] = "enforcer"
+        elif match := CONNECT_PATH.match(url.path):
+            ip, port = first("ip-address") or "127.0.0.1", first("port")
+            fields.update(
+                verb="connect",
+                application=audit.cut(unquote(match[1])),
+                service_instance=audit.cut(unquote(match[2])),
+                protocol=first("protocol"),
+                target=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+            )
+        elif match := EXEC_PATH.match(url.path):
+            app, instance, container = (audit.cut(unquote(part)) for part in match.groups())
+            fields.update(verb="exec", application=app, service_instance=instance, container=container)
+        return fields
 
     def _authorise(self, request: Request) -> Route | str | Response:
         url = urlsplit(request.path)
@@ -132,7 +209,8 @@ class Tower:
         accessor = self.store.check_admin(bearer_token(request))
         if accessor is None:
             raise Rejection(401, "invalid API token")
-        return f"admin:{accessor}"
+        self._requester = f"admin:{accessor}"
+        return self._requester
 
     def _site(self, query: dict[str, list[str]]) -> tuple[str, SiteInfo]:
         site = single(query, "site")
@@ -278,7 +356,8 @@ def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
 async def run_tower(
     config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
 ) -> None:
-    tower = Tower(TowerStore(config.state))
+    audit_log = AuditLog(config.audit)
+    tower = Tower(TowerStore(config.state), audit_log)
     context = None if insecure else server_ssl_context(config)
     async with ws_serve(
         tower.handler,
@@ -304,6 +383,7 @@ async def run_tower(
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         log.warning("control-tower stopping")
+    audit_log.close()
 
 
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
