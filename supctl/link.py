@@ -128,9 +128,11 @@ class Link:
         """Close the link from this side (flushes what is queued first)."""
         self._close(self.conn.close(code, reason))
 
-    async def aclose(self, timeout: float = 5.0) -> None:
+    async def aclose(
+        self, code: ErrorCode = ErrorCode.CANCEL, reason: str = "closing", timeout: float = 5.0
+    ) -> None:
         """Close and wait (bounded) until the link is down."""
-        self.close()
+        self.close(code, reason)
         if self.task is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.task, timeout)

@@ -75,6 +75,7 @@ class Agent:
         self.context = context
         self.supervisor = supervisor
         self._status_changed = asyncio.Event()
+        self.link: EnforcerLink | None = None
         if supervisor is not None:
             supervisor.on_change = self._status_changed.set
 
@@ -139,6 +140,7 @@ class Agent:
             write_limit=2**18,
         )
         link = EnforcerLink(ws, self)
+        self.link = link
         self._status_changed.clear()  # HELLO carries the states as of now
         link.conn.send_hello(self.hello())
         link.flush()
@@ -152,6 +154,20 @@ class Agent:
                 task.cancel()
             await asyncio.gather(*link.tasks, return_exceptions=True)
         log.warning("link to the tower lost: %s", link.lost_reason or "closed")
+
+    async def shutdown(self) -> None:
+        """Reset every stream with a reason the user sees, then close the link.
+
+        Done before the link is torn down so the resets reach the tower: cancelled
+        after the close, they would be lost and users would only see "link lost".
+        """
+        link, self.link = self.link, None
+        if link is None or link.conn.closed is not None:
+            return
+        for task in list(link.tasks):
+            task.cancel()
+        await asyncio.gather(*link.tasks, return_exceptions=True)
+        await link.aclose(ErrorCode.LINK_LOST, "the edge enforcer is shutting down")
 
     async def serve_stream(self, channel: Channel, request: OpenRequest) -> None:
         started = time.monotonic()

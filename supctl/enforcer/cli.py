@@ -124,6 +124,7 @@ async def _run_until_signal(agent: Agent, supervisor: ContainerSupervisor) -> No
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await agent.shutdown()
         for task in (runner, stopper):
             task.cancel()
         await asyncio.gather(runner, stopper, return_exceptions=True)
