@@ -124,7 +124,9 @@ class Demo:
 
     # -- processes ------------------------------------------------------------
 
-    def spawn(self, name: str, argv: list[str], ns: str | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    def spawn(
+        self, name: str, argv: list[str], ns: str | None = None
+    ) -> tuple[subprocess.Popen[bytes], Path]:
         """Start ``argv`` (in namespace ``ns``) in its own process group; stdout+stderr to a log."""
         log = self.root / f"{name}.log"
         full = ["ip", "netns", "exec", ns, *argv] if ns else argv
@@ -132,8 +134,14 @@ class Demo:
         DEFER["on"] = 1
         try:
             with log.open("ab") as out:
-                proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        env=self.env, start_new_session=True)
+                proc = subprocess.Popen(
+                    full,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                )
             self.procs.append(proc)
         finally:
             DEFER["on"] = 0
@@ -180,8 +188,11 @@ class Demo:
         return path
 
     def log_lines(self, name: str, pattern: str) -> list[str]:
-        return [line for line in (self.root / f"{name}.log").read_text(errors="replace").splitlines()
-                if re.search(pattern, line)]
+        return [
+            line
+            for line in (self.root / f"{name}.log").read_text(errors="replace").splitlines()
+            if re.search(pattern, line)
+        ]
 
     # -- set-up ---------------------------------------------------------------
 
@@ -194,11 +205,15 @@ class Demo:
         if added.returncode != 0:
             raise DemoError(f"control-tower site add failed: {added.stderr.decode().strip()}")
         (self.root / "site.token").write_bytes(added.stdout)
-        tower, log = self.spawn("tower", [program("control-tower"), "serve", "--config", config,
-                                          "--listen", "127.0.0.1:0"])
+        tower, log = self.spawn(
+            "tower", [program("control-tower"), "serve", "--config", config, "--listen", "127.0.0.1:0"]
+        )
         url = self.wait_log(log, r"listening on (wss://127\.0\.0\.1:\d+)", tower)[1]
-        self.env.update(SUPCTL_HOST=url, SUPCTL_TOKEN_FILE=str(tower_dir / "admin.token"),
-                        SUPCTL_CA_FILE=str(tower_dir / "ca.pem"))
+        self.env.update(
+            SUPCTL_HOST=url,
+            SUPCTL_TOKEN_FILE=str(tower_dir / "admin.token"),
+            SUPCTL_CA_FILE=str(tower_dir / "ca.pem"),
+        )
         console.print(f"control tower [bold]{url}[/] (in {tower_dir}), site {SITE} registered")
         return url
 
@@ -215,19 +230,37 @@ class Demo:
         svc_ns, lan_ns = self.add_namespace("svc"), self.add_namespace("lan")
         tag = secrets.token_hex(3)
         svc_if, lan_if = f"sdemo{tag}a", f"sdemo{tag}b"
-        self.ip("link", "add", svc_if, "netns", svc_ns, "type", "veth", "peer", "name", lan_if, "netns", lan_ns)
+        self.ip(
+            "link", "add", svc_if, "netns", svc_ns, "type", "veth", "peer", "name", lan_if, "netns", lan_ns
+        )
         for ns, ifname, addrs in ((svc_ns, svc_if, [SVC_IP]), (lan_ns, lan_if, [DNS_IP, LAN_IP])):
             for addr in addrs:
                 self.ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
             self.ip("-n", ns, "link", "set", ifname, "up")
-        console.print(f"namespaces: service instance [bold]{svc_ns}[/] ({SVC_IP}/24) --veth-- "
-                      f"LAN [bold]{lan_ns}[/] ({DNS_IP}/24 and {LAN_IP}/24)")
+        console.print(
+            f"namespaces: service instance [bold]{svc_ns}[/] ({SVC_IP}/24) --veth-- "
+            f"LAN [bold]{lan_ns}[/] ({DNS_IP}/24 and {LAN_IP}/24)"
+        )
         # --local: the name is answered from here alone (its AAAA gets NODATA, not REFUSED for
         # want of an upstream server), so nslookup succeeds.
-        dnsmasq, log = self.spawn("dnsmasq", [
-            program("dnsmasq"), "--no-daemon", "--no-resolv", "--no-hosts", "--bind-interfaces",
-            f"--listen-address={DNS_IP}", f"--local=/{NAME}/", f"--address=/{NAME}/{LAN_IP}",
-            "--conf-file=/dev/null", "--pid-file", "--log-queries", "--log-facility=-"], lan_ns)
+        dnsmasq, log = self.spawn(
+            "dnsmasq",
+            [
+                program("dnsmasq"),
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                f"--listen-address={DNS_IP}",
+                f"--local=/{NAME}/",
+                f"--address=/{NAME}/{LAN_IP}",
+                "--conf-file=/dev/null",
+                "--pid-file",
+                "--log-queries",
+                "--log-facility=-",
+            ],
+            lan_ns,
+        )
         self.wait_log(log, r"started, version", dnsmasq)
         self.web_server("lan-host", lan_ns, LAN_IP, 443)
         self.made_etc_netns = not ETC_NETNS.exists()
@@ -236,33 +269,60 @@ class Demo:
         self.etc_dirs.append(etc)
         etc.mkdir()
         (etc / "resolv.conf").write_text(f"nameserver {DNS_IP}\n")
-        console.print(f"LAN: dnsmasq on {DNS_IP} ({NAME} -> {LAN_IP}), web server on {LAN_IP}:443; "
-                      f"{etc}/resolv.conf: nameserver {DNS_IP}")
+        console.print(
+            f"LAN: dnsmasq on {DNS_IP} ({NAME} -> {LAN_IP}), web server on {LAN_IP}:443; "
+            f"{etc}/resolv.conf: nameserver {DNS_IP}"
+        )
         return svc_ns
 
     def web_server(self, name: str, ns: str | None, host: str, port: int) -> int:
         root = self.docroot(name, f"{NAME} ({host}) says hello")
-        argv = [sys.executable, "-u", "-m", "http.server", str(port), "--bind", host, "--directory", str(root)]
+        argv = [
+            sys.executable,
+            "-u",
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            host,
+            "--directory",
+            str(root),
+        ]
         proc, log = self.spawn(name, argv, ns)
         self.wait_log(log, r"Serving HTTP on", proc)
         return port
 
     def inventory(self, svc_ns: str | None, web_port: int) -> str:
         base = f"applications.{APP}.service-instances.{INSTANCE}"
-        web = [sys.executable, "-m", "http.server", str(web_port), "--bind", "127.0.0.1",
-               "--directory", str(self.docroot("www", f"{INSTANCE} says hello"))]
-        where = (f'netns = "{svc_ns}"    # runtime "netns", the default with a netns' if svc_ns
-                 else 'runtime = "host"    # not root: no network namespace')
+        web = [
+            sys.executable,
+            "-m",
+            "http.server",
+            str(web_port),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(self.docroot("www", f"{INSTANCE} says hello")),
+        ]
+        where = (
+            f'netns = "{svc_ns}"    # runtime "netns", the default with a netns'
+            if svc_ns
+            else 'runtime = "host"    # not root: no network namespace'
+        )
         as_user = '\nuser = "nobody"\ncwd = "/"' if svc_ns else ""
         self.commands = {WEB: web, MANAGER: ["sleep", "infinity"]}
-        return (f"[{base}]\n{where}\n\n"
-                f"[{base}.containers.{WEB}]\ncommand = {json.dumps(web)}\n"
-                f'env = {{ PYTHONUNBUFFERED = "1" }}\n\n'
-                f"[{base}.containers.{MANAGER}]\ncommand = {json.dumps(self.commands[MANAGER])}{as_user}\n")
+        return (
+            f"[{base}]\n{where}\n\n"
+            f"[{base}.containers.{WEB}]\ncommand = {json.dumps(web)}\n"
+            f'env = {{ PYTHONUNBUFFERED = "1" }}\n\n'
+            f"[{base}.containers.{MANAGER}]\ncommand = {json.dumps(self.commands[MANAGER])}{as_user}\n"
+        )
 
     def containers_running(self) -> dict[str, Any]:
         """The instance as ``supctl show`` has it once every container runs (else {})."""
-        result = self.supctl("show", "-s", SITE, "-o", "json", "applications", APP, "service-instances", INSTANCE)
+        result = self.supctl(
+            "show", "-s", SITE, "-o", "json", "applications", APP, "service-instances", INSTANCE
+        )
         if result.returncode != 0:
             return {}
         data: dict[str, Any] = json.loads(result.stdout)
@@ -282,10 +342,24 @@ class Demo:
         inventory.write_text(self.inventory(svc_ns, web_port))
         console.print(f"\nthe site's inventory, {inventory}:")
         console.print(Text(inventory.read_text(), style="dim"), soft_wrap=True)
-        enforcer, _ = self.spawn("enforcer", [
-            program("edge-enforcer"), "run", "--tower", url, "--site", SITE,
-            "--token-file", str(self.root / "site.token"), "--ca-file", str(self.root / "tower" / "ca.pem"),
-            "--inventory", str(inventory), "--verbose"])
+        enforcer, _ = self.spawn(
+            "enforcer",
+            [
+                program("edge-enforcer"),
+                "run",
+                "--tower",
+                url,
+                "--site",
+                SITE,
+                "--token-file",
+                str(self.root / "site.token"),
+                "--ca-file",
+                str(self.root / "tower" / "ca.pem"),
+                "--inventory",
+                str(inventory),
+                "--verbose",
+            ],
+        )
         self.wait_log(self.tower_log, rf"site {re.escape(SITE)} connected", enforcer)
         end = time.monotonic() + DEADLINE
         while not (instance := self.containers_running()):
@@ -294,7 +368,9 @@ class Demo:
             time.sleep(0.1)
         self.containers = [(c["pid"], self.commands[c["name"]]) for c in instance["containers"]]
         self.wait_log(self.enforcer_log, rf"{WEB}\| Serving HTTP on", enforcer)
-        console.print(f"edge enforcer connected: [bold]{SITE}[/]; it started containers {WEB} and {MANAGER}\n")
+        console.print(
+            f"edge enforcer connected: [bold]{SITE}[/]; it started containers {WEB} and {MANAGER}\n"
+        )
         return web_port, lan_ip, lan_port
 
     # -- the guide's commands ---------------------------------------------------
@@ -315,21 +391,28 @@ class Demo:
 
     def main(self) -> None:
         if self.netns:
-            console.print("[bold]Running as root:[/] the service instance gets its own network namespace, "
-                          "with a LAN (DNS server and web server) behind it.")
+            console.print(
+                "[bold]Running as root:[/] the service instance gets its own network namespace, "
+                "with a LAN (DNS server and web server) behind it."
+            )
         else:
             why = "--no-netns" if os.geteuid() == 0 else "Not root"
-            console.print(f"[bold yellow]{why}: falling back to the host runtime[/] (no network namespaces "
-                          "and no DNS server; the servers listen on 127.0.0.1 ports; exec runs 'uname -a' "
-                          "instead of nslookup).  Run as root to see the real isolation.")
+            console.print(
+                f"[bold yellow]{why}: falling back to the host runtime[/] (no network namespaces "
+                "and no DNS server; the servers listen on 127.0.0.1 ports; exec runs 'uname -a' "
+                "instead of nslookup).  Run as root to see the real isolation."
+            )
         console.print(Rule("set-up"))
         port, lan_ip, lan_port = self.setup()
 
         console.print(Rule("What runs at the site"))
         args = ["show", "-s", SITE, "applications", APP, "service-instances"]
         result = self.supctl(*args)
-        step(shlex.join(["supctl", *args]), output_of(result),
-             "both containers run: the enforcer started them from the inventory and keeps them running")
+        step(
+            shlex.join(["supctl", *args]),
+            output_of(result),
+            "both containers run: the enforcer started them from the inventory and keeps them running",
+        )
         if result.returncode != 0:
             raise DemoError(f"supctl show failed (exit {result.returncode})")
 
@@ -339,17 +422,28 @@ class Demo:
         self.forward(["connect", "tcp", str(port)], bind, f"{INSTANCE} says hello")
         served = self.log_lines("enforcer", rf"{WEB}\| .*\"GET / ")
         if served:
-            console.print(f"the enforcer's output: [dim]{served[-1]}[/]\n[green]->[/] served by container "
-                          f"{WEB}, at 127.0.0.1 of the service instance\n", soft_wrap=True)
+            console.print(
+                f"the enforcer's output: [dim]{served[-1]}[/]\n[green]->[/] served by container "
+                f"{WEB}, at 127.0.0.1 of the service instance\n",
+                soft_wrap=True,
+            )
         if self.netns:
             result = self.run(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:443/"])
             if result.returncode != 0:
-                step("curl -sS http://127.0.0.1:443/", output_of(result),
-                     "the host itself cannot reach it: that 127.0.0.1:443 exists only inside the service "
-                     "instance's network namespace")
+                step(
+                    "curl -sS http://127.0.0.1:443/",
+                    output_of(result),
+                    "the host itself cannot reach it: that 127.0.0.1:443 exists only inside the service "
+                    "instance's network namespace",
+                )
 
-        console.print(Rule("Proxy connections to a remote host: first resolve its name at the site"
-                           if self.netns else "exec in a container; proxy connections to a remote host"))
+        console.print(
+            Rule(
+                "Proxy connections to a remote host: first resolve its name at the site"
+                if self.netns
+                else "exec in a container; proxy connections to a remote host"
+            )
+        )
         command = f"nslookup {NAME}" if self.netns else "uname -a"
         args = do_args("containers", MANAGER, "exec", command)
         result = self.supctl(*args)
@@ -358,16 +452,23 @@ class Demo:
             raise DemoError(f"exec {command!r} failed (exit {result.returncode})")
         if self.netns:
             asked = self.log_lines("dnsmasq", rf"query\[A\] {re.escape(NAME)}")
-            console.print(f"the LAN's dnsmasq log: [dim]{asked[-1] if asked else '(nothing)'}[/]\n[green]->"
-                          f"[/] nslookup ran in {MANAGER}, in the service instance's namespace, and asked the "
-                          f"site's DNS server ({DNS_IP}, from /etc/netns/NS/resolv.conf)\n", soft_wrap=True)
+            console.print(
+                f"the LAN's dnsmasq log: [dim]{asked[-1] if asked else '(nothing)'}[/]\n[green]->"
+                f"[/] nslookup ran in {MANAGER}, in the service instance's namespace, and asked the "
+                f"site's DNS server ({DNS_IP}, from /etc/netns/NS/resolv.conf)\n",
+                soft_wrap=True,
+            )
 
-        self.forward(["connect", "tcp", str(lan_port), "--ip-address", lan_ip], "0",
-                     f"{NAME} ({lan_ip}) says hello")
+        self.forward(
+            ["connect", "tcp", str(lan_port), "--ip-address", lan_ip], "0", f"{NAME} ({lan_ip}) says hello"
+        )
         seen = self.log_lines("lan-host", r"\"GET / ")
         if self.netns and seen:
-            console.print(f"the LAN web server's log: [dim]{seen[-1]}[/]\n[green]->[/] the connection came "
-                          f"from the service instance's address {SVC_IP}, not from this host\n", soft_wrap=True)
+            console.print(
+                f"the LAN web server's log: [dim]{seen[-1]}[/]\n[green]->[/] the connection came "
+                f"from the service instance's address {SVC_IP}, not from this host\n",
+                soft_wrap=True,
+            )
 
         console.print(Rule("Netcat mode (no --bind): stdin/stdout"))
         args = do_args("connect", "tcp", str(port))
@@ -400,7 +501,9 @@ class Demo:
                 proc.wait()
         for pid, command in self.containers:  # only if the enforcer could not stop them
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in command]:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1] == [
+                    a.encode() for a in command
+                ]:
                     os.killpg(pid, signal.SIGKILL)
         for ns in reversed(self.namespaces):
             for left in self.run(["ip", "netns", "pids", ns]).stdout.split():
@@ -418,8 +521,11 @@ class Demo:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--no-netns", action="store_true",
-                        help="use the host runtime (the fallback without root) even as root")
+    parser.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="use the host runtime (the fallback without root) even as root",
+    )
     options = parser.parse_args()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -24,7 +24,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # local misuse; click uses 2 for its own usage errors too
     DENIED = 3  # 401/403: missing, bad or insufficient credentials
     NOT_FOUND = 4  # 404: unknown site, application, service instance, container
-    UNAVAILABLE = 5  # tower unreachable, TLS failure, site not connected (503)
+    UNAVAILABLE = 5  # tower unreachable, TLS failure, site not connected (503), a tower limit (429)
     STREAM = 6  # the remote end refused or reset the stream, or the path broke
     PROTOCOL = 7  # the peer broke the wire protocol
 
@@ -94,6 +94,7 @@ _HTTP_ERRORS: dict[int, type[RemoteError]] = {
     401: DeniedError,
     403: DeniedError,
     404: NotFoundError,
+    429: UnavailableError,  # a limit of the tower (e.g. sessions per user): try again later
     503: UnavailableError,
 }
 

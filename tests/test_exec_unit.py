@@ -159,7 +159,12 @@ def test_runtime_defaults_and_container_keys() -> None:
     ns, plain, forced = (inv.find("a", name) for name in ("ns", "plain", "forced"))
     assert (ns.runtime, plain.runtime, forced.runtime) == ("netns", "host", "host")
     web = ns.containers["web"]
-    assert (web.command, web.env, web.cwd, web.user) == (["/bin/web", "--port", "80"], {"MODE": "x"}, "/srv", "nobody")
+    assert (web.command, web.env, web.cwd, web.user) == (
+        ["/bin/web", "--port", "80"],
+        {"MODE": "x"},
+        "/srv",
+        "nobody",
+    )
     shell = plain.containers["shell"]
     assert (shell.command, shell.env, shell.cwd, shell.user) == (None, {}, None, None)
     inv.check_runtimes(RUNTIMES)
@@ -194,7 +199,9 @@ def test_unknown_runtime_lists_the_known_ones() -> None:
     inv = inventory('[applications.a.service-instances.i]\nruntime = "docker"\n')
     with pytest.raises(UsageError) as info:
         inv.check_runtimes(RUNTIMES)
-    assert str(info.value) == "inventory: service instance i uses unknown runtime 'docker' (known: host, netns)"
+    assert (
+        str(info.value) == "inventory: service instance i uses unknown runtime 'docker' (known: host, netns)"
+    )
 
 
 def test_describe_is_what_the_tower_parses() -> None:
@@ -203,7 +210,13 @@ def test_describe_is_what_the_tower_parses() -> None:
         '[applications.a.service-instances.i.containers.c]\ncommand = ["x"]\n'
         "[applications.a.service-instances.i.containers.d]\n"
     )
-    state = {"state": "running", "pid": 42, "restarts": 1, "exit-code": None, "started": "2024-01-01T00:00:00+00:00"}
+    state = {
+        "state": "running",
+        "pid": 42,
+        "restarts": 1,
+        "exit-code": None,
+        "started": "2024-01-01T00:00:00+00:00",
+    }
     described = inv.describe({("a", "i", "c"): state})
     info = SiteInfo.parse({"applications": described, "handlers": ["exec"]}).instance("a", "i")
     assert info is not None
@@ -258,7 +271,9 @@ def test_container_runs_restarts_and_stops(tmp_path: Any) -> None:
 def test_stop_terms_then_kills_and_leaves_nothing(tmp_path: Any) -> None:
     pids = tmp_path / "pids"
     sup = supervisor_for(
-        container("echo $$ > " + str(pids) + ".main; trap '' TERM; sleep 60 & echo $! > " + str(pids) + "; wait")
+        container(
+            "echo $$ > " + str(pids) + ".main; trap '' TERM; sleep 60 & echo $! > " + str(pids) + "; wait"
+        )
         + "[applications.a.service-instances.i.containers.polite]\ncommand = ['sleep', '60']\n",
         stop_grace=0.3,
     )
@@ -397,7 +412,9 @@ async def site(
 
 
 def request(command: str, container: str = "c1", verb: str = "exec") -> OpenRequest:
-    return OpenRequest(verb=verb, application="app", service_instance="si", container=container, args={"command": command})
+    return OpenRequest(
+        verb=verb, application="app", service_instance="si", container=container, args={"command": command}
+    )
 
 
 async def collect(channel: Channel) -> tuple[bytes, bytes, dict[str, Any]]:
@@ -452,7 +469,9 @@ def test_exec_command_that_ignores_stdin_is_not_held_up(monkeypatch: pytest.Monk
     run(main())
 
 
-@pytest.mark.parametrize(("name", "signum"), [("TERM", signal.SIGTERM), ("HUP", signal.SIGHUP), ("KILL", signal.SIGKILL)])
+@pytest.mark.parametrize(
+    ("name", "signum"), [("TERM", signal.SIGTERM), ("HUP", signal.SIGHUP), ("KILL", signal.SIGKILL)]
+)
 def test_exec_signal_reaches_the_command(monkeypatch: pytest.MonkeyPatch, name: str, signum: int) -> None:
     async def main() -> None:
         async with site(monkeypatch) as (tower, _):
@@ -482,7 +501,9 @@ def test_exec_int_ignored_is_killed_after_the_grace(monkeypatch: pytest.MonkeyPa
     run(main())
 
 
-def test_exec_exit_kills_the_group_even_if_a_child_holds_stdout(monkeypatch: pytest.MonkeyPatch, loop: str) -> None:
+def test_exec_exit_kills_the_group_even_if_a_child_holds_stdout(
+    monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
     async def main() -> int:
         async with site(monkeypatch) as (tower, _):
             started = time.monotonic()
@@ -556,10 +577,26 @@ def test_exec_output_waits_for_credit(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("req", "code", "message"),
     [
-        (request("true", container="nope"), ErrorCode.NOT_FOUND, "container nope not found in service instance si"),
-        (request("true", container="c2"), ErrorCode.NOT_FOUND, "working directory /nonexistent/dir does not exist"),
-        (request("true", container="c3"), ErrorCode.NOT_FOUND, "user 'no-such-user-here' does not exist on this host"),
-        (request("true", verb="frobnicate"), ErrorCode.UNSUPPORTED, "verb 'frobnicate' is not supported at this site"),
+        (
+            request("true", container="nope"),
+            ErrorCode.NOT_FOUND,
+            "container nope not found in service instance si",
+        ),
+        (
+            request("true", container="c2"),
+            ErrorCode.NOT_FOUND,
+            "working directory /nonexistent/dir does not exist",
+        ),
+        (
+            request("true", container="c3"),
+            ErrorCode.NOT_FOUND,
+            "user 'no-such-user-here' does not exist on this host",
+        ),
+        (
+            request("true", verb="frobnicate"),
+            ErrorCode.UNSUPPORTED,
+            "verb 'frobnicate' is not supported at this site",
+        ),
         (
             OpenRequest(verb="exec", application="app", service_instance="si", container="c1"),
             ErrorCode.PROTOCOL,
@@ -567,7 +604,9 @@ def test_exec_output_waits_for_credit(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
     ],
 )
-def test_exec_refusals_are_one_line(monkeypatch: pytest.MonkeyPatch, req: OpenRequest, code: int, message: str) -> None:
+def test_exec_refusals_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, req: OpenRequest, code: int, message: str
+) -> None:
     async def main() -> None:
         async with site(monkeypatch) as (tower, _):
             with pytest.raises(StreamError) as info:
@@ -593,7 +632,12 @@ def test_container_states_reach_the_tower_in_hello_and_status(monkeypatch: pytes
             pid = sup.states()[("a", "i", "c")]["pid"]
             os.kill(pid, signal.SIGKILL)
             await until(lambda: sup.states()[("a", "i", "c")]["restarts"] == 1)
-            await until(lambda: state() == "running" and SiteInfo.parse(tower.hellos[-1]).instance("a", "i").containers["c"]["restarts"] == 1)  # type: ignore[union-attr]
+            await until(
+                lambda: (
+                    state() == "running"
+                    and SiteInfo.parse(tower.hellos[-1]).instance("a", "i").containers["c"]["restarts"] == 1  # type: ignore[union-attr]
+                )
+            )
             await sup.stop()
             await until(lambda: state() == "stopped")
 
@@ -636,4 +680,7 @@ def test_netns_runtime_refuses_a_vanished_namespace() -> None:
     instance = inventory('[applications.a.service-instances.i]\nnetns = "sct-never-there"\n').find("a", "i")
     with pytest.raises(StreamError) as info:
         run(RUNTIMES["netns"].spawn(instance, ProcessSpec(["true"])))
-    assert (info.value.code, str(info.value)) == (ErrorCode.NOT_FOUND, "network namespace sct-never-there does not exist")
+    assert (info.value.code, str(info.value)) == (
+        ErrorCode.NOT_FOUND,
+        "network namespace sct-never-there does not exist",
+    )

@@ -55,7 +55,9 @@ def test_third_party_echo_verb_and_handler_end_to_end(stack: Stack) -> None:
     assert result.stderr == b""
     assert stack.tower is not None
     # The site announced the plugin's handler, and the stream really crossed the tower.
-    assert re.search(rf"site {SITE} connected \(1 applications, handlers echo,exec,tcp\)", stack.tower.log.text())
+    assert re.search(
+        rf"site {SITE} connected \(1 applications, handlers echo,exec,tcp\)", stack.tower.log.text()
+    )
     stack.tower.log.wait_for(
         rf"stream closed .* instance={INST} verb=connect protocol=echo .*sent=11 received=11"
     )

@@ -17,6 +17,8 @@ from supctl.errors import ExitCode, UnavailableError, UsageError
 from supctl.link import Channel, Link
 from supctl.protocol import OpenRequest, check_ip_address
 
+from .account import keep_renewed
+
 
 def parse_bind(value: str) -> BindAddress:
     """``PORT``, ``ADDR:PORT`` or ``[IPv6]:PORT``; the address defaults to 127.0.0.1."""
@@ -139,9 +141,17 @@ async def _run(
     def ready(address: BindAddress) -> None:
         console.print(f"Forwarding from {address} -> {escape(target)}", soft_wrap=True)
 
-    return await _serve_until_stopped(
-        link, listener.serve(link, open_stream, bind, ready, ConsoleReporter(console, quiet))
-    )
+    # A login token is renewed before it expires, for as long as the forward runs.
+    from_login = inv.settings.token_source == "login"  # noqa: S105 - a source name, not a secret
+    renewer = asyncio.ensure_future(keep_renewed(inv)) if from_login else None
+    try:
+        return await _serve_until_stopped(
+            link, listener.serve(link, open_stream, bind, ready, ConsoleReporter(console, quiet))
+        )
+    finally:
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
 
 
 async def _serve_until_stopped(link: Link, serving: object) -> int:

@@ -4,6 +4,8 @@ Precedence, highest first: command-line option, environment variable
 (``SUPCTL_HOST``, ``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, ``SUPCTL_CA_FILE``,
 ``SUPCTL_TOWER_FINGERPRINT``), config
 file (``~/.config/supctl/config.toml`` or ``--config``), built-in default.
+For the token, after the config file's ``token``/``token-file`` comes the login
+token ``supctl do login`` stored for this tower (:mod:`supctl.client.login`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from urllib.parse import urlsplit
 
 from ..errors import UsageError
 from ..tlspin import format_fingerprint, parse_fingerprint
+from .login import load_login
 
 DEFAULT_HOST = "wss://127.0.0.1:4646"
 CONFIG_KEYS = ("host", "token", "token-file", "ca-file", "tower-fingerprint")
@@ -33,6 +36,8 @@ class ClientSettings:
     ca_file: Path | None
     #: SHA-256 of the tower's certificate (DER): when set, it replaces the CA and hostname checks.
     tower_fingerprint: bytes | None = None
+    #: "login" when the token is the stored login token (renewed by long-running verbs).
+    token_source: str = ""
 
     def __repr__(self) -> str:  # never show the token, not even in a debugger
         token = "***" if self.token else None
@@ -103,6 +108,11 @@ def resolve(
         token_file = file.get("token-file")
     if token is None and token_file is not None:
         token = read_token_file(Path(token_file).expanduser())
+    source = ""
+    if token is None:
+        stored = load_login(host.rstrip("/"))
+        if stored is not None:
+            token, source = str(stored["token"]), "login"
     if token is not None:
         check_token(token)
     ca = ca_file or file.get("ca-file")
@@ -113,4 +123,6 @@ def resolve(
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     if pin is not None and parts.scheme != "wss":
         raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")
-    return ClientSettings(host=host.rstrip("/"), token=token, ca_file=ca_path, tower_fingerprint=pin)
+    return ClientSettings(
+        host=host.rstrip("/"), token=token, ca_file=ca_path, tower_fingerprint=pin, token_source=source
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import ssl
@@ -175,6 +176,8 @@ class Agent:
         # connect streams are served per protocol (tcp...); any other verb by its name (exec...).
         kind, name = ("protocol", request.protocol) if request.verb == "connect" else ("verb", request.verb)
         try:
+            # The site's own policy, whatever the tower allowed (docs/policies.md).
+            self.inventory.policy.check(request)
             instance = self.inventory.find(request.application, request.service_instance)
             handler = self.handlers.get(name)
             if handler is None:
@@ -212,6 +215,10 @@ class Agent:
 
 
 def _body(exc: InvalidStatus) -> str:
+    """The tower's one-line reason (its JSON error body), else the start of the body."""
+    body = bytes(exc.response.body or b"")
     with contextlib.suppress(Exception):
-        return bytes(exc.response.body or b"").decode()[:200]
+        return " ".join(str(json.loads(body)["errors"][0]["error-message"]).split())[:200]
+    with contextlib.suppress(Exception):
+        return body.decode()[:200]
     return ""

@@ -11,10 +11,21 @@ Example::
     env = { POPPER_MODE = "kettle" }          # optional; PATH defaults to the usual system one
     cwd = "/var/lib/popper"                   # optional; default "/"
     user = "popper"                           # optional: a login name or a numeric uid
+
+    [policy]                                  # optional: the site's own policy (absent: allow all)
+    allow-ip-addresses = ["192.0.2.0/24"]     # where connect --ip-address may reach (absent: anywhere)
+    allow-ports = ["443", "8000-8100"]        # which target ports connect may reach (absent: any)
+    allow-exec = false                        # whether exec may run here (absent: true)
+
+The ``[policy]`` table is checked for every stream, after the tower's own check,
+so a compromised or misconfigured tower still cannot make the site connect
+anywhere its owner did not allow.  Connect without ``--ip-address`` reaches the
+service instance itself and is never refused by ``allow-ip-addresses``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -22,17 +33,76 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StreamError, UsageError
-from ..protocol import ErrorCode
+from ..protocol import ErrorCode, OpenRequest
 from .api import Container, ServiceInstance
 
 #: Keys of a container table; anything else is refused (a typo like ``cmd`` would
 #: otherwise leave a container silently not running).
 CONTAINER_KEYS = frozenset({"command", "env", "cwd", "user"})
+POLICY_KEYS = frozenset({"allow-ip-addresses", "allow-ports", "allow-exec"})
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    """The inventory's ``[policy]`` table; None fields do not restrict."""
+
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    ports: tuple[tuple[int, int], ...] | None = None
+    exec_allowed: bool = True
+
+    def check(self, request: OpenRequest) -> None:
+        """Raise StreamError (DENIED) if the site's local policy refuses ``request``."""
+        if request.verb == "exec" and not self.exec_allowed:
+            raise StreamError("the site's local policy refuses exec", code=ErrorCode.DENIED)
+        if request.verb != "connect":
+            return
+        refused = self.ports is not None and not any(lo <= request.port <= hi for lo, hi in self.ports)
+        if self.networks is not None and request.ip_address:
+            address = ipaddress.ip_address(request.ip_address)
+            refused = refused or not any(address in net for net in self.networks)
+        if refused:
+            raise StreamError(f"the site's local policy refuses {request.target}", code=ErrorCode.DENIED)
+
+
+def _policy(raw: Any, source: str) -> LocalPolicy:
+    body = _table(raw, "policy")
+    unknown = set(body) - POLICY_KEYS
+    if unknown:
+        raise UsageError(f"{source}: policy has unknown key {sorted(unknown)[0]!r}")
+    networks = ports = None
+    if "allow-ip-addresses" in body:
+        values = body["allow-ip-addresses"]
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise UsageError(f"{source}: policy allow-ip-addresses must be a list of CIDR strings")
+        try:
+            networks = tuple(ipaddress.ip_network(v, strict=False) for v in values)
+        except ValueError as exc:
+            raise UsageError(f"{source}: policy allow-ip-addresses: {exc}") from None
+    if "allow-ports" in body:
+        values = body["allow-ports"]
+        if not isinstance(values, list):
+            raise UsageError(f'{source}: policy allow-ports must be a list such as ["443", "8000-8100"]')
+        ranges = []
+        for value in values:
+            lo_text, sep, hi_text = str(value).partition("-")
+            try:
+                lo, hi = int(lo_text), int(hi_text if sep else lo_text)
+            except ValueError:
+                raise UsageError(f"{source}: policy allow-ports: bad port {value!r}") from None
+            if not 1 <= lo <= hi <= 65535:
+                raise UsageError(f"{source}: policy allow-ports: bad range {value!r}")
+            ranges.append((lo, hi))
+        ports = tuple(ranges)
+    exec_allowed = body.get("allow-exec", True)
+    if not isinstance(exec_allowed, bool):
+        raise UsageError(f"{source}: policy allow-exec must be true or false")
+    return LocalPolicy(networks, ports, exec_allowed)
 
 
 @dataclass(frozen=True)
 class Inventory:
     instances: dict[tuple[str, str], ServiceInstance]
+    policy: LocalPolicy = LocalPolicy()  # [policy]; the default allows everything
 
     def find(self, application: str, instance: str) -> ServiceInstance:
         found = self.instances.get((application, instance))
@@ -109,7 +179,7 @@ def _container(name: str, raw: Any, where: str) -> Container:
 
 def parse_inventory(data: dict[str, Any], source: str = "inventory") -> Inventory:
     instances: dict[tuple[str, str], ServiceInstance] = {}
-    unknown = set(data) - {"applications"}
+    unknown = set(data) - {"applications", "policy"}
     if unknown:
         raise UsageError(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")
     for app, app_body in _table(data.get("applications", {}), "applications").items():
@@ -128,7 +198,7 @@ def parse_inventory(data: dict[str, Any], source: str = "inventory") -> Inventor
             instances[(app, name)] = ServiceInstance(
                 app, name, netns, {c: _container(c, v, name) for c, v in containers.items()}, runtime
             )
-    return Inventory(instances)
+    return Inventory(instances, _policy(data.get("policy", {}), source))
 
 
 def load_inventory(path: Path) -> Inventory:

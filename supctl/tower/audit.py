@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("supctl.tower")
 
-EVENTS = ("session-accepted", "session-refused", "stream-closed", "show")
+EVENTS = ("session-accepted", "session-refused", "stream-closed", "show", "login", "logout", "renew")
 
 #: Every record has every field, in this order; ``null`` when it does not apply.
 FIELDS = (
@@ -64,7 +64,7 @@ FIELDS = (
 MAX_REQUESTED = 256
 
 #: Close reasons of ``stream-closed`` records.
-CLOSE_REASONS = ("eof", "client-reset", "site-reset", "client-lost", "site-lost")
+CLOSE_REASONS = ("eof", "client-reset", "site-reset", "client-lost", "site-lost", "limit", "timeout")
 
 #: At most one error line per this many seconds when the log cannot be written.
 ERROR_INTERVAL = 10.0

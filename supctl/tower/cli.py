@@ -190,6 +190,14 @@ def show_audit(
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
 
 
+def read_password(*, confirm: bool = False) -> str:
+    """A password: prompted without echo on a terminal, else the first line of stdin."""
+    if sys.stdin.isatty():
+        return str(click.prompt("Password", hide_input=True, confirmation_prompt=confirm, err=True))
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
 def make_cli() -> click.Group:
     """Build the ``control-tower`` command tree."""
 
@@ -230,6 +238,78 @@ def make_cli() -> click.Group:
         """Print the registered site names, one per line."""
         for name in TowerStore(load_config(config_path).state).sites():
             click.echo(name)
+
+    @cli.group()
+    def user() -> None:
+        """Add and list users (who log in with supctl do login)."""
+
+    @user.command("add")
+    @_config_option
+    @click.option(
+        "--policy",
+        "policies",
+        multiple=True,
+        metavar="POLICY",
+        help="A policy of the user, defined in policies.toml (repeatable; none: refused everything).",
+    )
+    @click.argument("name")
+    def user_add(config_path: Path, policies: tuple[str, ...], name: str) -> None:
+        """Create user NAME; the password is read from stdin (prompted without echo on a terminal)."""
+        from supctl.tower.users import UserStore
+
+        config = load_config(config_path)
+        UserStore(config.users).add_user(name, read_password(confirm=True), list(policies))
+        _console().print(f"user {escape(name)} added (policies: {escape(', '.join(policies) or 'none')})")
+
+    @user.command("list")
+    @_config_option
+    def user_list(config_path: Path) -> None:
+        """Print the users and their policies, one per line."""
+        from supctl.tower.users import UserStore
+
+        for name, entry in sorted(UserStore(load_config(config_path).users).users().items()):
+            click.echo(f"{name}\t{','.join(entry.get('policies', [])) or '-'}")
+
+    @cli.group()
+    def token() -> None:
+        """Add, list and revoke users' login and API tokens."""
+
+    @token.command("add")
+    @_config_option
+    @click.option("--user", "user_name", required=True, metavar="NAME", help="The user the token acts as.")
+    @click.option(
+        "--expires", default="90d", show_default=True, metavar="DURATION", help="Lifetime: 30s, 15m, 8h, 30d."
+    )
+    def token_add(config_path: Path, user_name: str, expires: str) -> None:
+        """Create an API token for automation and print it (the only output on stdout)."""
+        from supctl.tower.users import UserStore, parse_duration
+
+        lifetime = parse_duration(expires)
+        store = UserStore(load_config(config_path).users)
+        secret, accessor, until = store.add_token(user_name, "api", lifetime)
+        _console().print(f"API token of {escape(user_name)}: accessor {accessor}, expires {until}")
+        click.echo(secret)
+
+    @token.command("list")
+    @_config_option
+    def token_list(config_path: Path) -> None:
+        """Print accessor, user, kind, expiry and state of every token (never the token)."""
+        from supctl.tower.users import UserStore
+
+        for entry in UserStore(load_config(config_path).users).tokens():
+            state = "revoked" if entry.get("revoked") else "valid"
+            fields = [entry.get(key) for key in ("accessor", "user", "kind", "expires")]
+            click.echo("\t".join(str(f) for f in [*fields, state]))
+
+    @token.command("revoke")
+    @_config_option
+    @click.argument("accessor")
+    def token_revoke(config_path: Path, accessor: str) -> None:
+        """Revoke the login or API token with this ACCESSOR (see token list, audit records)."""
+        from supctl.tower.users import UserStore
+
+        owner = UserStore(load_config(config_path).users).revoke(accessor)
+        _console().print(f"token {escape(accessor)} of user {escape(owner)} revoked")
 
     @cli.command("fingerprint")
     @_config_option

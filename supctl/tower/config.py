@@ -11,10 +11,11 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from supctl.errors import UsageError
+from supctl.tower.limits import DEFAULT_KEEPALIVE, Limits, parse_keepalive
 from supctl.tower.store import atomic_write
 
 CONFIG_NAME = "tower.toml"
@@ -25,6 +26,8 @@ DEFAULT_FILES = {
     "ca": "ca.pem",
     "state": "state.json",
     "audit": "audit.jsonl",
+    "users": "users.json",
+    "policies": "policies.toml",
 }
 
 _HOSTNAME_RE = re.compile(
@@ -41,8 +44,13 @@ class TowerConfig:
     ca: Path
     state: Path
     audit: Path  # the append-only audit log (docs/audit.md)
+    users: Path  # users, password hashes and hashed login/API tokens
+    policies: Path  # named policies (docs/policies.md); a missing file defines none
     listen: str = DEFAULT_LISTEN
     insecure: bool = False  # serve plain ws:// (no TLS); the CLI's --insecure does the same
+    keepalive: float = DEFAULT_KEEPALIVE  # WebSocket ping interval and timeout; 0 = off
+    limits: Limits = field(default_factory=Limits)  # [limits] (docs/tower.md)
+    login_expiry: str = "8h"  # lifetime of a login token (and of each renewal)
 
 
 def valid_hostname(name: str) -> bool:
@@ -89,7 +97,8 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
         raise UsageError(f"bad config file {p}: {e}") from None
 
     # Unknown keys are errors: a misspelt "insecure" must not be silently ignored.
-    unknown = sorted(set(data) - {*DEFAULT_FILES, "listen", "insecure"})
+    known = {*DEFAULT_FILES, "listen", "insecure", "keepalive", "limits", "login-expiry"}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"bad config file {p}: unknown key {unknown[0]!r}")
     base = p.absolute().parent
@@ -109,7 +118,19 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise UsageError(f"bad config file {p}: 'insecure' must be true or false")
-    return TowerConfig(listen=listen, insecure=insecure, **files)
+    keepalive = parse_keepalive(data.get("keepalive", DEFAULT_KEEPALIVE), str(p))
+    limits = Limits.parse(data.get("limits", {}), str(p))
+    login_expiry = data.get("login-expiry", "8h")
+    if not isinstance(login_expiry, str) or not re.fullmatch(r"[1-9][0-9]*[smhd]", login_expiry):
+        raise UsageError(f"bad config file {p}: 'login-expiry' must be like \"8h\" (s, m, h or d)")
+    return TowerConfig(
+        listen=listen,
+        insecure=insecure,
+        keepalive=keepalive,
+        limits=limits,
+        login_expiry=login_expiry,
+        **files,
+    )
 
 
 def toml_string(value: str) -> str:
@@ -139,6 +160,15 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "",
         "# Append-only JSON-lines audit log (mode 0600), one record per session and stream (docs/audit.md).",
         f"audit = {toml_string(DEFAULT_FILES['audit'])}",
+        "",
+        "# Users with hashed passwords and hashed login/API tokens (control-tower user/token).",
+        f"users = {toml_string(DEFAULT_FILES['users'])}",
+        "",
+        "# Named policies, default deny (docs/policies.md); the file is optional.",
+        f"policies = {toml_string(DEFAULT_FILES['policies'])}",
+        "",
+        "# Lifetime of a login token; a long-running supctl renews it before it ends.",
+        'login-expiry = "8h"',
         "",
         "# true serves plain ws:// without TLS (e.g. behind a TLS-terminating proxy).",
         "insecure = false",

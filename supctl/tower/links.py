@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,11 @@ class Route:
             f"instance={self.service_instance} verb={self.verb} protocol={self.protocol} target={target}"
         )
 
+    @property
+    def user(self) -> str:
+        """Whom per-user limits count against: the user part of ``who``."""
+        return audit.split_who(self.who)[0] or self.who
+
 
 class ClientLink(Link):
     """A supctl session: every stream it opens is relayed to its route's site."""
@@ -73,6 +79,8 @@ class ClientLink(Link):
         super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name=f"session {route.who}")
         self.tower = tower
         self.route = route
+        self.user = route.user
+        self.started = time.monotonic()  # for the session-duration limit
         self.relays: dict[int, Relay] = {}
 
     def handle_event(self, event: Event) -> None:
@@ -91,26 +99,40 @@ class ClientLink(Link):
     def _open(self, event: StreamOpened) -> None:
         site = self.tower.sites.get(self.route.site)
         args = event.request.args
+        limits = self.tower.limits
         if site is None or site.conn.closed is not None:  # closed: lost, on_lost not run yet
-            text = f"site {self.route.site} is not connected"
-            self.conn.reset_stream(event.stream_id, ErrorCode.LINK_LOST, text)
-            if self.tower.audit is not None:
-                self.tower.audit.append(
-                    audit.stream_record(
-                        self.route,
-                        event.stream_id,
-                        bytes_up=0,
-                        bytes_down=0,
-                        duration=0.0,
-                        result=text,
-                        close_reason="site-lost",
-                        command=audit.exec_command(self.route, args),
-                    )
-                )
+            self._refuse(event, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected", "site-lost")
+            return
+        if len(self.relays) >= limits.streams_per_session:
+            text = f"more than {limits.streams_per_session} concurrent streams in this session"
+            self._refuse(event, ErrorCode.LIMIT, text, "limit")
+            return
+        if self.tower.user_streams[self.user] >= limits.streams_per_user:
+            text = f"more than {limits.streams_per_user} concurrent streams for user {self.user}"
+            self._refuse(event, ErrorCode.LIMIT, text, "limit")
             return
         site_id = site.conn.open_stream(self.route.request(args))
         Relay(self, event.stream_id, site, site_id, self.route.summary, audit.exec_command(self.route, args))
         site.flush()
+
+    def _refuse(self, event: StreamOpened, code: ErrorCode, text: str, close: str) -> None:
+        """Reset a stream the tower does not relay, and record it."""
+        self.conn.reset_stream(event.stream_id, code, text)
+        if code is ErrorCode.LIMIT:
+            log.warning("stream refused %s: %s", self.route.summary, text)
+        if self.tower.audit is not None:
+            self.tower.audit.append(
+                audit.stream_record(
+                    self.route,
+                    event.stream_id,
+                    bytes_up=0,
+                    bytes_down=0,
+                    duration=0.0,
+                    result=text,
+                    close_reason=close,
+                    command=audit.exec_command(self.route, event.request.args),
+                )
+            )
 
     def on_lost(self, reason: str) -> None:
         for relay in list(self.relays.values()):
@@ -120,12 +142,13 @@ class ClientLink(Link):
 class SiteLink(Link):
     """An enforcer's link: the tower opens streams on it, the enforcer may not."""
 
-    def __init__(self, ws: WebSocketLike, tower: Tower, site: str) -> None:
+    def __init__(self, ws: WebSocketLike, tower: Tower, site: str, peer: str = "?") -> None:
         super().__init__(
             ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {site}"
         )
         self.tower = tower
         self.site = site
+        self.peer = peer  # the enforcer's address, for logs and refusals of a second link
         self.info: SiteInfo | None = None
         self.relays: dict[int, Relay] = {}
 

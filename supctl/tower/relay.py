@@ -103,16 +103,19 @@ class Relay:
     """One stream of a supctl session joined to one stream of a site link."""
 
     __slots__ = (
+        "accepted",
         "client",
         "client_id",
         "command",
         "down",
         "exit",
+        "last_activity",
         "site",
         "site_id",
         "started",
         "summary",
         "up",
+        "user",
     )
 
     def __init__(
@@ -127,17 +130,22 @@ class Relay:
         self.client, self.client_id, self.site, self.site_id = client, client_id, site, site_id
         self.up = Direction(client, client_id, site, site_id)
         self.down = Direction(site, site_id, client, client_id)
-        self.started = time.monotonic()
+        self.started = self.last_activity = time.monotonic()
+        # Read by the tower's limits sweep: not accepted in time, or idle for too long.
+        self.accepted = False
+        self.user = client.user
         self.summary = summary
         self.command = command  # exec: the command from the client's OPEN args, for the audit
         self.exit: tuple[object, object] | None = None  # exec: (code, signal) seen passing by
         client.relays[client_id] = self
         site.relays[site_id] = self
+        client.tower.user_streams[self.user] += 1
 
     # --- events from the supctl side ----------------------------------------
 
     def from_client(self, event: Event) -> None:
         if isinstance(event, DataReceived):
+            self.last_activity = time.monotonic()
             self.up.feed(event.data)
         elif isinstance(event, WindowUpdated):
             self.down.pump()
@@ -160,12 +168,15 @@ class Relay:
 
     def from_site(self, event: Event) -> None:
         if isinstance(event, StreamAccepted):
+            self.accepted = True
+            self.last_activity = time.monotonic()
             # The client's connection may be closing (its relays are aborted when
             # it is lost): accepting then would raise and take the site link down.
             if self.client.conn.is_open(self.client_id):
                 self.client.conn.accept_stream(self.client_id)
                 self.client.flush()
         elif isinstance(event, DataReceived):
+            self.last_activity = time.monotonic()
             self.down.feed(event.data)
         elif isinstance(event, WindowUpdated):
             self.up.pump()
@@ -186,7 +197,8 @@ class Relay:
         self._maybe_done()
 
     def abort(self, code: ErrorCode, text: str, close: str) -> None:
-        """One side of the relay went away (``close``: client-lost, site-lost): reset the other side."""
+        """One side of the relay went away (``close``: client-lost, site-lost), or a limit
+        ended the stream (``close``: timeout): reset both sides."""
         for link, stream_id in ((self.client, self.client_id), (self.site, self.site_id)):
             link.conn.reset_stream(stream_id, code, text)
             link.flush()
@@ -205,8 +217,16 @@ class Relay:
         if self.client.relays.pop(self.client_id, None) is None:
             return
         self.site.relays.pop(self.site_id, None)
+        counts = self.client.tower.user_streams
+        counts[self.user] -= 1
+        if counts[self.user] <= 0:
+            del counts[self.user]
         seconds = time.monotonic() - self.started
-        shown = {"client-reset": "reset by client: ", "site-reset": "reset by site: "}.get(close, "")
+        shown = {
+            "client-reset": "reset by client: ",
+            "site-reset": "reset by site: ",
+            "timeout": "reset by the tower: ",
+        }.get(close, "")
         log.info(
             "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d "
             "seconds=%.3f result=%s%s",

@@ -10,31 +10,37 @@ be written is refused (503), so nothing is let through unrecorded.
 from __future__ import annotations
 
 import asyncio
-import http
-import json
 import logging
 import re
 import secrets
 import signal
 import ssl
 import weakref
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .. import aio
+from ..errors import UsageError
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
+from ..protocol.frames import CLOSE_CODE_BASE
 from . import audit
 from .audit import AuditLog
 from .config import TowerConfig
+from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
+from .limits import Limits, sweep_forever
 from .links import ClientLink, Route, SiteLink
+from .policy import ALLOW_ALL, PolicyFile
+from .policy import Request as PolicyRequest
+from .policy import allowed as policy_allows
 from .siteinfo import InstanceInfo, SiteInfo
 from .store import TowerStore
+from .users import DEFAULT_LOGIN_EXPIRY, USER_NAME_RE, Identity, TokenRefused, UserStore, parse_duration
 
 log = logging.getLogger("supctl.tower")
 
@@ -42,53 +48,28 @@ CONNECT_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([
 EXEC_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/containers/([^/]+)/exec$")
 INSTANCES_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances$")
 ENFORCER_PATH = "/v1/enforcer"
-#: How long a client may take to finish the TLS + WebSocket handshake.
-OPEN_TIMEOUT = 10.0
-
-
-class Rejection(Exception):
-    def __init__(self, status: int, message: str, info: Any = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.info = info
-
-
-def json_response(body: dict[str, Any]) -> Response:
-    data = json.dumps(body).encode()
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-    return Response(200, "OK", headers, data)
-
-
-def error_response(status: int, message: str, info: Any = None) -> Response:
-    body = json.dumps({"errors": [{"error-message": message, "error-info": info}]}).encode()
-    reason = http.HTTPStatus(status).phrase
-    headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
-    return Response(status, reason, headers, body)
-
-
-def bearer_token(request: Request) -> str:
-    value = request.headers.get("Authorization", "")
-    scheme, _, token = value.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Rejection(401, "missing API token")
-    return token.strip()
-
-
-def single(query: dict[str, list[str]], name: str, *, required: bool = True) -> str:
-    values = query.get(name, [])
-    if len(values) > 1:
-        raise Rejection(400, f"query parameter {name!r} given more than once")
-    if not values:
-        if required:
-            raise Rejection(400, f"missing query parameter {name!r}")
-        return ""
-    return values[0]
+#: Plain GETs that manage a user's login token, and the audit event (and verb) of each.
+ACCOUNT_PATHS = {"/v1/login": "login", "/v1/logout": "logout", "/v1/token/renew": "renew"}
 
 
 class Tower:
-    def __init__(self, store: TowerStore, audit_log: AuditLog | None = None) -> None:
+    def __init__(
+        self, store: TowerStore, audit_log: AuditLog | None = None, limits: Limits | None = None
+    ) -> None:
         self.store = store
         self.audit = audit_log
+        # Users and policies (docs/policies.md); without a user store only admin tokens exist.
+        self.users: UserStore | None = None
+        self.policy: PolicyFile | None = None
+        self.login_expiry = DEFAULT_LOGIN_EXPIRY
+        # The policies and identity of the request being authorised (set with _requester).
+        self._policies: tuple[str, ...] = ()
+        self._identity: Identity | None = None
+        self.limits = limits or Limits()
+        # Live supctl sessions, and per user their number and their concurrent streams.
+        self.sessions: set[ClientLink] = set()
+        self.user_sessions: Counter[str] = Counter()
+        self.user_streams: Counter[str] = Counter()
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
         # checked out: process_request is synchronous, so it never mixes two requests.
         self._requester = ""
@@ -114,12 +95,23 @@ class Tower:
         if isinstance(outcome, Response):
             # A plain GET of state, answered without upgrading.
             if not self._audit(
-                audit.record("show", **self._requested(connection, request), status=200, result="ok")
+                audit.record(
+                    ACCOUNT_PATHS.get(urlsplit(request.path).path, "show"),
+                    **self._requested(connection, request),
+                    status=200,
+                    result="ok",
+                )
             ):
                 return error_response(503, "the control tower cannot write its audit log")
             return outcome
         if isinstance(outcome, Route):
             outcome = replace(outcome, peer=_peer(connection), session=secrets.token_hex(4))
+            most = self.limits.sessions_per_user
+            if self.user_sessions[outcome.user] >= most:
+                message = f"more than {most} sessions for user {outcome.user}"
+                log.info("refused %s %s: 429 %s", _peer(connection), urlsplit(request.path).path, message)
+                self._audit_refused(connection, request, 429, message)
+                return error_response(429, message)
             rec = audit.record("session-accepted", path=audit.cut(urlsplit(request.path).path), result="ok")
             rec.update(audit.route_fields(outcome))
             if not self._audit(rec):
@@ -163,7 +155,7 @@ class Tower:
             "path": audit.cut(url.path),
         }
         if "upgrade" not in request.headers.get("Connection", "").lower():
-            fields["verb"] = "show"
+            fields["verb"] = ACCOUNT_PATHS.get(url.path, "show")
         elif url.path == ENFORCER_PATH:
             fields["verb"] = "enforcer"
         elif match := CONNECT_PATH.match(url.path):
@@ -187,6 +179,8 @@ class Tower:
         except ValueError:
             raise Rejection(400, "malformed query string") from None
         if "upgrade" not in request.headers.get("Connection", "").lower():
+            if url.path in ACCOUNT_PATHS:
+                return json_response(self._account(url.path, request))
             return json_response(self._show(url.path, query, self._admin(request)))
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
@@ -195,6 +189,11 @@ class Tower:
             site = single(query, "site")
             if not self.store.check_site(site, bearer_token(request)):
                 raise Rejection(401, f"invalid token for site {site!r}")
+            # One link per site: a second enforcer is refused while the first one's link
+            # is alive; keepalive drops a dead link, and then the site may connect again.
+            existing = self.sites.get(site)
+            if existing is not None and existing.conn.closed is None:
+                raise Rejection(409, f"site {site} is already connected from {existing.peer}")
             return site
         if match := CONNECT_PATH.match(url.path):
             who = self._admin(request)
@@ -206,11 +205,70 @@ class Tower:
         raise Rejection(404, f"no such endpoint: {url.path}")
 
     def _admin(self, request: Request) -> str:
-        accessor = self.store.check_admin(bearer_token(request))
-        if accessor is None:
+        """Who sends ``request`` ("USER:ACCESSOR"): the admin token (user "admin", allow-all
+        policy) or a user's login or API token (that user's policies)."""
+        token = bearer_token(request)
+        self._identity = None
+        self._policies = ()
+        accessor = self.store.check_admin(token)
+        if accessor is not None:
+            self._policies = (ALLOW_ALL,)
+            self._requester = f"admin:{accessor}"
+            return self._requester
+        identity = None
+        if self.users is not None:
+            try:
+                identity = self.users.check_token(token)
+            except TokenRefused as exc:
+                self._requester = f"{exc.user}:{exc.accessor}"
+                raise Rejection(401, str(exc)) from None
+        if identity is None:
             raise Rejection(401, "invalid API token")
-        self._requester = f"admin:{accessor}"
+        self._identity = identity
+        self._policies = identity.policies
+        self._requester = f"{identity.user}:{identity.accessor}"
         return self._requester
+
+    def _allowed(self, request: PolicyRequest) -> bool:
+        if ALLOW_ALL in self._policies:
+            return True
+        try:
+            rules = self.policy.rules(self._policies) if self.policy is not None else []
+        except UsageError as exc:
+            log.error("%s", exc)
+            raise Rejection(500, "the control tower's policy file is invalid (see its log)") from None
+        return policy_allows(rules, request)
+
+    def _check(self, request: PolicyRequest) -> None:
+        """Refuse (403, one line naming what) unless the requester's policies allow ``request``."""
+        if not self._allowed(request):
+            user = audit.split_who(self._requester)[0] or "?"
+            raise Rejection(403, f"policy refuses {request.describe(user)}")
+
+    def _account(self, path: str, request: Request) -> dict[str, Any]:
+        """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer)."""
+        if self.users is None:
+            raise Rejection(404, "this control tower has no users")
+        if path == "/v1/login":
+            name, password = basic_credentials(request)
+            known = USER_NAME_RE.fullmatch(name) is not None
+            self._requester = f"{name}:" if known else ""
+            if not self.users.check_password(name if known else "", password) or not known:
+                raise Rejection(401, "wrong user name or password")
+            token, accessor, expires = self.users.add_token(name, "login", self.login_expiry)
+            self._requester = f"{name}:{accessor}"
+            return {"token": token, "expires": expires, "accessor": accessor, "user": name}
+        self._admin(request)
+        identity = self._identity
+        if identity is None:
+            raise Rejection(400, "the admin token cannot be logged out or renewed")
+        if path == "/v1/logout":
+            self.users.revoke_token(bearer_token(request))
+            return {"revoked": identity.accessor}
+        if identity.kind != "login":
+            raise Rejection(400, "only login tokens are renewed; an API token keeps its expiry")
+        expires = self.users.renew(bearer_token(request), self.login_expiry)
+        return {"expires": expires, "accessor": identity.accessor}
 
     def _site(self, query: dict[str, list[str]]) -> tuple[str, SiteInfo]:
         site = single(query, "site")
@@ -251,6 +309,11 @@ class Tower:
                 ip = check_ip_address(ip_text)
             except ValueError:
                 raise Rejection(400, f"ip-address must be a numeric IP address, got {ip_text!r}") from None
+        self._check(
+            PolicyRequest(
+                "connect", single(query, "site"), app, instance, "", protocol, int(port_text), ip or None
+            )
+        )
         site, info = self._site(query)
         self._instance(site, info, app, instance)
         self._handler(site, info, protocol, "protocol")
@@ -259,6 +322,7 @@ class Tower:
     def _exec_route(
         self, app: str, instance: str, container: str, query: dict[str, list[str]], who: str
     ) -> Route:
+        self._check(PolicyRequest("exec", single(query, "site"), app, instance, container))
         site, info = self._site(query)
         found = self._instance(site, info, app, instance)
         if container not in found.containers:
@@ -271,13 +335,15 @@ class Tower:
     def _show(self, path: str, query: dict[str, list[str]], who: str) -> dict[str, Any]:
         """``GET /v1/state/...``: what the tower knows of sites, for ``supctl show``."""
         if path == "/v1/state/sites":
-            return {"sites": [self._site_summary(name) for name in self.store.sites()]}
+            names = [name for name in self.store.sites() if self._allowed(PolicyRequest("show", name))]
+            return {"sites": [self._site_summary(name) for name in names]}
         if path == "/v1/state/applications":
-            _, info = self._site(query)
+            site, info = self._site(query)
             return {
                 "applications": [
                     {"name": app, "service-instances": sorted(instances)}
                     for app, instances in sorted(info.applications.items())
+                    if self._allowed(PolicyRequest("show", site, app))
                 ]
             }
         if match := INSTANCES_PATH.match(path):
@@ -285,6 +351,7 @@ class Tower:
             app = unquote(match[1])
             if app not in info.applications:
                 raise Rejection(404, f"application {app!r} not found at site {site!r}")
+            self._check(PolicyRequest("show", site, app))
             instances = info.applications[app]
             return {"service-instances": [instances[name].show() for name in sorted(instances)]}
         raise Rejection(404, f"no such endpoint: {path}")
@@ -307,22 +374,38 @@ class Tower:
             await connection.close(1011, "no route")
             return
         if isinstance(route, str):
-            site = SiteLink(connection, self, route)
+            site = SiteLink(connection, self, route, _peer(connection))
             await site.run()
+            return
+        user, most = route.user, self.limits.sessions_per_user
+        if self.user_sessions[user] >= most:  # several handshakes raced past process_request
+            reason = f"more than {most} sessions for user {user}"
+            log.warning("closing session %s: %s", route.summary, reason)
+            await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
         log.info("session opened %s from %s", route.summary, _peer(connection))
         session = ClientLink(connection, self, route)
-        await session.run()
+        self.sessions.add(session)
+        self.user_sessions[user] += 1
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            self.user_sessions[user] -= 1
+            if self.user_sessions[user] <= 0:
+                del self.user_sessions[user]
         log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
 
     def site_connected(self, link: SiteLink) -> None:
         old = self.sites.get(link.site)
+        if old is not None and old is not link and old.conn.closed is None:
+            # The first link wins while it is alive (process_request refuses a second one
+            # with 409; this catches two handshakes that raced past it).
+            reason = f"site {link.site} is already connected from {old.peer}"
+            log.warning("refused a second link of site %s from %s: %s", link.site, link.peer, reason)
+            link.close(ErrorCode.DENIED, reason)
+            return
         self.sites[link.site] = link
-        if old is not None and old is not link:
-            # The newest link wins: the old one is usually a dead TCP connection
-            # whose keepalive has not failed yet.
-            log.warning("site %s reconnected; closing its previous link", link.site)
-            old.close(ErrorCode.LINK_LOST, "replaced by a newer link of the same site")
         info = link.info
         assert info is not None
         log.info(
@@ -357,7 +440,12 @@ async def run_tower(
     config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
 ) -> None:
     audit_log = AuditLog(config.audit)
-    tower = Tower(TowerStore(config.state), audit_log)
+    tower = Tower(TowerStore(config.state), audit_log, config.limits)
+    tower.users = UserStore(config.users)
+    tower.policy = PolicyFile(config.policies)
+    tower.login_expiry = parse_duration(config.login_expiry)
+    keepalive = config.keepalive or None
+    handshake = config.limits.handshake_timeout
     context = None if insecure else server_ssl_context(config)
     async with ws_serve(
         tower.handler,
@@ -369,8 +457,13 @@ async def run_tower(
         compression=None,
         max_size=MAX_MESSAGE_ACCEPTED,
         write_limit=2**18,
-        open_timeout=OPEN_TIMEOUT,
+        open_timeout=handshake,
+        # A peer whose keepalive fails is dropped: a dead site link frees its site.
+        ping_interval=keepalive,
+        ping_timeout=keepalive,
         server_header="control-tower",
+        # Passed on to loop.create_server: a stalled TLS handshake counts against the same limit.
+        ssl_handshake_timeout=handshake if context is not None else None,
     ) as server:
         address = next(iter(server.sockets)).getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
@@ -381,7 +474,9 @@ async def run_tower(
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        sweeper = asyncio.create_task(sweep_forever(tower), name="limits-sweep")
         await stop.wait()
+        sweeper.cancel()
         log.warning("control-tower stopping")
     audit_log.close()
 

@@ -1,0 +1,135 @@
+"""``supctl do login NAME`` and ``supctl do logout``, and renewing a login token.
+
+Login is ``GET /v1/login`` with HTTP Basic credentials (over TLS, with the same
+certificate checks as every other request); the tower answers with a random
+token, its expiry and its accessor, which are stored with mode 0600
+(:mod:`supctl.client.login`).  The token and the password are never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import sys
+import urllib.request
+from typing import Any
+
+import click
+from rich.markup import escape
+
+from supctl import __version__, aio
+from supctl.client.api import Invocation
+from supctl.client.login import delete_login, load_login, save_login, token_path
+from supctl.client.settings import ClientSettings
+from supctl.errors import DeniedError, ProtocolError, SupctlError, UsageError
+
+from .transport import _fetch, https_opener
+
+
+def read_password(name: str) -> str:
+    """Prompted without echo on a terminal, else the first line of stdin."""
+    if sys.stdin.isatty():
+        return str(click.prompt(f"Password for {name}", hide_input=True, err=True))
+    line = sys.stdin.readline()
+    return line[:-1] if line.endswith("\n") else line
+
+
+async def get_json(settings: ClientSettings, path: str, authorization: str) -> Any:
+    secure = settings.host.startswith("wss://")
+    url = f"{'https' if secure else 'http'}://{settings.host.split('://', 1)[1]}{path}"
+    request = urllib.request.Request(  # noqa: S310 - the scheme is https or http, built above
+        url,
+        headers={
+            "Authorization": authorization,
+            "Accept": "application/json",
+            "User-Agent": f"supctl/{__version__}",
+        },
+    )
+    body = await asyncio.to_thread(_fetch, request, https_opener(settings), settings.host)
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ProtocolError(f"the tower at {settings.host} answered {path} with invalid JSON")
+    return answer
+
+
+def make_login_command() -> click.Command:
+    @click.command("login")
+    @click.argument("name")
+    @click.pass_obj
+    def login(inv: Invocation, name: str) -> None:
+        """Log in as user NAME (password from stdin, or prompted) and store the token (mode 0600)."""
+        settings = inv.settings
+        password = read_password(name)
+        if not password:
+            raise UsageError("no password given (on stdin or at the prompt)")
+        if not settings.host.startswith("wss://"):
+            inv.console.print("[yellow]warning:[/] plain ws://: the password crosses the network in clear")
+        basic = base64.b64encode(f"{name}:{password}".encode()).decode()
+        answer = aio.run(get_json(settings, "/v1/login", f"Basic {basic}"))
+        token, expires = answer.get("token"), answer.get("expires")
+        if not isinstance(token, str) or not isinstance(expires, str):
+            raise ProtocolError(f"the tower at {settings.host} answered the login without a token")
+        path = save_login(
+            {
+                "host": settings.host,
+                "user": name,
+                "token": token,
+                "accessor": answer.get("accessor"),
+                "expires": expires,
+            }
+        )
+        inv.console.print(
+            f"logged in to {escape(settings.host)} as {escape(name)} until {escape(expires)}"
+            f" (token {escape(str(answer.get('accessor')))} saved in {escape(str(path))})",
+            soft_wrap=True,
+        )
+
+    return login
+
+
+def make_logout_command() -> click.Command:
+    @click.command("logout")
+    @click.pass_obj
+    def logout(inv: Invocation) -> None:
+        """Revoke the stored login token at the tower and delete it."""
+        host = inv.settings.host
+        stored = load_login(host)
+        if stored is None:
+            raise UsageError(f"not logged in to {host} ({token_path()} holds no token for it)")
+        try:
+            aio.run(get_json(inv.settings, "/v1/logout", f"Bearer {stored['token']}"))
+            done = "revoked"
+        except DeniedError as exc:  # already expired or revoked: nothing left to revoke
+            done = f"already unusable ({exc})"
+        delete_login()
+        inv.console.print(f"logged out of {escape(host)}: token {escape(str(stored.get('accessor')))} {done}")
+
+    return logout
+
+
+async def keep_renewed(inv: Invocation) -> None:
+    """Renew the stored login token at 2/3 of its remaining lifetime, for as long as we run."""
+    settings = inv.settings
+    while True:
+        stored = load_login(settings.host)
+        if stored is None or stored.get("token") != settings.token:
+            return  # logged out, or another login replaced it
+        try:
+            expires = datetime.datetime.fromisoformat(str(stored.get("expires")))
+        except ValueError:
+            return
+        remaining = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
+        await asyncio.sleep(max(1.0, remaining * 2 / 3))
+        try:
+            answer = await inv.transport().get("/v1/token/renew", {})
+        except SupctlError as exc:
+            inv.console.print(f"[yellow]warning:[/] cannot renew the login token: {escape(str(exc))}")
+            return
+        if isinstance(answer, dict) and isinstance(answer.get("expires"), str):
+            stored["expires"] = answer["expires"]
+            save_login(stored)
