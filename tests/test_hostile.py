@@ -615,7 +615,9 @@ async def _rogue_online(env: Env) -> tuple[ClientConnection, Peer]:
     return ws, Peer(ws, Connection(odd_ids=False, accept_streams=True))
 
 
-@pytest.mark.parametrize("misbehaviour", ["data-before-accept", "beyond-window", "garbage-after-accept"])
+@pytest.mark.parametrize(
+    "misbehaviour", ["data-before-accept", "beyond-window", "garbage-after-accept", "window-flood"]
+)
 def test_hostile_enforcer_mid_stream(env: Env, misbehaviour: str) -> None:
     """A registered enforcer that breaks the rules on a live stream: the user gets a
     one-line stream error, the rogue loses its link (or the stream), site1 is untouched."""
@@ -636,11 +638,13 @@ def test_hostile_enforcer_mid_stream(env: Env, misbehaviour: str) -> None:
             else:
                 peer.conn.accept_stream(sid)
                 await peer.flush()
-                attack = (
-                    b"".join([_data(sid, MAX_DATA)] * (DEFAULT_WINDOW // MAX_DATA + 1))
-                    if misbehaviour == "beyond-window"
-                    else b"\x09garbage"
-                )
+                attacks = {
+                    "beyond-window": b"".join([_data(sid, MAX_DATA)] * (DEFAULT_WINDOW // MAX_DATA + 1)),
+                    # 30000 valid-looking credits in one message: past 2**31-1 in total.
+                    "window-flood": encode(FrameType.WINDOW, sid, WINDOW.pack(100_000)) * 30_000,
+                    "garbage-after-accept": b"\x09garbage",
+                }
+                attack = attacks[misbehaviour]
                 await ws.send(attack)
                 outcome = await _until_closed(ws)
             code, _, err = await client
@@ -654,7 +658,8 @@ def test_hostile_enforcer_mid_stream(env: Env, misbehaviour: str) -> None:
         assert "not open" in line
     else:
         assert outcome is not None
-        assert outcome.code == (FLOW_CONTROL if misbehaviour == "beyond-window" else PROTOCOL), outcome
+        expected = PROTOCOL if misbehaviour == "garbage-after-accept" else FLOW_CONTROL
+        assert outcome.code == expected, outcome
         assert f"lost the link to site {ROGUE}" in line
         wait_until(lambda: ROGUE not in _connected_sites(env), DEADLINE, "the rogue to be disconnected")
         # A session for a site whose link is gone is refused before the upgrade.

@@ -305,10 +305,15 @@ def make_cli() -> click.Group:
     @_config_option
     @click.argument("accessor")
     def token_revoke(config_path: Path, accessor: str) -> None:
-        """Revoke the login or API token with this ACCESSOR (see token list, audit records)."""
+        """Revoke the login, API or admin token with this ACCESSOR (see token list, audit records)."""
         from supctl.tower.users import UserStore
 
-        owner = UserStore(load_config(config_path).users).revoke(accessor)
+        config = load_config(config_path)
+        # Admin tokens (from init) live in the state file; the others in the user store.
+        if TowerStore(config.state).revoke_admin(accessor):
+            _console().print(f"admin token {escape(accessor)} revoked")
+            return
+        owner = UserStore(config.users).revoke(accessor)
         _console().print(f"token {escape(accessor)} of user {escape(owner)} revoked")
 
     @cli.command("fingerprint")

@@ -231,6 +231,14 @@ class TowerStore:
             state["admins"].append({"hash": digest, "accessor": digest[:8], "created": _now()})
         return token
 
+    def revoke_admin(self, accessor: str) -> bool:
+        """Forget the admin token with this accessor; False if there is none."""
+        with self._locked() as state:
+            kept = [a for a in state["admins"] if a["accessor"] != accessor]
+            found = len(kept) != len(state["admins"])
+            state["admins"] = kept
+        return found
+
     def add_site(self, name: str) -> str:
         """Register site ``name`` and return its token; only its hash is kept."""
         if not valid_site_name(name):
