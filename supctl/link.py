@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from websockets.exceptions import ConnectionClosed as WsClosed
+from websockets.protocol import State as WsState
 
 from .errors import StreamError
 from .protocol import (
@@ -60,6 +61,8 @@ class Link:
         self.lost_reason = ""
         self._wakeup = asyncio.Event()
         self._closing = False
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -70,8 +73,43 @@ class Link:
     # --- driving -------------------------------------------------------------
 
     def flush(self) -> None:
-        """Wake the writer; cheap enough to call after every action."""
-        self._wakeup.set()
+        """Send what the connection queued, once per loop turn; cheap to call after
+        every action (all actions of one turn go out as one WebSocket message)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
+        if not self._send_directly():
+            self._wakeup.set()
+
+    def _send_directly(self) -> bool:
+        """Hand queued frames to websockets' sans-I/O protocol without a task switch.
+
+        Only while the connection is open and the transport is not pushing back;
+        otherwise the writer task sends them, awaiting websockets' drain.  Order is
+        kept either way: both take frames from the same queue and hand them to the
+        same protocol object synchronously.  Saves a task switch and an async
+        context manager per message (bench: about +7% new connections/s).  Uses
+        websockets' ``protocol``, ``paused`` and ``send_data`` (pinned < 18).
+        """
+        ws = self.ws
+        protocol = getattr(ws, "protocol", None)
+        if (
+            protocol is None
+            or protocol.state is not WsState.OPEN
+            or getattr(ws, "paused", True)
+            or self.conn.closed is not None
+        ):
+            return False
+        sent = False
+        while data := self.conn.data_to_send():
+            protocol.send_binary(data)
+            sent = True
+        if sent:
+            ws.send_data()  # type: ignore[attr-defined]
+        return True
 
     async def run(self) -> None:
         """Serve the link until the WebSocket closes; never raises for peer faults."""
