@@ -201,7 +201,7 @@ class Connection:
         self._highest_peer_id = 0
         # Whole frames waiting to be sent, each as (header-or-frame, payload) so a
         # DATA payload is copied once, by data_to_send's join.
-        self._out: deque[tuple[bytes, bytes]] = deque()
+        self._out: deque[tuple[bytes, bytes | memoryview]] = deque()
         self._out_size = 0
         self.closed: ConnectionClosed | None = None
 
@@ -254,9 +254,12 @@ class Connection:
             raise LocalProtocolError(f"{size} bytes exceed the credit of {stream.send_credit}")
         stream.send_credit -= size
         view = memoryview(data)
+        if not view.readonly:
+            view = memoryview(bytes(view))  # the caller may reuse a mutable buffer
+        # Slices of an immutable buffer: data_to_send's join is the only copy.
         for start in range(0, size, MAX_DATA):
             chunk = view[start : start + MAX_DATA]
-            self._out.append((HEADER.pack(FrameType.DATA, stream_id, len(chunk)), bytes(chunk)))
+            self._out.append((HEADER.pack(FrameType.DATA, stream_id, len(chunk)), chunk))
             self._out_size += len(chunk) + HEADER.size
 
     def send_eof(self, stream_id: int) -> None:
@@ -327,7 +330,7 @@ class Connection:
         out = self._out
         if not out:
             return b""
-        pieces: list[bytes] = []
+        pieces: list[bytes | memoryview] = []
         size = 0
         while out:
             head, payload = out[0]

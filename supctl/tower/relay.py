@@ -55,7 +55,7 @@ class Direction:
         self, src: ClientLink | SiteLink, src_id: int, dst: ClientLink | SiteLink, dst_id: int
     ) -> None:
         self.src, self.src_id, self.dst, self.dst_id = src, src_id, dst, dst_id
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[bytes | memoryview] = deque()
         self.queued = 0
         self.peak = 0
         self.total = 0
@@ -83,8 +83,10 @@ class Direction:
                 break
             chunk = queue[0]
             if len(chunk) > credit:
-                queue[0] = chunk[credit:]
-                chunk = chunk[:credit]
+                # Views, not slices: the bytes are copied once, by the next hop's join.
+                view = memoryview(chunk)
+                queue[0] = view[credit:]
+                chunk = view[:credit]
             else:
                 queue.popleft()
             dst.send_data(self.dst_id, chunk)
