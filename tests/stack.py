@@ -203,6 +203,16 @@ class Stack:
         match = proc.log.wait_for(r"Forwarding from \S+:(\d+) ->", proc=proc.popen)
         return proc, int(match[1])
 
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def register_site(self, site: str) -> str:
+        """Register ``site`` at the tower without starting its enforcer; return its token."""
+        return self.control_tower("site", "add", "--config", str(self.dir / "tower.toml"), site).strip()
+
     def close(self) -> None:
         for proc in reversed(self.procs):
             if proc.popen.poll() is None:

@@ -82,8 +82,7 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    stack = Stack(tmp_path_factory.mktemp("audit"))
-    try:
+    with Stack(tmp_path_factory.mktemp("audit")) as stack:
         stack.start_tower()
         stack.add_site(
             SITE,
@@ -99,8 +98,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             site_token=(stack.root / f"{SITE}.token").read_text().strip(),
             accessor=state["admins"][0]["accessor"],
         )
-    finally:
-        stack.close()
 
 
 def _connect_stream(port: int, payload: bytes) -> int:

@@ -33,16 +33,13 @@ def lab(netlab: NetLab) -> dict[str, str]:
 
 @pytest.fixture
 def stack(tmp_path: Path, lab: dict[str, str]) -> Iterator[Stack]:
-    stack = Stack(tmp_path)
-    try:
+    with Stack(tmp_path) as stack:
         stack.start_tower()
         stack.add_site(
             SITE,
             f'[applications.{APP}.service-instances.{INSTANCE}]\nnetns = "{lab["svc"]}"\n',
         )
         yield stack
-    finally:
-        stack.close()
 
 
 def connect_args(*rest: str) -> list[str]:

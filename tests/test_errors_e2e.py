@@ -16,15 +16,12 @@ APP, INSTANCE, SITE = "popcorn-controller", "popcorn-controller-service-1", "sto
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("errors"))
-    try:
+    with Stack(tmp_path_factory.mktemp("errors")) as stack:
         stack.start_tower()
         stack.add_site(SITE, f"[applications.{APP}.service-instances.{INSTANCE}]\n")
         # Registered but never connected: its enforcer is not started.
-        stack.control_tower("site", "add", "--config", str(stack.dir / "tower.toml"), "offline-site")
+        stack.register_site("offline-site")
         yield stack
-    finally:
-        stack.close()
 
 
 def free_port() -> int:

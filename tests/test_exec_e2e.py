@@ -69,8 +69,7 @@ SHELL = "shell"
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("exec-host"))
-    try:
+    with Stack(tmp_path_factory.mktemp("exec-host")) as stack:
         stack.start_tower()
         stack.add_site(
             HOST_SITE,
@@ -78,8 +77,6 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             f"[applications.{APP}.service-instances.{HOST_INSTANCE}.containers.{SHELL}]\n",
         )
         yield stack
-    finally:
-        stack.close()
 
 
 def host_exec(command: str, container: str = SHELL) -> list[str]:
@@ -337,14 +334,11 @@ def wait_echo_ready(enforcer: Proc) -> None:
 def ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NsWorld]:
     with NetLab() as lab:
         svc, crash_ns, gone_ns = lab.add_ns("svc"), lab.add_ns("crash"), lab.add_ns("gone")
-        stack = Stack(tmp_path_factory.mktemp("exec-ns"))
-        try:
+        with Stack(tmp_path_factory.mktemp("exec-ns")) as stack:
             stack.start_tower()
             enforcer = stack.add_site(NS_SITE, ns_inventory(svc, crash_ns, gone_ns))
             wait_echo_ready(enforcer)
             yield NsWorld(lab, stack, enforcer, svc, crash_ns, gone_ns)
-        finally:
-            stack.close()
 
 
 def ns_exec(command: str, instance: str = SVC, container: str = SHELL) -> list[str]:
@@ -476,14 +470,11 @@ def test_exec_into_a_deleted_namespace_is_one_line(ns: NsWorld) -> None:
 def solo(netlab: NetLab, tmp_path: Path) -> Iterator[tuple[NetLab, str, Stack, Proc]]:
     """A fresh stack whose enforcer the test may stop; SVC runs the echo container."""
     svc = netlab.add_ns("solo")
-    stack = Stack(tmp_path)
-    try:
+    with Stack(tmp_path) as stack:
         stack.start_tower()
         enforcer = stack.add_site(NS_SITE, ns_inventory(svc))
         wait_echo_ready(enforcer)
         yield netlab, svc, stack, enforcer
-    finally:
-        stack.close()
 
 
 def start_sleep(stack: Stack, svc: str) -> Proc:

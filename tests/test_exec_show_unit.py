@@ -517,14 +517,11 @@ INVENTORY = f"""
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("show"))
-    try:
+    with Stack(tmp_path_factory.mktemp("show")) as stack:
         stack.start_tower()
         stack.add_site(SITE, INVENTORY)
-        stack.control_tower("site", "add", "--config", str(stack.dir / "tower.toml"), IDLE_SITE)
+        stack.register_site(IDLE_SITE)
         yield stack
-    finally:
-        stack.close()
 
 
 def show(stack: Stack, *args: str) -> str:

@@ -58,13 +58,10 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("flow"))
-    try:
+    with Stack(tmp_path_factory.mktemp("flow")) as stack:
         stack.start_tower()
         stack.add_site(SITE, inventory(APP, INST))
         yield stack
-    finally:
-        stack.close()
 
 
 @dataclass

@@ -101,14 +101,11 @@ def session_count(stack: Stack) -> int:
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int]]:
-    stack = Stack(tmp_path_factory.mktemp("limits-counts"))
-    try:
+    with Stack(tmp_path_factory.mktemp("limits-counts")) as stack:
         start_tower(stack, {"streams-per-session": 2, "streams-per-user": 3, "sessions-per-user": 2})
         stack.add_site(SITE, inventory(APP, INST))
         _, echo_port = start_server(stack, "echo")
         yield stack, echo_port
-    finally:
-        stack.close()
 
 
 @pytest.fixture
@@ -197,8 +194,7 @@ MUTE_HELLO = {
 
 @pytest.fixture(scope="module")
 def timers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int, str]]:
-    stack = Stack(tmp_path_factory.mktemp("limits-timers"))
-    try:
+    with Stack(tmp_path_factory.mktemp("limits-timers")) as stack:
         start_tower(stack, {"stream-open-timeout": 1, "stream-idle-timeout": 1.5})
         stack.add_site(SITE, inventory(APP, INST))
         _, echo_port = start_server(stack, "echo")
@@ -206,8 +202,6 @@ def timers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, in
             "site", "add", "--config", str(stack.dir / "tower.toml"), MUTE
         ).strip()
         yield stack, echo_port, mute_token
-    finally:
-        stack.close()
 
 
 async def _mute_site(stack: Stack, token: str) -> ClientConnection:
@@ -293,14 +287,11 @@ def test_idle_stream(timers: tuple[Stack, int, str]) -> None:
 
 @pytest.fixture(scope="module")
 def short(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int]]:
-    stack = Stack(tmp_path_factory.mktemp("limits-short"))
-    try:
+    with Stack(tmp_path_factory.mktemp("limits-short")) as stack:
         start_tower(stack, {"session-duration": 3, "handshake-timeout": 2})
         stack.add_site(SITE, inventory(APP, INST))
         _, echo_port = start_server(stack, "echo")
         yield stack, echo_port
-    finally:
-        stack.close()
 
 
 def test_session_duration(short: tuple[Stack, int]) -> None:
@@ -363,8 +354,7 @@ def test_half_open_handshakes_are_dropped(short: tuple[Stack, int]) -> None:
 
 
 def test_second_enforcer_is_refused_until_the_first_dies(tmp_path: Path) -> None:
-    stack = Stack(tmp_path)
-    try:
+    with Stack(tmp_path) as stack:
         start_tower(stack, {}, keepalive=2)
         first = stack.add_site(SITE, inventory(APP, INST))
         _, echo_port = start_server(stack, "echo")
@@ -394,8 +384,6 @@ def test_second_enforcer_is_refused_until_the_first_dies(tmp_path: Path) -> None
         result = stack.supctl(*do_args(SITE, APP, INST, "connect", "tcp", str(echo_port)), input=b"again")
         assert (result.returncode, result.stdout) == (0, b"again"), result.stderr
         assert re.search(r"Traceback", tower_log(stack) + second.log.text()) is None
-    finally:
-        stack.close()
 
 
 # --- configuration ----------------------------------------------------------------------------

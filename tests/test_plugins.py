@@ -39,13 +39,10 @@ SITE = "echo-site"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("plugins"))
-    try:
+    with Stack(tmp_path_factory.mktemp("plugins")) as stack:
         stack.start_tower()
         stack.add_site(SITE, inventory(APP, INST))
         yield stack
-    finally:
-        stack.close()
 
 
 def test_third_party_echo_verb_and_handler_end_to_end(stack: Stack) -> None:

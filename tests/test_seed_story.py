@@ -80,8 +80,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "--report",
             str(report),
         )
-        stack = Stack(root)
-        try:
+        with Stack(root) as stack:
             stack.start_tower()
             base = f"applications.{APP}.service-instances.{INSTANCE}"
             stack.add_site(
@@ -92,8 +91,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 f'command = ["/bin/sh", "-c", "exec sleep infinity"]\n',
             )
             yield World(lab, svc, lan, stack, server, report, dns_log)
-        finally:
-            stack.close()
 
 
 def site_exec(world: World, command: str) -> tuple[int, str, str]:

@@ -90,13 +90,10 @@ def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it() -> None
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("pinning"))
-    try:
+    with Stack(tmp_path_factory.mktemp("pinning")) as stack:
         stack.start_tower()
         stack.add_site(SITE, inventory(APP, INSTANCE))
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +222,7 @@ def test_the_token_never_reaches_an_impostor(stack: Stack, pin: str, tmp_path: P
 
 def start_pinned_enforcer(stack: Stack, site: str, fingerprint: str) -> Proc:
     """``edge-enforcer run --tower-fingerprint`` without ``--ca-file``."""
-    token = stack.control_tower("site", "add", "--config", str(stack.dir / "tower.toml"), site).strip()
+    token = stack.register_site(site).strip()
     (stack.root / f"{site}.token").write_text(token + "\n")
     (stack.root / f"{site}.toml").write_text(inventory(APP, INSTANCE))
     return stack.spawn(

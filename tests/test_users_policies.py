@@ -274,8 +274,7 @@ class Echo:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("users"))
-    try:
+    with Stack(tmp_path_factory.mktemp("users")) as stack:
         stack.start_tower()
         (stack.dir / "policies.toml").write_text(POLICIES)
         stack.add_site(SITE, f"[applications.{APP}.service-instances.{INSTANCE}]\n")
@@ -294,8 +293,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 env=stack.env,
             )
         yield stack
-    finally:
-        stack.close()
 
 
 def user_env(stack: Stack, name: str) -> dict[str, str]:
@@ -508,8 +505,7 @@ def test_secrets_never_logged(stack: Stack) -> None:
 
 
 def test_long_running_connect_renews_its_login_token(tmp_path: Path) -> None:
-    stack = Stack(tmp_path)
-    try:
+    with Stack(tmp_path) as stack:
         stack.start_tower()
         assert stack.tower is not None
         stack.tower.stop()
@@ -550,5 +546,3 @@ def test_long_running_connect_renews_its_login_token(tmp_path: Path) -> None:
         records = [json.loads(x) for x in (stack.dir / "audit.jsonl").read_text().splitlines()]
         assert any(r["event"] == "renew" and r["accessor"] == stored["accessor"] for r in records)
         assert stored["token"] not in proc.log.text()
-    finally:
-        stack.close()
