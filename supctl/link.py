@@ -280,7 +280,9 @@ class Channel:
 
     # --- fed by the link -----------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
+        # The endpoint's one copy; read() hands out bytes, the API handlers expect.
+        data = bytes(data)
         self._buffer.append(data)
         self.bytes_in += len(data)
         self.buffered += len(data)

@@ -36,7 +36,7 @@ from .frames import (
     encode,
     encode_reset,
     encode_window,
-    split_frames,
+    frame_views,
 )
 from .messages import OpenRequest, decode_hello, decode_object, encode_hello
 
@@ -79,8 +79,10 @@ class StreamAccepted:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
+    """``data`` may be a read-only view into the received message."""
+
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,20 +353,28 @@ class Connection:
         """Process one WebSocket message from the peer."""
         if self.closed is not None:
             return []
+        if not isinstance(message, bytes):
+            message = bytes(message)  # DATA views below must not see later changes
         try:
-            frames = split_frames(message)
+            frames = frame_views(message)
         except FrameError as exc:
             return [self.close(exc.code, str(exc))]
         events: list[Event] = []
-        for frame in frames:
+        for ftype, sid, view in frames:
             try:
-                self._handle(frame, events)
+                if ftype is FrameType.DATA:
+                    # Passed on as a view: a relay forwards it without copying, and
+                    # the one copy happens at the next hop's join or in Channel.
+                    self._handle(Frame(ftype, sid), events, view)
+                else:
+                    self._handle(Frame(ftype, sid, bytes(view)), events)
             except FrameError as exc:
                 events.append(self.close(exc.code, str(exc)))
                 break
         return events
 
-    def _handle(self, frame: Frame, events: list[Event]) -> None:
+    def _handle(self, frame: Frame, events: list[Event], data: bytes | memoryview = b"") -> None:
+        """``data`` is the payload of a DATA frame (``frame.payload`` of the others)."""
         ftype, sid = frame.type, frame.stream_id
         if ftype is FrameType.HELLO:
             if sid != 0 or not self._accept_hello:
@@ -408,7 +418,7 @@ class Connection:
             if stream.state is StreamState.OPENING or stream.remote_eof:
                 self._stream_error(stream, "DATA on a stream that is not open", events)
                 return
-            size = len(frame.payload)
+            size = len(data)
             limit = stream.recv_window
             if stream.state is StreamState.PENDING:  # before ACCEPT only EARLY_DATA is allowed
                 limit -= self.window - self.early_data
@@ -416,7 +426,7 @@ class Connection:
                 raise FrameError(f"stream {sid} sent beyond its window", ErrorCode.FLOW_CONTROL)
             stream.recv_window -= size
             if size:
-                events.append(DataReceived(sid, frame.payload))
+                events.append(DataReceived(sid, data))
         elif ftype is FrameType.WINDOW:
             increment = decode_u32(frame.payload, "WINDOW")
             if increment == 0 or stream.send_credit + increment > MAX_WINDOW:

@@ -126,8 +126,17 @@ class FrameError(Exception):
 
 def split_frames(message: bytes | bytearray | memoryview) -> list[Frame]:
     """Split one WebSocket message into frames; raise FrameError if malformed."""
+    return [Frame(ftype, sid, bytes(payload)) for ftype, sid, payload in frame_views(message)]
+
+
+def frame_views(message: bytes | bytearray | memoryview) -> list[tuple[FrameType, int, memoryview]]:
+    """Like split_frames, with payloads as views into ``message`` (nothing copied).
+
+    The whole message is checked before anything is returned, so a malformed
+    message is refused as a whole.
+    """
     view = memoryview(message)
-    frames: list[Frame] = []
+    frames: list[tuple[FrameType, int, memoryview]] = []
     offset = 0
     end = len(view)
     if end == 0:
@@ -145,6 +154,6 @@ def split_frames(message: bytes | bytearray | memoryview) -> list[Frame]:
             ftype = FrameType(type_)
         except ValueError:
             raise FrameError(f"unknown frame type {type_}") from None
-        frames.append(Frame(ftype, stream_id, bytes(view[offset : offset + length])))
+        frames.append((ftype, stream_id, view[offset : offset + length]))
         offset += length
     return frames

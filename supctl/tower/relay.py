@@ -62,7 +62,7 @@ class Direction:
         self.eof_pending = False
         self.eof_sent = False
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         self.queue.append(data)
         self.queued += len(data)
         self.total += len(data)
