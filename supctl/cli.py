@@ -15,11 +15,12 @@ from collections.abc import Sequence
 import click
 import pluggy
 from click.core import ParameterSource
-from rich.console import Console
+from rich.markup import escape
 
 from .client.api import NODES, Invocation
 from .client.settings import resolve
 from .errors import ExitCode, PluginError, SupctlError
+from .output import make_console
 from .plugins import Registry, call_registration, make_plugin_manager
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -86,7 +87,7 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         source = ctx.get_parameter_source
         if token and source("token") is ParameterSource.COMMANDLINE:
             # Once per invocation (the root callback runs once); never the token itself.
-            Console(stderr=True, highlight=False).print(
+            make_console().print(
                 "[yellow]warning: --token is visible to other users in ps;"
                 " prefer --token-file or SUPCTL_TOKEN[/]",
                 soft_wrap=True,
@@ -146,10 +147,7 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
 
 
 def fail(message: str, code: int) -> int:
-    # soft_wrap: one line, whatever the terminal width, so scripts can grep it.
-    Console(stderr=True, highlight=False).print(
-        f"[bold red]supctl: error:[/] {message}", soft_wrap=True, markup=True
-    )
+    make_console().print(f"[bold red]supctl: error:[/] {escape(message)}", markup=True)
     return code
 
 

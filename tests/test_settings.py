@@ -394,3 +394,12 @@ def test_cli_do_help_needs_no_token_or_config(tmp_path: Path, args: list[str]) -
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith("Usage: supctl do")
+
+
+def test_error_lines_are_printed_verbatim(capsys: pytest.CaptureFixture[str]) -> None:
+    """Data in a message (a fingerprint's ':cd:', brackets in a name) is not rich markup or emoji."""
+    from supctl.cli import fail
+
+    message = "fingerprint ab:cd:ef does not match [red]x[/] :smile:"
+    assert fail(message, 5) == 5
+    assert capsys.readouterr().err == f"supctl: error: {message}\n"

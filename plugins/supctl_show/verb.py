@@ -26,6 +26,7 @@ from rich.text import Text
 
 from supctl.client.api import Invocation
 from supctl.errors import NotFoundError, ProtocolError, UsageError
+from supctl.output import make_console
 
 FORMATS = ("yaml", "json", "table")
 APPLICATIONS_USAGE = "applications [APP [service-instances [NAME]]]"
@@ -143,7 +144,7 @@ def render(kind: str, data: Any, output: str) -> str:
 
 
 def print_table(kind: str, data: Any, console: Console | None = None) -> None:
-    (console or Console(highlight=False)).print(make_table(kind, data), soft_wrap=False)
+    (console or make_console(stderr=False, soft_wrap=False)).print(make_table(kind, data))
 
 
 # --- the command ------------------------------------------------------------

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from ..errors import UsageError
+from ..output import make_console
 
 if TYPE_CHECKING:
     import pluggy
@@ -32,7 +33,7 @@ class Invocation:
 
     pm: pluggy.PluginManager
     settings_loader: Callable[[], ClientSettings]
-    console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    console: Console = field(default_factory=make_console)
     site: str | None = None
     application: str | None = None
     service_instance: str | None = None

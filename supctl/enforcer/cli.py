@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from .. import aio
 from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
+from ..output import make_console
 from ..plugins import collect, make_plugin_manager
 from ..tlspin import parse_fingerprint, pinned_context
 from .agent import Agent
@@ -139,12 +139,10 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        Console(stderr=True).print(
-            f"edge-enforcer: error: {exc.format_message()}", soft_wrap=True, markup=False
-        )
+        make_console().print(f"edge-enforcer: error: {exc.format_message()}", markup=False)
         sys.exit(exc.exit_code)
     except SupctlError as exc:
-        Console(stderr=True).print(f"edge-enforcer: error: {exc}", soft_wrap=True, markup=False)
+        make_console().print(f"edge-enforcer: error: {exc}", markup=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from supctl.errors import ExitCode, SupctlError, UsageError
+from supctl.output import make_console
 from supctl.tower.audit import EVENTS
 from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs
 from supctl.tower.config import CONFIG_NAME, TowerConfig, load_config, parse_listen, write_default_config
@@ -34,7 +35,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _console() -> Console:
     # soft_wrap: long paths stay on one line so they can be copied when stderr is a pipe.
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return make_console()
 
 
 def _config_option(f: F) -> F:
@@ -149,7 +150,7 @@ def show_audit(
     }
     lines = audit.follow_lines(path) if follow else audit.read_lines(path)
     records = audit.filtered(lines, **criteria)
-    out = Console(highlight=False, soft_wrap=False)
+    out = make_console(stderr=False, soft_wrap=False)
     if not out.is_terminal:
         out.width = max(out.width, 200)  # a file or a pipe: room for every column
 
