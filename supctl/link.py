@@ -35,6 +35,7 @@ from .protocol import (
     StreamReset,
     WindowUpdated,
 )
+from .wsconn import Message, Sink
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Link:
         self._flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         self.task: asyncio.Task[None] | None = None
+        self._stopped: asyncio.Future[None] = self._loop.create_future()
 
     def start(self) -> asyncio.Task[None]:
         """Run the link in the background; ``self.task`` ends when the link is lost."""
@@ -115,16 +117,11 @@ class Link:
         """Serve the link until the WebSocket closes; never raises for peer faults."""
         writer = asyncio.create_task(self._writer(), name=f"{self.name}-writer")
         try:
-            while True:
-                message = await self.ws.recv()
-                if isinstance(message, str):
-                    self._close(self.conn.close(ErrorCode.PROTOCOL, "text message on a binary protocol"))
-                    break
-                for event in self.conn.receive_data(message):
-                    self.handle_event(event)
-                if self.conn.closed is not None:
-                    break
-                self.flush()
+            attach = getattr(self.ws, "attach", None)
+            if attach is not None:
+                await self._run_attached(attach)
+            else:
+                await self._run_recv()
         except WsClosed as exc:
             self.lost_reason = _close_text(exc)
         except (OSError, asyncio.IncompleteReadError) as exc:
@@ -133,6 +130,50 @@ class Link:
             if self.conn.closed is not None and not self.lost_reason:
                 self.lost_reason = self.conn.closed.reason
             await self._finish(writer)
+
+    async def _run_attached(self, attach: Callable[[Sink], None]) -> None:
+        # Messages arrive synchronously in the protocol's data_received (supctl.wsconn):
+        # no queue, no task switch per message.  This task only waits for the end.
+        attach(self._on_message)
+        closed = asyncio.ensure_future(self.ws.wait_closed())  # type: ignore[attr-defined]
+        try:
+            await asyncio.wait({closed, self._stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if self.conn.closed is None:
+            raise self.ws.close_exc  # type: ignore[attr-defined]
+
+    def _on_message(self, message: Message, is_text: bool) -> None:
+        conn = self.conn
+        if conn.closed is not None:
+            return
+        try:
+            if is_text:
+                self._close(conn.close(ErrorCode.PROTOCOL, "text message on a binary protocol"))
+            else:
+                for event in conn.receive_data(message):
+                    self.handle_event(event)
+        except Exception:  # a bug must not escape into websockets' data_received
+            log.exception("%s: failed to handle a message", self.name)
+            self._close(conn.close(ErrorCode.INTERNAL, "internal error"))
+        if conn.closed is not None:
+            if not self._stopped.done():
+                self._stopped.set_result(None)
+        else:
+            self.flush()
+
+    async def _run_recv(self) -> None:
+        # For WebSocket objects without attach() (the in-memory ones of the unit tests).
+        while True:
+            message = await self.ws.recv()
+            if isinstance(message, str):
+                self._close(self.conn.close(ErrorCode.PROTOCOL, "text message on a binary protocol"))
+                break
+            for event in self.conn.receive_data(message):
+                self.handle_event(event)
+            if self.conn.closed is not None:
+                break
+            self.flush()
 
     async def _writer(self) -> None:
         conn, ws = self.conn, self.ws
@@ -201,13 +242,13 @@ class Link:
         if isinstance(event, DataReceived):
             channel._feed(event.data)
         elif isinstance(event, WindowUpdated):
-            channel._writable.set()
+            channel._on_writable()
         elif isinstance(event, ControlReceived):
             channel._feed_control(event.payload)
         elif isinstance(event, EndOfStream):
             channel._feed_eof()
         elif isinstance(event, StreamAccepted):
-            channel._writable.set()  # the real window replaces EARLY_DATA
+            channel._on_writable()  # the real window replaces EARLY_DATA
             if not channel.accepted.done():
                 channel.accepted.set_result(None)
         elif isinstance(event, StreamReset):
@@ -232,16 +273,22 @@ class Link:
 
     # --- channels ------------------------------------------------------------
 
-    async def open_channel(self, request: OpenRequest, *, wait: bool = True) -> Channel:
-        """Open a stream; with ``wait``, return once the far end accepted it (or raise
-        StreamError).  Without, return at once: the first EARLY_DATA bytes may be
-        written before the far end accepts, and a refusal surfaces as StreamError
-        from read() or write()."""
+    def open_channel_now(self, request: OpenRequest) -> Channel:
+        """Open a stream without waiting for the far end: the first EARLY_DATA bytes
+        may be written at once, and a refusal surfaces as StreamError from the
+        channel (read, write, or a receiver's ``channel_failed``).  Raises StreamError
+        if the link is down."""
         if self.conn.closed is not None or self._closing:
             raise StreamError(f"link lost: {self.lost_reason or 'closed'}", code=ErrorCode.LINK_LOST)
         channel = Channel(self, self.conn.open_stream(request))
         self.channels[channel.id] = channel
         self.flush()
+        return channel
+
+    async def open_channel(self, request: OpenRequest, *, wait: bool = True) -> Channel:
+        """Open a stream; with ``wait``, return once the far end accepted it (or raise
+        StreamError); without, the same as :meth:`open_channel_now`."""
+        channel = self.open_channel_now(request)
         if not wait:
             return channel
         try:
@@ -258,8 +305,28 @@ class Link:
         return channel
 
 
+class ChannelReceiver(Protocol):
+    """Takes a channel's events as they arrive, instead of ``read()`` (see :meth:`Channel.attach`).
+
+    Called synchronously from the link's message dispatch: must not block or raise.
+    """
+
+    def channel_data(self, data: bytes | memoryview) -> None:
+        """Bytes of the stream; give credit back with :meth:`Channel.consume` once done with them."""
+
+    def channel_eof(self) -> None:
+        """The far end half-closed: no more data."""
+
+    def channel_writable(self) -> None:
+        """Send credit arrived (:meth:`Channel.send_nowait` can take more)."""
+
+    def channel_failed(self, error: StreamError) -> None:
+        """The stream was reset or the link was lost; nothing more will come."""
+
+
 class Channel:
-    """One stream as an async byte pipe with flow control."""
+    """One stream as an async byte pipe with flow control, or (with a
+    :class:`ChannelReceiver` attached) as callbacks, for protocol-based bridges."""
 
     def __init__(self, link: Link, stream_id: int) -> None:
         self.link = link
@@ -277,10 +344,28 @@ class Channel:
         self._writable = asyncio.Event()
         self._controls: deque[dict[str, object]] = deque()
         self._control_ready = asyncio.Event()
+        self._receiver: ChannelReceiver | None = None
+
+    def attach(self, receiver: ChannelReceiver) -> None:
+        """Hand every later event (and the data, EOF or error already here) to ``receiver``."""
+        self._receiver = receiver
+        while self._buffer:
+            data = self._buffer.popleft()
+            self.buffered -= len(data)
+            receiver.channel_data(data)
+        if self.error is not None:
+            receiver.channel_failed(self.error)
+        elif self._eof:
+            receiver.channel_eof()
 
     # --- fed by the link -----------------------------------------------------
 
     def _feed(self, data: bytes | memoryview) -> None:
+        if self._receiver is not None:
+            # A view of the (immutable) message: a transport's write copies if it must.
+            self.bytes_in += len(data)
+            self._receiver.channel_data(data)
+            return
         # The endpoint's one copy; read() hands out bytes, the API handlers expect.
         data = bytes(data)
         self._buffer.append(data)
@@ -293,6 +378,13 @@ class Channel:
         self._eof = True
         self._readable.set()
         self._maybe_forget()
+        if self._receiver is not None:
+            self._receiver.channel_eof()
+
+    def _on_writable(self) -> None:
+        self._writable.set()
+        if self._receiver is not None:
+            self._receiver.channel_writable()
 
     def _feed_control(self, payload: dict[str, object]) -> None:
         self._controls.append(payload)
@@ -308,6 +400,9 @@ class Channel:
         self._readable.set()
         self._writable.set()
         self.link.channels.pop(self.id, None)
+        if self._receiver is not None:
+            receiver, self._receiver = self._receiver, None
+            receiver.channel_failed(self.error or error)
 
     # --- used by handlers and backends ---------------------------------------
 
@@ -320,6 +415,7 @@ class Channel:
         self.link.conn.accept_stream(self.id)
         self.accepted.set_result(None)
         self.link.flush()
+        self._on_writable()  # a receiver may hold bytes that waited for the ACCEPT
 
     async def read(self) -> bytes:
         """Next chunk of bytes; ``b""`` at EOF; raises StreamError when reset."""
@@ -335,6 +431,27 @@ class Channel:
         self.link.conn.consumed(self.id, len(data))
         self.link.flush()
         return data
+
+    def consume(self, size: int) -> None:
+        """Give ``size`` bytes of credit back (a receiver is done with them)."""
+        if self.error is None and size:
+            self.link.conn.consumed(self.id, size)
+            self.link.flush()
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        """Send as much of ``data`` as the credit allows; return how much that was.
+
+        0 once the stream cannot carry data any more (a receiver learns why from
+        ``channel_failed``)."""
+        conn = self.link.conn
+        if self.error is not None or self._eof_sent or not conn.is_open(self.id):
+            return 0
+        size = min(conn.send_credit(self.id), len(data))
+        if size:
+            conn.send_data(self.id, data[:size] if size < len(data) else data)
+            self.bytes_out += size
+            self.link.flush()
+        return size
 
     async def write(self, data: bytes) -> None:
         """Send ``data``, waiting for credit as the far end consumes."""

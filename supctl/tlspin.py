@@ -79,9 +79,9 @@ def pinned_connection(pin: bytes, tower: str) -> type[ClientConnection]:
     ``loop.create_connection`` has finished the TLS handshake; on a mismatch it
     aborts the connection and re-raises.
     """
-    from websockets.asyncio.client import ClientConnection
+    from .wsconn import DirectClientConnection
 
-    class PinnedClientConnection(ClientConnection):
+    class PinnedClientConnection(DirectClientConnection):
         async def handshake(self, *args: Any, **kwargs: Any) -> None:
             check_peer(self.transport.get_extra_info("ssl_object"), pin, tower)
             await super().handshake(*args, **kwargs)

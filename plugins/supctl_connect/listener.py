@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 from collections.abc import Callable
 
+from supctl.bridge import SocketBridge
 from supctl.client.api import BindAddress, OpenStream, Reporter
 from supctl.errors import StreamError
-from supctl.link import Link, pipe
+from supctl.link import Channel, Link
+from supctl.protocol import ErrorCode
 
-log = logging.getLogger(__name__)
 
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return str(BindAddress(str(peer[0]), int(peer[1])))
     return str(peer)
@@ -32,29 +31,41 @@ class TcpListener:
         reporter: Reporter,
     ) -> None:
         numbers = itertools.count(1)
+        live: set[SocketBridge] = set()
+        stopping = False
 
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def new_connection() -> SocketBridge:
+            # Each connection is a SocketBridge: bytes move in callbacks, no task per
+            # connection.  A refused or failed stream ends its own connection only.
             number = next(numbers)
             started = time.monotonic()
-            reporter.opened(number, _peer(writer))
-            sent = received = 0
-            error: str | None = None
-            try:
-                channel = await open_stream()
-                failure = await pipe(channel, reader, writer)
-                sent, received = channel.bytes_out, channel.bytes_in
-                error = str(failure) if failure else None
-            except StreamError as exc:  # refused for this connection only; keep listening
-                error = str(exc)
-                writer.transport.abort()
-            except Exception as exc:  # never let one connection take the listener down
-                log.exception("connection %d failed", number)
-                error = f"internal error: {exc}"
-                writer.transport.abort()
-            reporter.closed(number, sent, received, time.monotonic() - started, error)
 
-        server = await asyncio.start_server(on_client, bind.host, bind.port, reuse_address=True)
+            def opened(transport: asyncio.Transport) -> Channel:
+                reporter.opened(number, _peer(transport))
+                return open_stream()
+
+            def closed(bridge: SocketBridge, error: StreamError | None) -> None:
+                live.discard(bridge)
+                channel = bridge.channel
+                sent, received = (channel.bytes_out, channel.bytes_in) if channel else (0, 0)
+                # Ended because supctl stops (Ctrl-C): closed, not failed.
+                failure = str(error) if error is not None and not stopping else None
+                reporter.closed(number, sent, received, time.monotonic() - started, failure)
+
+            bridge = SocketBridge(opened, closed)
+            live.add(bridge)
+            return bridge
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(new_connection, bind.host, bind.port, reuse_address=True)
         sockname = server.sockets[0].getsockname()
         ready(BindAddress(bind.host, int(sockname[1])))
-        async with server:
-            await server.serve_forever()
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            # The server's close() leaves accepted connections open: end them here,
+            # while the session can still carry their RESETs.
+            stopping = True
+            for bridge in list(live):
+                bridge.abort(ErrorCode.CANCEL, "supctl is stopping")

@@ -24,7 +24,7 @@ class StdioNetcat:
         self.stdout = stdout
 
     async def run(self, open_stream: OpenStream) -> None:
-        channel = await open_stream()
+        channel = open_stream()
         upstream = asyncio.ensure_future(self._upstream(channel))
         try:
             await self._downstream(channel)

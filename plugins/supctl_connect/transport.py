@@ -32,6 +32,7 @@ from supctl.errors import (
 from supctl.link import Link
 from supctl.protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection
 from supctl.tlspin import check_peer, pinned_connection, pinned_context
+from supctl.wsconn import DirectClientConnection
 
 OPEN_TIMEOUT = 15.0
 
@@ -177,7 +178,9 @@ class WebSocketTransport:
                 uri,
                 ssl=tower_ssl_context(settings),
                 # With a pin, the certificate is checked before the request (and its token) is sent.
-                create_connection=pinned_connection(pin, settings.host) if pin is not None else None,
+                create_connection=pinned_connection(pin, settings.host)
+                if pin is not None
+                else DirectClientConnection,
                 additional_headers={"Authorization": f"Bearer {settings.token}"},
                 user_agent_header=f"supctl/{__version__} websockets/{websockets_version}",
                 subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],

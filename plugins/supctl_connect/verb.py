@@ -118,10 +118,10 @@ async def _run(
     link = await inv.transport().open_session(path, query)
     request = OpenRequest(verb="connect")  # the tower fills in what it authorised
 
-    async def open_stream() -> Channel:
+    def open_stream() -> Channel:
         # No wait for ACCEPT: the first bytes travel with the OPEN (EARLY_DATA), and a
         # refusal arrives as StreamError from the channel, for this connection only.
-        return await link.open_channel(request, wait=False)
+        return link.open_channel_now(request)
 
     if bind is None:
         netcat: Netcat | None = inv.pm.hook.supctl_netcat()

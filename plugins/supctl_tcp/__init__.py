@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from supctl import hookimpl
+from supctl.bridge import SocketBridge
 from supctl.enforcer.api import HandlerContext, RegisterHandler, ServiceInstance
-from supctl.link import READ_SIZE, Channel, pipe
+from supctl.link import Channel
 from supctl.protocol import OpenRequest
 
 
@@ -18,13 +19,19 @@ class TcpHandler:
         # follows the namespace's own routes.  Never a name: no DNS here.
         host = request.ip_address or "127.0.0.1"
         sock = await context.sockets.connect(instance.netns, host, request.port, context.connect_timeout)
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+        try:
+            transport, bridge = await asyncio.get_running_loop().create_connection(
+                lambda: SocketBridge(lambda _: channel), sock=sock
+            )
+        except BaseException:
+            sock.close()
+            raise
         try:
             channel.accept()
         except BaseException:  # the stream went away while we connected
-            writer.transport.abort()
+            transport.abort()
             raise
-        error = await pipe(channel, reader, writer)
+        error = await bridge.done
         if error is not None:
             raise error  # already reset on the wire; raised so the enforcer logs why
 

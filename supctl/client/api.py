@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +23,10 @@ NODES = ("root", "do", "application", "service-instance", "container")
 
 RegisterVerb = Callable[[str, click.Command], None]
 #: Opens one stream on the session and returns it once the far end accepted it.
-OpenStream = Callable[[], Awaitable["Channel"]]
+#: Opens a stream at once (no wait for the far end: the first bytes may go with the
+#: OPEN); a refusal surfaces as StreamError from the channel.  Raises StreamError
+#: if the session is down.
+OpenStream = Callable[[], "Channel"]
 
 
 @dataclass
@@ -115,8 +118,8 @@ class Listener(Protocol):
     ) -> None:
         """Listen on ``bind`` until cancelled; call ``ready`` with the real address.
 
-        ``open_stream`` is an async callable returning an accepted
-        :class:`~supctl.link.Channel` (or raising StreamError for that connection).
+        ``open_stream`` returns a new :class:`~supctl.link.Channel` at once (see
+        :data:`OpenStream`); a refusal fails that connection only.
         """
         ...
 

@@ -21,6 +21,7 @@ from ..errors import StreamError
 from ..link import Channel, Link, WebSocketLike
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened
 from ..tlspin import FingerprintMismatch, pinned_connection
+from ..wsconn import DirectClientConnection
 from .api import Handler, HandlerContext
 from .containers import ContainerSupervisor
 from .inventory import Inventory
@@ -131,7 +132,7 @@ class Agent:
         ws = await connect(
             self.url,
             ssl=self.ssl_context,
-            create_connection=self.pinned,
+            create_connection=self.pinned or DirectClientConnection,
             additional_headers={"Authorization": f"Bearer {self.token}"},
             user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets_version}",
             subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],

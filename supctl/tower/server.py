@@ -29,6 +29,7 @@ from .. import aio
 from ..errors import UsageError
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
 from ..protocol.frames import CLOSE_CODE_BASE
+from ..wsconn import DirectServerConnection
 from . import audit
 from .audit import AuditLog
 from .config import TowerConfig
@@ -453,6 +454,7 @@ async def run_tower(
         port,
         ssl=context,
         process_request=tower.process_request,
+        create_connection=DirectServerConnection,
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         compression=None,
         max_size=MAX_MESSAGE_ACCEPTED,

@@ -1,0 +1,202 @@
+"""A TCP socket joined to a stream, as an asyncio Protocol: no task, no StreamReader.
+
+``pipe()`` in :mod:`supctl.link` joins streams to StreamReader/StreamWriter pairs
+with two pump tasks per connection.  For plain sockets (the listener's accepted
+connections, the enforcer's target connections) that costs a task start, several
+loop turns and a copy per chunk.  A :class:`SocketBridge` instead moves bytes in
+the transport's callbacks and the link's event dispatch:
+
+* socket -> stream: ``data_received`` sends what the stream's credit allows; the
+  rest waits and reading pauses until a window update (``channel_writable``).
+* stream -> socket: ``channel_data`` writes to the transport and gives the credit
+  back at once, unless the transport is over its high-water mark; then the credit
+  is held until ``resume_writing``.  So per direction at most one window plus the
+  transport's buffer is queued here, whatever the peer does.
+* half-closes pass through (``eof_received`` -> EOF on the stream, EOF from the
+  stream -> ``write_eof``); when both are done the transport closes.  A reset on
+  either side aborts both (an RST locally, a RESET on the stream).
+
+:attr:`SocketBridge.done` resolves with None, or with the StreamError that ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+from .errors import StreamError
+from .link import Channel
+from .protocol import ErrorCode
+
+__all__ = ["SocketBridge"]
+
+log = logging.getLogger(__name__)
+
+#: The transport's write buffer high-water mark: past it, received credit is held back.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class SocketBridge(asyncio.Protocol):
+    """One TCP connection (this protocol's transport) joined to one :class:`Channel`.
+
+    ``open_channel`` is called in ``connection_made`` with the transport and returns
+    the channel (a new stream, or one the peer opened); if it raises StreamError the
+    connection is aborted and :attr:`done` carries the error.  ``on_done`` is
+    called once, with the bridge and that result.
+    """
+
+    def __init__(
+        self,
+        open_channel: Callable[[asyncio.Transport], Channel],
+        on_done: Callable[[SocketBridge, StreamError | None], None] | None = None,
+    ) -> None:
+        self._open_channel = open_channel
+        self._on_done = on_done
+        self.channel: Channel | None = None
+        self.transport: asyncio.Transport | None = None
+        self.done: asyncio.Future[StreamError | None] = asyncio.get_running_loop().create_future()
+        self._pending: deque[memoryview] = deque()  # from the socket, waiting for credit
+        self._reading_paused = False
+        self._writing_paused = False
+        self._held_credit = 0  # bytes written while the transport pushed back
+        self._socket_eof = False  # the socket half-closed (EOF passed on once _pending is empty)
+        self._stream_eof = False  # the stream half-closed (write_eof done)
+        self._eof_sent = False
+
+    # --- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        try:
+            self.channel = self._open_channel(transport)
+        except StreamError as exc:
+            self._abort(exc)
+            return
+        except Exception as exc:  # never let one connection's bug escape into the loop
+            log.exception("cannot open a stream for a connection")
+            self._abort(StreamError(f"internal error: {exc}", code=ErrorCode.INTERNAL))
+            return
+        self.channel.attach(self)
+
+    def data_received(self, data: bytes) -> None:
+        channel = self.channel
+        if channel is None or self.done.done():
+            return
+        if self._pending:
+            self._pending.append(memoryview(data))
+        else:
+            sent = channel.send_nowait(data)
+            if sent == len(data):
+                return
+            self._pending.append(memoryview(data)[sent:])
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._socket_eof = True
+        self._send_pending()
+        return True  # keep the transport open: the other direction may go on (half-close)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        held, self._held_credit = self._held_credit, 0
+        if held and self.channel is not None:
+            self.channel.consume(held)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.done.done():
+            return
+        if exc is None and self._eof_sent and self._stream_eof:
+            self._finish(None)
+            return
+        text = "connection reset by peer" if isinstance(exc, ConnectionResetError) else str(exc or "")
+        error = StreamError(text or "connection closed", code=ErrorCode.CONNECTION_RESET)
+        if self.channel is not None:
+            self.channel.reset(ErrorCode.CONNECTION_RESET, error.args[0])
+        self._finish(error)
+
+    # --- ChannelReceiver -----------------------------------------------------
+
+    def channel_data(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None or self.done.done() or self._stream_eof:
+            return
+        transport.write(data)
+        if self._writing_paused:
+            self._held_credit += len(data)
+        elif self.channel is not None:
+            self.channel.consume(len(data))
+
+    def channel_eof(self) -> None:
+        if self._stream_eof or self.transport is None or self.done.done():
+            return
+        self._stream_eof = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_close()
+
+    def channel_writable(self) -> None:
+        self._send_pending()
+
+    def channel_failed(self, error: StreamError) -> None:
+        self._abort(error)
+
+    def abort(self, code: ErrorCode, text: str) -> None:
+        """End both sides now: RESET on the stream, RST on the socket."""
+        if self.done.done():
+            return
+        if self.channel is not None:
+            self.channel.reset(code, text)
+        self._abort(StreamError(text, code=code))
+
+    # --- internals -------------------------------------------------------------
+
+    def _send_pending(self) -> None:
+        channel = self.channel
+        if channel is None or self.done.done():
+            return
+        pending = self._pending
+        while pending:
+            chunk = pending[0]
+            sent = channel.send_nowait(chunk)
+            if sent < len(chunk):
+                pending[0] = chunk[sent:]
+                return
+            pending.popleft()
+        if self._reading_paused and not self._socket_eof and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if self._socket_eof and not self._eof_sent:
+            self._eof_sent = True
+            channel.write_eof()
+            self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._eof_sent and self._stream_eof and self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then connection_lost(None)
+
+    def _abort(self, error: StreamError) -> None:
+        if self.transport is not None:
+            self.transport.abort()  # a reset travels on as a reset (RST), not a clean FIN
+        self._finish(error)
+
+    def _finish(self, error: StreamError | None) -> None:
+        if self.done.done():
+            return
+        self.done.set_result(error)
+        self._pending.clear()
+        if self._on_done is not None:
+            try:
+                self._on_done(self, error)
+            except Exception:
+                log.exception("stream end callback failed")

@@ -1,0 +1,104 @@
+"""websockets connections that hand each received message straight to a callback.
+
+websockets' asyncio connection queues every message in an ``Assembler`` and
+wakes whoever awaits ``recv()``: a future, a task switch and a queue per
+message.  A :class:`~supctl.link.Link` does not need any of that: its core
+(:class:`~supctl.protocol.Connection`) takes bytes synchronously and bounds
+memory with per-stream credit.  So these subclasses (passed as websockets'
+``create_connection``) deliver each complete message to a *sink*, inside
+``data_received``, in order.  Handshake, keepalive pings, the closing
+handshake and the size limit stay websockets' (its sans-I/O ``protocol``
+checks ``max_size`` across fragments too).
+
+Messages that arrive after the handshake but before the link attaches its
+sink are kept (bounded: reading pauses past :data:`PENDING_LIMIT`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import DATA_OPCODES, Frame, Opcode
+from websockets.protocol import Event
+
+__all__ = ["DirectClientConnection", "DirectServerConnection", "Message", "Sink"]
+
+log = logging.getLogger(__name__)
+
+#: A message as websockets' frames carry it (bytes in practice).
+Message = bytes | bytearray | memoryview
+#: ``sink(message, is_text)``, called once per complete message, in order.
+Sink = Callable[[Message, bool], None]
+
+#: Bytes of early messages kept before the sink is attached; reading pauses beyond.
+PENDING_LIMIT = 4 * 1024 * 1024
+
+
+class _DirectMixin:
+    """Shared by the client and server classes; see the module docstring."""
+
+    # Provided by websockets' Connection.
+    transport: Any
+
+    _sink: Sink | None = None
+    _pending: deque[tuple[Message, bool]] | None = None
+    _pending_bytes = 0
+    _paused_early = False
+    _fragments: list[Message] | None = None
+    _fragments_text = False
+
+    def attach(self, sink: Sink) -> None:
+        """Deliver every message from now on (and those already waiting) to ``sink``."""
+        pending, self._pending = self._pending, None
+        while pending:
+            sink(*pending.popleft())
+        self._sink = sink
+        if self._paused_early:
+            self._paused_early = False
+            self.transport.resume_reading()
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame) and event.opcode in DATA_OPCODES:
+            self._data_frame(event)
+        else:
+            super().process_event(event)  # type: ignore[misc]
+
+    def _data_frame(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.CONT:
+            if self._fragments is None:  # websockets' protocol already rejects this
+                return
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data, self._fragments = b"".join(self._fragments), None
+                self._deliver(data, self._fragments_text)
+        elif not frame.fin:
+            self._fragments = [frame.data]
+            self._fragments_text = frame.opcode is Opcode.TEXT
+        else:
+            self._deliver(frame.data, frame.opcode is Opcode.TEXT)
+
+    def _deliver(self, data: Message, is_text: bool) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink(data, is_text)
+            return
+        if self._pending is None:
+            self._pending = deque()
+        self._pending.append((data, is_text))
+        self._pending_bytes += len(data)
+        if self._pending_bytes > PENDING_LIMIT and not self._paused_early:
+            self._paused_early = True
+            self.transport.pause_reading()
+
+
+class DirectClientConnection(_DirectMixin, ClientConnection):
+    """websockets' client connection with :meth:`attach` (see the module docstring)."""
+
+
+class DirectServerConnection(_DirectMixin, ServerConnection):
+    """websockets' server connection with :meth:`attach` (see the module docstring)."""
