@@ -9,9 +9,11 @@ the transport's callbacks and the link's event dispatch:
 * socket -> stream: ``data_received`` sends what the stream's credit allows; the
   rest waits and reading pauses until a window update (``channel_writable``).
 * stream -> socket: ``channel_data`` writes to the transport and gives the credit
-  back at once, unless the transport is over its high-water mark; then the credit
-  is held until ``resume_writing``.  So per direction at most one window plus the
-  transport's buffer is queued here, whatever the peer does.
+  back at once if the kernel took it all.  If anything stays in the transport's
+  buffer (its high-water mark is 0, so it pauses us at once), the credit for
+  what arrives is held until the buffer is empty again (``resume_writing``).
+  So a stream never has more than one window queued here, whatever the peer
+  or the local socket does; ``channel.peak_buffered`` records the most it held.
 * half-closes pass through (``eof_received`` -> EOF on the stream, EOF from the
   stream -> ``write_eof``); when both are done the transport closes.  A reset on
   either side aborts both (an RST locally, a RESET on the stream).
@@ -35,8 +37,9 @@ __all__ = ["SocketBridge"]
 
 log = logging.getLogger(__name__)
 
-#: The transport's write buffer high-water mark: past it, received credit is held back.
-WRITE_HIGH_WATER = 256 * 1024
+#: The transport's write-buffer high-water mark: 0, so that pause_writing means
+#: "the kernel did not take everything" and credit is held from then on.
+WRITE_HIGH_WATER = 0
 
 
 class SocketBridge(asyncio.Protocol):
@@ -131,11 +134,16 @@ class SocketBridge(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.done.done() or self._stream_eof:
             return
-        transport.write(data)
+        transport.write(data)  # calls pause_writing at once if it could not send it all
+        channel = self.channel
+        if channel is None:
+            return
         if self._writing_paused:
             self._held_credit += len(data)
-        elif self.channel is not None:
-            self.channel.consume(len(data))
+            queued = transport.get_write_buffer_size()
+            channel.peak_buffered = max(channel.peak_buffered, queued)
+        else:
+            channel.consume(len(data))
 
     def channel_eof(self) -> None:
         if self._stream_eof or self.transport is None or self.done.done():

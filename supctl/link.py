@@ -151,7 +151,8 @@ class Link:
             if is_text:
                 self._close(conn.close(ErrorCode.PROTOCOL, "text message on a binary protocol"))
             else:
-                for event in conn.receive_data(message):
+                # websockets builds a new buffer per message and forgets it: ours to keep.
+                for event in conn.receive_data(message, owned=True):
                     self.handle_event(event)
         except Exception:  # a bug must not escape into websockets' data_received
             log.exception("%s: failed to handle a message", self.name)

@@ -42,7 +42,9 @@ async def copy_stdin(fd: int, channel: Channel) -> None:
     try:
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream), pipe)
     except BaseException:
-        pipe.close()
+        # Cancelled inside connect_read_pipe, uvloop may already have closed the fd.
+        with contextlib.suppress(OSError):
+            pipe.close()
         raise
     try:
         while data := await stream.read(READ_SIZE):

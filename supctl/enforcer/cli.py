@@ -14,7 +14,7 @@ import click
 from .. import aio
 from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
-from ..output import make_console
+from ..output import make_console, setup_logging
 from ..plugins import collect, make_plugin_manager
 from ..tlspin import parse_fingerprint, pinned_context
 from .agent import Agent
@@ -67,11 +67,7 @@ def make_cli() -> click.Group:
         verbose: bool,
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
-        logging.basicConfig(
-            level=logging.INFO if verbose else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        logging.getLogger("websockets").setLevel(logging.WARNING)
+        setup_logging(logging.INFO if verbose else logging.WARNING)
         if not tower.startswith(("wss://", "ws://")):
             raise UsageError(f"--tower must look like wss://HOST:PORT, got {tower!r}")
         pin = parse_fingerprint(tower_fingerprint) if tower_fingerprint else None

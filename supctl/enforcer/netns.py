@@ -116,6 +116,32 @@ def _new_socket(target: _Target) -> tuple[socket.socket, int]:
     return sock, scope_id
 
 
+async def _connect(sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]) -> None:
+    """Non-blocking connect of ``sock`` to a numeric ``address``.
+
+    Not ``loop.sock_connect``: uvloop's resolves even a numeric address with
+    getaddrinfo on its thread pool, a thread hop per connection.  Raises OSError.
+    """
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        loop = asyncio.get_running_loop()
+        writable: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        loop.add_writer(fd, ready)
+        try:
+            await writable
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
 class _Worker:
     """One thread living inside one named namespace for its whole life."""
 
@@ -193,7 +219,7 @@ class NamespaceSockets:
                     address = (target.host, target.port, 0, scope_id)
                 else:
                     address = (target.host, target.port)
-                await asyncio.get_running_loop().sock_connect(sock, address)
+                await _connect(sock, address)
         except BaseException as exc:
             if sock is not None:
                 sock.close()

@@ -349,12 +349,19 @@ class Connection:
 
     # --- receiving -----------------------------------------------------------
 
-    def receive_data(self, message: bytes | bytearray | memoryview) -> list[Event]:
-        """Process one WebSocket message from the peer."""
+    def receive_data(self, message: bytes | bytearray | memoryview, *, owned: bool = False) -> list[Event]:
+        """Process one WebSocket message from the peer.
+
+        DATA events carry views into ``message``: unless the caller hands it over
+        (``owned``: nobody changes it afterwards, as with a buffer websockets just
+        built), a mutable message is copied first.
+        """
         if self.closed is not None:
             return []
         if not isinstance(message, bytes):
-            message = bytes(message)  # DATA views below must not see later changes
+            # DATA views below must not see later changes, and must be read-only so
+            # that a relay's send_data does not copy them again.
+            message = memoryview(message).toreadonly() if owned else bytes(message)
         try:
             frames = frame_views(message)
         except FrameError as exc:

@@ -27,6 +27,7 @@ from websockets.http11 import Request, Response
 
 from .. import aio
 from ..errors import UsageError
+from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
 from ..protocol.frames import CLOSE_CODE_BASE
 from ..wsconn import DirectServerConnection
@@ -484,6 +485,5 @@ async def run_tower(
 
 
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("websockets").setLevel(logging.WARNING)
+    setup_logging(logging.INFO)
     aio.run(run_tower(config, host, port, insecure))
