@@ -110,7 +110,10 @@ class Link:
             protocol.send_binary(data)
             sent = True
         if sent:
-            ws.send_data()  # type: ignore[attr-defined]
+            # supctl.wsconn's send_pending writes all frames at once; websockets' own
+            # send_data writes them one by one.
+            send = getattr(ws, "send_pending", None) or ws.send_data  # type: ignore[attr-defined]
+            send()
         return True
 
     async def run(self) -> None:

@@ -44,6 +44,7 @@ class _DirectMixin:
 
     # Provided by websockets' Connection.
     transport: Any
+    protocol: Any
 
     _sink: Sink | None = None
     _pending: deque[tuple[Message, bool]] | None = None
@@ -61,6 +62,20 @@ class _DirectMixin:
         if self._paused_early:
             self._paused_early = False
             self.transport.resume_reading()
+
+    def send_pending(self) -> None:
+        """Write every frame the sans-I/O protocol has queued in one transport call.
+
+        websockets' ``send_data`` writes frame by frame: a TLS record and a
+        syscall each.  ``writelines`` lets the TLS layer encrypt them all and
+        flush once.  Only for an open connection (the closing handshake's
+        end-of-stream marker is websockets' to handle).
+        """
+        chunks = self.protocol.data_to_send()
+        if len(chunks) == 1:
+            self.transport.write(chunks[0])
+        elif chunks:
+            self.transport.writelines(chunks)
 
     def process_event(self, event: Event) -> None:
         if isinstance(event, Frame) and event.opcode in DATA_OPCODES:
