@@ -1,10 +1,10 @@
 """A TCP socket joined to a stream, as an asyncio Protocol: no task, no StreamReader.
 
-``pipe()`` in :mod:`supctl.link` joins streams to StreamReader/StreamWriter pairs
-with two pump tasks per connection.  For plain sockets (the listener's accepted
-connections, the enforcer's target connections) that costs a task start, several
-loop turns and a copy per chunk.  A :class:`SocketBridge` instead moves bytes in
-the transport's callbacks and the link's event dispatch:
+Joining a socket to a stream with StreamReader/StreamWriter and two pump tasks
+costs, per connection, task starts, several loop turns and a copy per chunk.  A
+:class:`SocketBridge` (used for the listener's accepted connections and the
+enforcer's target connections) instead moves bytes in the transport's callbacks
+and the link's event dispatch:
 
 * socket -> stream: ``data_received`` sends what the stream's credit allows; the
   rest waits and reading pauses until a window update (``channel_writable``).
@@ -24,7 +24,10 @@ the transport's callbacks and the link's event dispatch:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import cast
@@ -34,6 +37,9 @@ from .link import Channel
 from .protocol import ErrorCode
 
 __all__ = ["SocketBridge"]
+
+#: SO_LINGER on, timeout 0: close() sends RST and drops unsent data.
+_LINGER_RST = struct.pack("ii", 1, 0)
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +200,15 @@ class SocketBridge(asyncio.Protocol):
             self.transport.close()  # flushes what is buffered, then connection_lost(None)
 
     def _abort(self, error: StreamError) -> None:
-        if self.transport is not None:
-            self.transport.abort()  # a reset travels on as a reset (RST), not a clean FIN
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            # A reset travels on as a reset: abort() alone sends a clean FIN whenever
+            # nothing is left unread, which a client would take for a complete answer.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError, RuntimeError):  # uvloop: handle closed
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            transport.abort()
         self._finish(error)
 
     def _finish(self, error: StreamError | None) -> None:

@@ -344,6 +344,7 @@ class Channel:
         self._buffer: deque[bytes] = deque()
         self._eof = False
         self._eof_sent = False
+        self._eof_deferred = False  # write_eof() before accept()
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
         self._controls: deque[dict[str, object]] = deque()
@@ -420,6 +421,9 @@ class Channel:
         self.accepted.set_result(None)
         self.link.flush()
         self._on_writable()  # a receiver may hold bytes that waited for the ACCEPT
+        if self._eof_deferred:
+            self._eof_deferred = False
+            self.write_eof()
 
     async def read(self) -> bytes:
         """Next chunk of bytes; ``b""`` at EOF; raises StreamError when reset."""
@@ -494,6 +498,10 @@ class Channel:
 
     def write_eof(self) -> None:
         if self.error is None and not self._eof_sent and self.link.conn.is_open(self.id):
+            if self.link.conn.is_pending(self.id):
+                # An acceptor cannot half-close before its ACCEPT: the EOF goes with it.
+                self._eof_deferred = True
+                return
             self._eof_sent = True
             self.link.conn.send_eof(self.id)
             self.link.flush()
@@ -509,60 +517,6 @@ class Channel:
     def _maybe_forget(self) -> None:
         if self._eof and self._eof_sent:
             self.link.channels.pop(self.id, None)
-
-
-async def pipe(
-    channel: Channel,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-    on_error: Callable[[StreamError], None] | None = None,
-) -> StreamError | None:
-    """Join a socket to a channel both ways until both directions are done.
-
-    Half-closes are passed on (EOF from the socket becomes EOF on the stream and
-    the other way round).  A reset on either side aborts both.  Returns the
-    error that ended the pipe, if any; never raises for peer faults.
-    """
-
-    async def upstream() -> None:  # socket -> stream
-        while data := await reader.read(READ_SIZE):
-            await channel.write(data)
-        channel.write_eof()
-
-    async def downstream() -> None:  # stream -> socket
-        while data := await channel.read():
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-
-    tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-    error: StreamError | None = None
-    try:
-        for next_done in asyncio.as_completed(tasks):
-            try:
-                await next_done
-            except StreamError as exc:
-                error = exc
-                break
-            except (ConnectionError, OSError) as exc:
-                text = "connection reset by peer" if isinstance(exc, ConnectionResetError) else str(exc)
-                error = StreamError(text, code=ErrorCode.CONNECTION_RESET)
-                channel.reset(ErrorCode.CONNECTION_RESET, text)
-                break
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if error is not None:
-            writer.transport.abort()  # a reset travels on as a reset (RST), not a clean FIN
-            if on_error is not None:
-                on_error(error)
-        else:
-            writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    return error
 
 
 def _close_text(exc: WsClosed) -> str:

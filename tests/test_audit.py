@@ -147,7 +147,8 @@ def test_refused_stream_is_recorded(env: Env) -> None:
         forward, port = env.stack.forward(
             *do_args(SITE, APP, INST, "connect", "tcp", str(closed_port), "--bind", "0")
         )
-        assert _connect_stream(port, b"hello") == 0
+        with pytest.raises(ConnectionResetError):  # the refusal reaches the client as a reset
+            _connect_stream(port, b"hello")
         rec = env.wait_record(
             lambda r: r["event"] == "stream-closed" and r["target"] == f"127.0.0.1:{closed_port}",
             "the refused stream's record",

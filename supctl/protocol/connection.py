@@ -218,6 +218,11 @@ class Connection:
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def is_pending(self, stream_id: int) -> bool:
+        """True for a stream the peer opened that we have not accepted (nor reset) yet."""
+        stream = self._streams.get(stream_id)
+        return stream is not None and stream.state is StreamState.PENDING
+
     @property
     def stream_count(self) -> int:
         return len(self._streams)
