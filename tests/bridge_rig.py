@@ -238,26 +238,35 @@ class Collector(logging.Handler):
         self.records.append(record)
 
 
-def run(body: Callable[[Rig], Awaitable[None]], *, small_buffers: bool = False) -> list[logging.LogRecord]:
-    """Run ``body`` on uvloop with a fresh Rig, torn down whatever happens; fail on any
-    exception the event loop had to handle.  Returns the ERROR records logged."""
+def run_checked(main: Callable[[], Awaitable[None]]) -> list[logging.LogRecord]:
+    """Run ``main()`` on uvloop under a deadline; fail on any exception the event loop had to
+    handle (e.g. one escaping from a protocol callback).  Returns the ERROR records logged."""
     collector, unhandled = Collector(), []
 
-    async def main() -> None:
+    async def wrapper() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
-        async with contextlib.AsyncExitStack() as stack:
-            rig = Rig(stack, small_buffers)
-            async with asyncio.timeout(DEADLINE):
-                await rig.start()
-                await body(rig)
+        async with asyncio.timeout(DEADLINE):
+            await main()
 
     logging.getLogger().addHandler(collector)
     try:
-        supctl.aio.run(main())
+        supctl.aio.run(wrapper())
     finally:
         logging.getLogger().removeHandler(collector)
     assert not unhandled, f"the event loop handled exceptions: {unhandled}"
     return collector.records
+
+
+def run(body: Callable[[Rig], Awaitable[None]], *, small_buffers: bool = False) -> list[logging.LogRecord]:
+    """Run ``body`` with a fresh Rig, torn down whatever happens (see :func:`run_checked`)."""
+
+    async def main() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            rig = Rig(stack, small_buffers)
+            await rig.start()
+            await body(rig)
+
+    return run_checked(main)
 
 
 # --- targets and client helpers ---------------------------------------------------------------

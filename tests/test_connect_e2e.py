@@ -136,9 +136,12 @@ def test_netcat_mode_honours_half_close(netlab: NetLab, lab: dict[str, str], sta
 
 def test_target_closed_fails_that_connection_only(netlab: NetLab, lab: dict[str, str], stack: Stack) -> None:
     forward, port = stack.forward(*connect_args("443", "--bind", "0"))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        with pytest.raises(ConnectionResetError):  # reset at once: nothing listens in the namespace
-            sock.recv(10)
+    # Reset at once: nothing listens in the namespace.
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        pytest.raises(ConnectionResetError),
+    ):
+        sock.recv(10)
     line = forward.log.wait_for(r"connection 1 failed: (.*)")
     assert "refused" in line[1] and "127.0.0.1:443" in line[1]
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from bridge_rig import DEADLINE, run_checked
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.connection import Connection as WsConnection
 from websockets.asyncio.server import ServerConnection, serve
@@ -34,37 +34,11 @@ from supctl.protocol import (
 from supctl.protocol.frames import CLOSE_CODE_BASE
 from supctl.wsconn import DirectClientConnection, DirectServerConnection, Message
 
-DEADLINE = 10.0
 Direct = DirectClientConnection | DirectServerConnection
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
 
-class Collector(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def run(main: Callable[[], Awaitable[None]]) -> list[logging.LogRecord]:
-    """Run on uvloop; fail on any exception the event loop had to handle (e.g. one escaping
-    from a protocol's data_received).  Returns the ERROR records logged meanwhile."""
-    collector, unhandled = Collector(), []
-
-    async def wrapper() -> None:
-        asyncio.get_running_loop().set_exception_handler(lambda _, context: unhandled.append(context))
-        async with asyncio.timeout(DEADLINE):
-            await main()
-
-    logging.getLogger().addHandler(collector)
-    try:
-        supctl.aio.run(wrapper())
-    finally:
-        logging.getLogger().removeHandler(collector)
-    assert not unhandled, f"the event loop handled exceptions: {unhandled}"
-    return collector.records
+run = run_checked  # on uvloop, failing on any exception the loop had to handle
 
 
 @contextlib.asynccontextmanager
