@@ -290,9 +290,17 @@ SETUPS: dict[str, Callable[[Procs, int], Forward]] = {
 
 
 class Sampler:
-    """Per role, every 50 ms: the sum of VmHWM over the role's process tree (the peak
+    """Per role, every second: the sum of VmHWM over the role's process tree (the peak
     is kept); and the CPU seconds spent between enter and exit (utime+stime of the
-    live tree plus cutime+cstime, which covers the children they reaped)."""
+    live tree plus cutime+cstime, which covers the children they reaped).
+
+    VmHWM is the kernel's own high-water mark, so a sample a second loses nothing but
+    a short-lived child's peak.  Sampling more often costs the measured run: each
+    sample walks /proc, and it runs in this process, next to the workload's client
+    (GIL included), more so for a path with more processes (at 50 ms it took a
+    sizeable share of a core on a 2-core machine)."""
+
+    INTERVAL = 1.0
 
     def __init__(self, roles: dict[str, int]) -> None:
         self.roles = roles
@@ -312,7 +320,7 @@ class Sampler:
         self.cpu = {role: cpu - self.cpu[role] for role, cpu in self.sample().items()}
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(self.INTERVAL):
             self.sample()
 
     def sample(self) -> dict[str, float]:
