@@ -202,6 +202,46 @@ def test_password_hash(tmp_path: Path) -> None:
     assert identity is not None and identity.user == "alice" and identity.policies == ("ops",)
 
 
+def test_login_hashes_the_password_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scrypt costs tens of ms of CPU: on the loop it would stall every relayed stream.
+    The tower's handshake hook runs it on a worker thread, then answers on the loop."""
+    import asyncio
+    import base64
+    from types import SimpleNamespace
+    from typing import Any
+
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request as HttpRequest
+
+    from supctl.tower import server
+    from supctl.tower.store import TowerStore
+
+    threads: list[str] = []
+
+    def recording(password: str, stored: str) -> bool:
+        threads.append(threading.current_thread().name)
+        return check_password(password, stored)
+
+    monkeypatch.setattr(server, "check_password", recording)
+    tower = server.Tower(TowerStore.create(tmp_path / "state.json"), None)
+    tower.users = UserStore(tmp_path / "users.json")
+    tower.users.add_user("alice", PASSWORD, ["ops"])
+    peer: Any = SimpleNamespace(remote_address=("127.0.0.1", 5555))
+
+    def login(password: str) -> int:
+        basic = base64.b64encode(f"alice:{password}".encode()).decode()
+        request = HttpRequest("/v1/login", Headers([("Authorization", f"Basic {basic}")]))
+        response = asyncio.run(tower.handshake_request(peer, request))
+        assert response is not None
+        return response.status_code
+
+    assert login(PASSWORD) == 200
+    assert login(PASSWORD + "x") == 401
+    assert len(threads) == 2 and threading.main_thread().name not in threads
+
+
 # --- the enforcer's local policy --------------------------------------------------------
 
 

@@ -42,7 +42,15 @@ from .policy import Request as PolicyRequest
 from .policy import allowed as policy_allows
 from .siteinfo import InstanceInfo, SiteInfo
 from .store import TowerStore
-from .users import DEFAULT_LOGIN_EXPIRY, USER_NAME_RE, Identity, TokenRefused, UserStore, parse_duration
+from .users import (
+    DEFAULT_LOGIN_EXPIRY,
+    USER_NAME_RE,
+    Identity,
+    TokenRefused,
+    UserStore,
+    check_password,
+    parse_duration,
+)
 
 log = logging.getLogger("supctl.tower")
 
@@ -82,10 +90,37 @@ class Tower:
 
     # --- before the upgrade ---------------------------------------------------
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def handshake_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """websockets' ``process_request``: :meth:`process_request`, after checking a
+        login's password on a worker thread.
+
+        The password hash (scrypt) takes tens of milliseconds of CPU; on the event loop
+        it would stall every relayed stream of every user meanwhile.  Only the hash
+        runs on the thread; everything else stays synchronous on the loop, after the
+        await, so two requests never interleave.
+        """
+        login_ok = None
+        if self.users is not None and urlsplit(request.path).path == "/v1/login":
+            try:
+                name, password = basic_credentials(request)
+            except Rejection:
+                pass  # process_request refuses it, with the reason
+            else:
+                stored = self.users.password_hash(name if USER_NAME_RE.fullmatch(name) else "", password)
+                login_ok = stored is not None and await asyncio.to_thread(check_password, password, stored)
+        return self.process_request(connection, request, login_ok)
+
+    def process_request(
+        self, connection: ServerConnection, request: Request, login_ok: bool | None = None
+    ) -> Response | None:
+        """Authorise ``request`` (or answer it, for a plain GET); None lets the upgrade go on.
+
+        ``login_ok``: the outcome of a login's password check if it was done already
+        (:meth:`handshake_request`); None checks it here.
+        """
         self._requester = ""
         try:
-            outcome = self._authorise(request)
+            outcome = self._authorise(request, login_ok)
         except Rejection as exc:
             log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
             self._audit_refused(connection, request, exc.status, str(exc))
@@ -174,7 +209,7 @@ class Tower:
             fields.update(verb="exec", application=app, service_instance=instance, container=container)
         return fields
 
-    def _authorise(self, request: Request) -> Route | str | Response:
+    def _authorise(self, request: Request, login_ok: bool | None = None) -> Route | str | Response:
         url = urlsplit(request.path)
         try:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
@@ -182,7 +217,7 @@ class Tower:
             raise Rejection(400, "malformed query string") from None
         if "upgrade" not in request.headers.get("Connection", "").lower():
             if url.path in ACCOUNT_PATHS:
-                return json_response(self._account(url.path, request))
+                return json_response(self._account(url.path, request, login_ok))
             return json_response(self._show(url.path, query, self._admin(request)))
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
@@ -247,7 +282,7 @@ class Tower:
             user = audit.split_who(self._requester)[0] or "?"
             raise Rejection(403, f"policy refuses {request.describe(user)}")
 
-    def _account(self, path: str, request: Request) -> dict[str, Any]:
+    def _account(self, path: str, request: Request, login_ok: bool | None = None) -> dict[str, Any]:
         """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer)."""
         if self.users is None:
             raise Rejection(404, "this control tower has no users")
@@ -255,7 +290,9 @@ class Tower:
             name, password = basic_credentials(request)
             known = USER_NAME_RE.fullmatch(name) is not None
             self._requester = f"{name}:" if known else ""
-            if not self.users.check_password(name if known else "", password) or not known:
+            if login_ok is None:
+                login_ok = self.users.check_password(name if known else "", password)
+            if not login_ok or not known:
                 raise Rejection(401, "wrong user name or password")
             token, accessor, expires = self.users.add_token(name, "login", self.login_expiry)
             self._requester = f"{name}:{accessor}"
@@ -454,7 +491,7 @@ async def run_tower(
         host,
         port,
         ssl=context,
-        process_request=tower.process_request,
+        process_request=tower.handshake_request,
         create_connection=DirectServerConnection,
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         compression=None,

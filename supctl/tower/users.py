@@ -178,13 +178,20 @@ class UserStore:
             entry["user"], entry["accessor"], tuple(user.get("policies", [])), str(entry.get("kind"))
         )
 
-    def check_password(self, name: str, password: str) -> bool:
+    def password_hash(self, name: str, password: str) -> str | None:
+        """The stored hash to check ``password`` against: a dummy one for an unknown
+        user (the same work, so timing does not tell which names exist), None for a
+        password too long to be worth hashing."""
         self._reload()
         user = self._data["users"].get(name)
         if len(password) > MAX_PASSWORD:
-            return False
-        ok = check_password(password, user["password"] if user else _DUMMY_HASH)
-        return ok and user is not None
+            return None
+        return str(user["password"]) if user else _DUMMY_HASH
+
+    def check_password(self, name: str, password: str) -> bool:
+        stored = self.password_hash(name, password)
+        ok = stored is not None and check_password(password, stored)
+        return ok and name in self._data["users"]
 
     # -- writing ---------------------------------------------------------
 
