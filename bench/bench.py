@@ -1,4 +1,4 @@
-"""Benchmark one workload over four paths to a local target: direct, socat, ssh -L, supctl.
+"""Benchmark one workload over five paths to a local target: direct, socat, ssh -L, ssh -J, supctl.
 
     python bench/bench.py [--quick] [--json OUT] [--rounds N] [--only PATH ...]
 
@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import socket
 import statistics
@@ -31,12 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-HOST = "127.0.0.1"
+from forwarders import SETUPS
+from procs import HOST, SETUP_TIMEOUT, BenchError, Procs, in_log, must, proc_stat, process_tree
+
 MIB = 1024 * 1024
 CHUNK = 256 * 1024
 BLOCK = os.urandom(CHUNK)  # incompressible payload
 IO_TIMEOUT = 60.0  # bound on every client socket operation
-SETUP_TIMEOUT = 30.0  # bound on every readiness wait
 PING_SECONDS = 20.0  # bound on any ping series
 U64 = struct.Struct("!Q")
 T = TypeVar("T")
@@ -79,10 +79,6 @@ while True:
 """
 
 
-class BenchError(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class Params:
     single: int  # bytes per single-stream transfer
@@ -96,197 +92,6 @@ class Params:
 
 FULL = Params(1024 * MIB, 8, 128 * MIB, 2000, 5000, 5.0, 1000)
 QUICK = Params(128 * MIB, 8, 16 * MIB, 500, 1000, 2.0, 300)
-
-
-# --- processes ---------------------------------------------------------------
-
-
-def proc_stat(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name: [0] state, [1] ppid, [11:15] u/s/cu/cs time."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rfind(")") + 2 :].split()
-
-
-def process_tree(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with suppress(OSError, IndexError):
-            kids.setdefault(int(proc_stat(int(entry))[1]), []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(kids.get(tree[-1], []))
-    return tree
-
-
-def alive(pid: int) -> bool:
-    try:
-        return proc_stat(pid)[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-class Procs:
-    """The processes of one path, each in its own process group and logging to a file."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: dict[subprocess.Popen[bytes], Path] = {}
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = self.logdir / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                                    start_new_session=True)  # fmt: skip
-        self.procs[proc] = log
-        return proc
-
-    def wait(self, what: str, proc: subprocess.Popen[bytes], check: Callable[[], T | None],
-             end: float = 0) -> T | None:  # fmt: skip
-        """Poll ``check`` until it answers.  If ``proc`` exits first: None when an
-        ``end`` was given (the caller retries), else BenchError."""
-        deadline = end or time.monotonic() + SETUP_TIMEOUT
-        while (result := check()) is None:
-            exited = proc.poll() is not None
-            if exited and end:
-                return None
-            if exited or time.monotonic() > deadline:
-                log = " | ".join(self.procs[proc].read_text(errors="replace").strip().splitlines()[-5:])
-                raise BenchError(f"{what}: {'exited' if exited else 'timed out'}: {log}")
-            time.sleep(0.02)
-        return result
-
-    def stop(self) -> None:
-        """SIGTERM, up to 5 s grace, then SIGKILL what is left: each group and every
-        descendant (sshd's per-connection children call setsid() and leave the group)."""
-        pids: set[int] = set()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids |= {pid for proc in self.procs for pid in process_tree(proc.pid)}
-            for proc in self.procs:
-                if proc.poll() is None:
-                    with suppress(ProcessLookupError):
-                        os.killpg(proc.pid, sig)
-            for pid in filter(alive, pids):
-                with suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            deadline = time.monotonic() + 5
-            for proc in self.procs:
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(max(0.1, deadline - time.monotonic()))
-            while any(map(alive, pids)) and time.monotonic() < deadline:
-                time.sleep(0.02)
-        self.procs.clear()
-
-
-def in_log(path: Path, pattern: str) -> Callable[[], re.Match[str] | None]:
-    return lambda: re.search(pattern, path.read_text(errors="replace"))
-
-
-def port_open(port: int) -> Callable[[], bool | None]:
-    def check() -> bool | None:
-        with suppress(OSError), socket.create_connection((HOST, port), timeout=1):
-            return True
-        return None
-
-    return check
-
-
-def must(value: T | None) -> T:
-    assert value is not None
-    return value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def run(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    if done.returncode != 0:
-        raise BenchError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()[-300:]}")
-    return done.stdout
-
-
-def tool(name: str) -> str:
-    if found := shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin"):
-        return found
-    raise BenchError(f"{name} is not installed")
-
-
-# --- the forwarders: each returns (its local port, {process role: pid}) -------
-
-Forward = tuple[int, dict[str, int]]
-
-
-def setup_socat(procs: Procs, target: int) -> Forward:
-    port = free_port()
-    listen = f"TCP-LISTEN:{port},fork,reuseaddr,bind={HOST}"
-    proc = procs.start("socat", [tool("socat"), listen, f"TCP:{HOST}:{target}"])
-    procs.wait("socat", proc, port_open(port))
-    return port, {"socat": proc.pid}
-
-
-def setup_ssh(procs: Procs, target: int) -> Forward:
-    d = procs.logdir
-    for key in ("host_key", "client_key"):
-        run([tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)])
-    shutil.copy(d / "client_key.pub", d / "authorized_keys")
-    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-    sshd_port, port = free_port(), free_port()
-    (d / "sshd_config").write_text(
-        f"ListenAddress {HOST}\nPort {sshd_port}\nHostKey {d / 'host_key'}\n"
-        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin yes\nStrictModes no\nUsePAM no\n"
-        "PidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nAllowTcpForwarding yes\n"
-    )
-    sshd = procs.start("sshd", [tool("sshd"), "-D", "-e", "-f", str(d / "sshd_config")])
-    procs.wait("sshd", sshd, port_open(sshd_port))
-    ssh = procs.start("ssh", [
-        tool("ssh"), "-N", "-F", "/dev/null", "-L", f"{port}:{HOST}:{target}", "-i", str(d / "client_key"),
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-        "-o", "ExitOnForwardFailure=yes", "-o", "LogLevel=ERROR", "-p", str(sshd_port), f"root@{HOST}",
-    ])  # fmt: skip
-    procs.wait("ssh -L", ssh, port_open(port))
-    return port, {"ssh": ssh.pid, "sshd": sshd.pid}
-
-
-def setup_supctl(procs: Procs, target: int) -> Forward:
-    d, tower_cli = procs.logdir / "tower", tool("control-tower")
-    run([tower_cli, "init", str(d)])
-    config = str(d / "tower.toml")
-    (d / "site.token").write_text(run([tower_cli, "site", "add", "--config", config, "demo"]))
-    tower = procs.start("tower", [tower_cli, "serve", "--config", config, "--listen", f"{HOST}:0"])
-    tower_log = procs.logdir / "tower.log"
-    url = must(procs.wait("the tower", tower, in_log(tower_log, r"listening on (wss://127\.0\.0\.1:\d+)")))[1]
-    inventory = procs.logdir / "inventory.toml"
-    inventory.write_text("[applications.bench.service-instances.bench-1]\n")
-    enforcer = procs.start("enforcer", [
-        tool("edge-enforcer"), "run", "--tower", url, "--site", "demo", "--token-file", str(d / "site.token"),
-        "--ca-file", str(d / "ca.pem"), "--inventory", str(inventory),
-    ])  # fmt: skip
-    procs.wait("the enforcer to connect", tower, in_log(tower_log, r"site demo connected"))
-    env = {**os.environ, "SUPCTL_HOST": url, "SUPCTL_TOKEN_FILE": str(d / "admin.token"),
-           "SUPCTL_CA_FILE": str(d / "ca.pem"), "XDG_CONFIG_HOME": str(procs.logdir)}  # fmt: skip
-    argv = [tool("supctl"), "do", "-s", "demo", "applications", "bench", "service-instances", "bench-1",
-            "connect", "tcp", str(target), "--bind", "0", "-q"]  # fmt: skip
-    end = time.monotonic() + SETUP_TIMEOUT
-    for attempt in range(100):  # HTTP 503 until the tower has the site: retry until the deadline
-        supctl = procs.start(f"supctl-{attempt}", argv, env)
-        log = procs.logdir / f"supctl-{attempt}.log"
-        if found := procs.wait("supctl", supctl, in_log(log, r"Forwarding from 127\.0\.0\.1:(\d+)"), end):
-            procs.wait("supctl", supctl, port_open(int(found[1])))
-            return int(found[1]), {"supctl": supctl.pid, "tower": tower.pid, "enforcer": enforcer.pid}
-        if time.monotonic() > end:
-            break
-        time.sleep(0.1)  # pace the retries (not a synchronisation)
-    raise BenchError(f"supctl never started forwarding: {log.read_text().strip()[-300:]}")
-
-
-SETUPS: dict[str, Callable[[Procs, int], Forward]] = {
-    "direct": lambda procs, target: (target, {}), "socat": setup_socat, "ssh -L": setup_ssh,
-    "supctl": setup_supctl,
-}  # fmt: skip
 
 
 class Sampler:
@@ -507,6 +312,14 @@ def report(results: dict[str, dict[str, object]]) -> list[dict[str, object]]:
         checks.append({"target": label, "value": value, "pass": passed})
         shown = "n/a" if not isinstance(value, float) else f"{value:.2f}x" if relative else f"{value:.0f} us"
         print(f"{({True: 'PASS', False: 'FAIL', None: 'N/A '})[passed]}  {label}: {shown}")
+    relay = results.get("ssh -J", {})
+    context: list[str] = []
+    for key in ("up_mbs", "down_mbs", "par_mbs", "rtt_p50", "conns"):
+        value, ref = sup.get(key), relay.get(key)
+        if isinstance(value, float) and isinstance(ref, float) and ref:
+            context.append(f"{ROWS[key]} {value / ref:.2f}x")
+    if context:  # not a target: ssh through a jump host has supctl's relay shape
+        print("supctl / ssh -J: " + ", ".join(context))
     return checks
 
 
