@@ -168,16 +168,12 @@ class Link:
 
     async def _run_recv(self) -> None:
         # For WebSocket objects without attach() (the in-memory ones of the unit tests).
-        while True:
+        while self.conn.closed is None:
             message = await self.ws.recv()
             if isinstance(message, str):
-                self._close(self.conn.close(ErrorCode.PROTOCOL, "text message on a binary protocol"))
-                break
-            for event in self.conn.receive_data(message):
-                self.handle_event(event)
-            if self.conn.closed is not None:
-                break
-            self.flush()
+                self._on_message(b"", True)
+            else:
+                self._on_message(message, False)
 
     async def _writer(self) -> None:
         conn, ws = self.conn, self.ws
