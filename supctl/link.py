@@ -60,6 +60,7 @@ class Link:
         self.name = name
         self.channels: dict[int, Channel] = {}
         self.lost_reason = ""
+        self.lost_code: int | None = None  # the close code the peer sent, if it sent one
         self._wakeup = asyncio.Event()
         self._closing = False
         self._flush_scheduled = False
@@ -127,6 +128,7 @@ class Link:
                 await self._run_recv()
         except WsClosed as exc:
             self.lost_reason = _close_text(exc)
+            self.lost_code = exc.rcvd.code if exc.rcvd is not None else None
         except (OSError, asyncio.IncompleteReadError) as exc:
             self.lost_reason = str(exc) or type(exc).__name__
         finally:

@@ -488,6 +488,25 @@ def test_control_tower_revokes_by_accessor(stack: Stack) -> None:
     assert code == ExitCode.DENIED and line.endswith("token revoked"), line
 
 
+def test_revoking_a_token_ends_the_sessions_it_opened(stack: Stack) -> None:
+    """A token is checked at the upgrade and again while its sessions run: revoking it
+    ends a running forward (exit 3, one line), and the tower logs why."""
+    env, stored = login(stack, "alice")
+    echo = Echo()
+    args = do_args(SITE, APP, INSTANCE, "connect", "tcp", str(echo.port), "--bind", "0")
+    proc = stack.spawn("supctl-revoked", [program("supctl"), *args], env=env)
+    port = int(proc.log.wait_for(r"Forwarding from \S+:(\d+) ->", proc=proc.popen)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"before")
+        assert sock.recv(6) == b"before"
+    stack.control_tower("token", "revoke", "--config", str(stack.dir / "tower.toml"), stored["accessor"])
+    assert proc.popen.wait(timeout=30) == ExitCode.DENIED
+    line = proc.log.wait_for(r"supctl: error: (.*)")[1]
+    assert line == "the tower closed the session: token revoked", line
+    assert stack.tower is not None
+    stack.tower.log.wait_for(rf"closing session who=alice:{stored['accessor']} .*: token revoked")
+
+
 def test_api_token_and_expiry(stack: Stack) -> None:
     config = str(stack.dir / "tower.toml")
     token = stack.control_tower("token", "add", "--config", config, "--user", "alice").strip()

@@ -13,9 +13,10 @@ from rich.markup import escape
 
 from supctl import aio
 from supctl.client.api import BindAddress, Invocation, Listener, Netcat
-from supctl.errors import ExitCode, UnavailableError, UsageError
+from supctl.errors import DeniedError, ExitCode, UnavailableError, UsageError
 from supctl.link import Channel, Link
-from supctl.protocol import OpenRequest, check_ip_address
+from supctl.protocol import ErrorCode, OpenRequest, check_ip_address
+from supctl.protocol.frames import CLOSE_CODE_BASE
 
 from .account import keep_renewed
 
@@ -168,6 +169,9 @@ async def _serve_until_stopped(link: Link, serving: object) -> int:
         if server in done:
             server.result()  # e.g. address already in use
         if link.task in done and stopper not in done:
+            reason = f"the tower closed the session: {link.lost_reason}"
+            if link.lost_code == CLOSE_CODE_BASE + ErrorCode.DENIED:  # e.g. its token was revoked
+                raise DeniedError(reason)
             raise UnavailableError(f"lost the connection to the tower: {link.lost_reason or 'closed'}")
         return ExitCode.OK
     except OSError as exc:

@@ -94,6 +94,12 @@ def sweep(tower: Tower, now: float) -> None:
     for session in list(tower.sessions):
         if session.conn.closed is not None:
             continue
+        # A token is checked at the upgrade and again here: revoking it (or its expiry,
+        # unless a long-running supctl renewed it) ends the sessions it opened.
+        if refusal := tower.token_refusal(session.route.who):
+            log.warning("closing session %s: %s", session.route.summary, refusal)
+            session.close(ErrorCode.DENIED, refusal)
+            continue
         if duration and now - session.started >= duration:
             reason = f"session exceeded {seconds(duration)} s"
             log.warning("closing session %s: %s", session.route.summary, reason)

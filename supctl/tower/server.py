@@ -266,6 +266,16 @@ class Tower:
         self._requester = f"{identity.user}:{identity.accessor}"
         return self._requester
 
+    def token_refusal(self, who: str) -> str | None:
+        """Why the token behind ``who`` ("USER:ACCESSOR" of an accepted session) may no
+        longer be used, or None while it is valid."""
+        user, _, accessor = who.partition(":")
+        if user == "admin":
+            return None if self.store.admin_valid(accessor) else "token revoked"
+        if self.users is None:
+            return "token revoked"
+        return self.users.refusal(accessor)
+
     def _allowed(self, request: PolicyRequest) -> bool:
         if ALLOW_ALL in self._policies:
             return True

@@ -185,6 +185,11 @@ class TowerStore:
                 found = admin["accessor"]
         return found
 
+    def admin_valid(self, accessor: str) -> bool:
+        """Whether the admin token with this accessor still exists (not revoked)."""
+        self._reload()
+        return any(admin["accessor"] == accessor for admin in self._state["admins"])
+
     def check_site(self, name: str, token: str) -> bool:
         """Whether ``token`` is the token of site ``name``; False for unknown sites."""
         self._reload()

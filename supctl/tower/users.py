@@ -178,6 +178,19 @@ class UserStore:
             entry["user"], entry["accessor"], tuple(user.get("policies", [])), str(entry.get("kind"))
         )
 
+    def refusal(self, accessor: str) -> str | None:
+        """Why the token with this accessor may no longer be used (revoked, expired, its
+        user removed, gone), or None while it is valid: for sessions it opened earlier."""
+        self._reload()
+        entry = next((e for e in self._data["tokens"] if e.get("accessor") == accessor), None)
+        if entry is None or entry.get("revoked"):
+            return "token revoked"
+        if entry.get("expires") and datetime.datetime.fromisoformat(entry["expires"]) <= _now():
+            return "token expired"
+        if entry.get("user") not in self._data["users"]:
+            return "token revoked (its user was removed)"
+        return None
+
     def password_hash(self, name: str, password: str) -> str | None:
         """The stored hash to check ``password`` against: a dummy one for an unknown
         user (the same work, so timing does not tell which names exist), None for a
