@@ -31,14 +31,14 @@ from supctl.tower.store import TowerStore, hash_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Installs a stand-in for supctl.tower.server (another module's job) that reports its arguments.
+# Installs a stand-in for supctl.tower.serving (another module's job) that reports its arguments.
 FAKE_SERVER = """
 import json, sys, types
-m = types.ModuleType("supctl.tower.server")
+m = types.ModuleType("supctl.tower.serving")
 def serve(config, host, port, insecure):
     print(json.dumps({"host": host, "port": port, "insecure": insecure, "state": str(config.state)}))
 m.serve = serve
-sys.modules["supctl.tower.server"] = m
+sys.modules["supctl.tower.serving"] = m
 """
 
 

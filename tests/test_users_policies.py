@@ -17,6 +17,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -202,21 +203,37 @@ def test_password_hash(tmp_path: Path) -> None:
     assert identity is not None and identity.user == "alice" and identity.policies == ("ops",)
 
 
-def test_login_hashes_the_password_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """scrypt costs tens of ms of CPU: on the loop it would stall every relayed stream.
-    The tower's handshake hook runs it on a worker thread, then answers on the loop."""
+def _in_process_tower(tmp_path: Path, **limits: Any) -> Any:
+    from supctl.tower import server
+    from supctl.tower.limits import Limits
+    from supctl.tower.store import TowerStore
+
+    tower = server.Tower(TowerStore.create(tmp_path / "state.json"), None, Limits(**limits))
+    tower.users = UserStore(tmp_path / "users.json")
+    tower.users.add_user("alice", PASSWORD, ["ops"])
+    return tower
+
+
+def _login(tower: Any, password: str, name: str = "alice") -> tuple[int, str]:
+    """GET /v1/login through the tower's handshake hook, as websockets calls it."""
     import asyncio
     import base64
     from types import SimpleNamespace
-    from typing import Any
 
     from websockets.datastructures import Headers
     from websockets.http11 import Request as HttpRequest
 
-    from supctl.tower import server
-    from supctl.tower.store import TowerStore
+    basic = base64.b64encode(f"{name}:{password}".encode()).decode()
+    request = HttpRequest("/v1/login", Headers([("Authorization", f"Basic {basic}")]))
+    peer = SimpleNamespace(remote_address=("127.0.0.1", 5555))
+    response = asyncio.run(tower.handshake_request(peer, request))
+    assert response is not None
+    return response.status_code, response.body.decode()
+
+
+def _count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the thread of every password hash the tower computes."""
+    from supctl.tower import logins
 
     threads: list[str] = []
 
@@ -224,22 +241,49 @@ def test_login_hashes_the_password_off_the_event_loop(
         threads.append(threading.current_thread().name)
         return check_password(password, stored)
 
-    monkeypatch.setattr(server, "check_password", recording)
-    tower = server.Tower(TowerStore.create(tmp_path / "state.json"), None)
-    tower.users = UserStore(tmp_path / "users.json")
-    tower.users.add_user("alice", PASSWORD, ["ops"])
-    peer: Any = SimpleNamespace(remote_address=("127.0.0.1", 5555))
+    monkeypatch.setattr(logins, "check_password", recording)
+    return threads
 
-    def login(password: str) -> int:
-        basic = base64.b64encode(f"alice:{password}".encode()).decode()
-        request = HttpRequest("/v1/login", Headers([("Authorization", f"Basic {basic}")]))
-        response = asyncio.run(tower.handshake_request(peer, request))
-        assert response is not None
-        return response.status_code
 
-    assert login(PASSWORD) == 200
-    assert login(PASSWORD + "x") == 401
+def test_login_hashes_the_password_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scrypt costs tens of ms of CPU: on the loop it would stall every relayed stream.
+    The tower's handshake hook runs it on a worker thread, then answers on the loop."""
+    threads = _count_hashes(monkeypatch)
+    tower = _in_process_tower(tmp_path)
+    assert _login(tower, PASSWORD)[0] == 200
+    assert _login(tower, PASSWORD + "x")[0] == 401
     assert len(threads) == 2 and threading.main_thread().name not in threads
+
+
+def test_failed_logins_are_throttled_without_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads = _count_hashes(monkeypatch)
+    tower = _in_process_tower(tmp_path, login_failures=2, login_window=60.0)
+    assert [_login(tower, "wrong")[0] for _ in range(2)] == [401, 401]
+    status, body = _login(tower, PASSWORD)  # even the right password, for now
+    assert status == 429 and "too many failed logins; try again in 60 s" in body, body
+    assert len(threads) == 2  # refused without hashing
+    assert _login(tower, "wrong", name="nobody")[0] == 429  # the same address, another name
+
+
+def test_login_throttle_window() -> None:
+    from supctl.tower.logins import LoginThrottle
+
+    now = [100.0]
+    throttle = LoginThrottle(failures=2, window=10.0, clock=lambda: now[0])
+    throttle.failed("addr:a", "user:x")
+    assert throttle.retry_after("addr:a", "user:x") == 0
+    now[0] = 104.0
+    throttle.failed("addr:a", "user:x")
+    assert throttle.retry_after("addr:b", "user:x") == 6.0  # the name alone is enough
+    now[0] = 110.5  # the first failure aged out
+    assert throttle.retry_after("addr:a", "user:y") == 0
+    throttle.failed("addr:a", "user:x")
+    assert throttle.retry_after("addr:a") == 3.5
+    throttle.succeeded("addr:a", "user:x")
+    assert throttle.retry_after("addr:a", "user:x") == 0
+    assert LoginThrottle(failures=1, window=0.0).retry_after("addr:a") == 0  # 0: off
 
 
 # --- the enforcer's local policy --------------------------------------------------------

@@ -120,9 +120,9 @@ def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None
             "[yellow]warning:[/] serving plain ws:// without TLS; tokens cross the network in clear"
         )
     # Imported here: the server pulls in websockets and asyncio machinery the admin commands never need.
-    from supctl.tower import server
+    from supctl.tower import serving
 
-    server.serve(config, host, port, insecure)
+    serving.serve(config, host, port, insecure)
 
 
 def show_audit(

@@ -45,6 +45,8 @@ class Limits:
     stream_idle_timeout: float = 3600.0  # no DATA either way for this long; 0 = off
     session_duration: float = 0.0  # a session is closed after this long; 0 = off
     handshake_timeout: float = 10.0  # TLS + WebSocket opening handshake
+    login_failures: int = 5  # failed logins per client address or user name...
+    login_window: float = 60.0  # ...within this many seconds, then 429 until they age out; 0 = off
 
     @classmethod
     def parse(cls, data: object, where: str) -> Limits:

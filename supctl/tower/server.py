@@ -9,12 +9,9 @@ be written is refused (503), so nothing is let through unrecorded.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
-import signal
-import ssl
 import weakref
 from collections import Counter
 from dataclasses import replace
@@ -22,21 +19,17 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
-from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
-from .. import aio
 from ..errors import UsageError
-from ..output import setup_logging
-from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, ErrorCode, check_ip_address
+from ..protocol import SUBPROTOCOL, ErrorCode, check_ip_address
 from ..protocol.frames import CLOSE_CODE_BASE
-from ..wsconn import DirectServerConnection
 from . import audit
 from .audit import AuditLog
-from .config import TowerConfig
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
-from .limits import Limits, sweep_forever
+from .limits import Limits
 from .links import ClientLink, Route, SiteLink
+from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
 from .policy import ALLOW_ALL, PolicyFile
 from .policy import Request as PolicyRequest
 from .policy import allowed as policy_allows
@@ -48,8 +41,6 @@ from .users import (
     Identity,
     TokenRefused,
     UserStore,
-    check_password,
-    parse_duration,
 )
 
 log = logging.getLogger("supctl.tower")
@@ -70,6 +61,7 @@ class Tower:
         self.audit = audit_log
         # Users and policies (docs/policies.md); without a user store only admin tokens exist.
         self.users: UserStore | None = None
+        self._login_checker: LoginChecker | None = None
         self.policy: PolicyFile | None = None
         self.login_expiry = DEFAULT_LOGIN_EXPIRY
         # The policies and identity of the request being authorised (set with _requester).
@@ -92,35 +84,38 @@ class Tower:
 
     async def handshake_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' ``process_request``: :meth:`process_request`, after checking a
-        login's password on a worker thread.
+        login's password (:mod:`.logins`: on a worker thread, throttled).
 
-        The password hash (scrypt) takes tens of milliseconds of CPU; on the event loop
-        it would stall every relayed stream of every user meanwhile.  Only the hash
-        runs on the thread; everything else stays synchronous on the loop, after the
-        await, so two requests never interleave.
+        Only that check awaits; everything else stays synchronous on the loop, after
+        the await, so two requests never interleave.
         """
-        login_ok = None
+        login = None
         if self.users is not None and urlsplit(request.path).path == "/v1/login":
             try:
                 name, password = basic_credentials(request)
             except Rejection:
                 pass  # process_request refuses it, with the reason
             else:
-                stored = self.users.password_hash(name if USER_NAME_RE.fullmatch(name) else "", password)
-                login_ok = stored is not None and await asyncio.to_thread(check_password, password, stored)
-        return self.process_request(connection, request, login_ok)
+                login = await self._logins(self.users).check(_peer_host(connection), name, password)
+        return self.process_request(connection, request, login)
+
+    def _logins(self, users: UserStore) -> LoginChecker:
+        if self._login_checker is None or self._login_checker.users is not users:
+            throttle = LoginThrottle(self.limits.login_failures, self.limits.login_window)
+            self._login_checker = LoginChecker(users, throttle)
+        return self._login_checker
 
     def process_request(
-        self, connection: ServerConnection, request: Request, login_ok: bool | None = None
+        self, connection: ServerConnection, request: Request, login: LoginCheck | None = None
     ) -> Response | None:
         """Authorise ``request`` (or answer it, for a plain GET); None lets the upgrade go on.
 
-        ``login_ok``: the outcome of a login's password check if it was done already
-        (:meth:`handshake_request`); None checks it here.
+        ``login``: the outcome of a login's password check if it was done already
+        (:meth:`handshake_request`); None checks it here (unthrottled: in-process use).
         """
         self._requester = ""
         try:
-            outcome = self._authorise(request, login_ok)
+            outcome = self._authorise(request, login)
         except Rejection as exc:
             log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
             self._audit_refused(connection, request, exc.status, str(exc))
@@ -209,7 +204,7 @@ class Tower:
             fields.update(verb="exec", application=app, service_instance=instance, container=container)
         return fields
 
-    def _authorise(self, request: Request, login_ok: bool | None = None) -> Route | str | Response:
+    def _authorise(self, request: Request, login: LoginCheck | None = None) -> Route | str | Response:
         url = urlsplit(request.path)
         try:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
@@ -217,7 +212,7 @@ class Tower:
             raise Rejection(400, "malformed query string") from None
         if "upgrade" not in request.headers.get("Connection", "").lower():
             if url.path in ACCOUNT_PATHS:
-                return json_response(self._account(url.path, request, login_ok))
+                return json_response(self._account(url.path, request, login))
             return json_response(self._show(url.path, query, self._admin(request)))
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
@@ -292,7 +287,7 @@ class Tower:
             user = audit.split_who(self._requester)[0] or "?"
             raise Rejection(403, f"policy refuses {request.describe(user)}")
 
-    def _account(self, path: str, request: Request, login_ok: bool | None = None) -> dict[str, Any]:
+    def _account(self, path: str, request: Request, login: LoginCheck | None = None) -> dict[str, Any]:
         """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer)."""
         if self.users is None:
             raise Rejection(404, "this control tower has no users")
@@ -300,9 +295,11 @@ class Tower:
             name, password = basic_credentials(request)
             known = USER_NAME_RE.fullmatch(name) is not None
             self._requester = f"{name}:" if known else ""
-            if login_ok is None:
-                login_ok = self.users.check_password(name if known else "", password)
-            if not login_ok or not known:
+            if login is None:
+                login = LoginCheck(self.users.check_password(name if known else "", password))
+            if login.retry_after:
+                raise Rejection(429, retry_text(login.retry_after))
+            if not login.ok or not known:
                 raise Rejection(401, "wrong user name or password")
             token, accessor, expires = self.users.add_token(name, "login", self.login_expiry)
             self._requester = f"{name}:{accessor}"
@@ -470,67 +467,16 @@ class Tower:
             log.warning("site %s disconnected: %s", link.site, reason)
 
 
+def _peer_host(connection: ServerConnection) -> str:
+    try:
+        return str(connection.remote_address[0])
+    except (TypeError, IndexError, OSError):
+        return "?"
+
+
 def _peer(connection: ServerConnection) -> str:
     try:
         host, port = connection.remote_address[:2]
     except (TypeError, ValueError, OSError):
         return "?"
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(config.cert), str(config.key))
-    return context
-
-
-async def run_tower(
-    config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
-) -> None:
-    audit_log = AuditLog(config.audit)
-    tower = Tower(TowerStore(config.state), audit_log, config.limits)
-    tower.users = UserStore(config.users)
-    tower.policy = PolicyFile(config.policies)
-    tower.login_expiry = parse_duration(config.login_expiry)
-    keepalive = config.keepalive or None
-    handshake = config.limits.handshake_timeout
-    context = None if insecure else server_ssl_context(config)
-    async with ws_serve(
-        tower.handler,
-        host,
-        port,
-        ssl=context,
-        process_request=tower.handshake_request,
-        create_connection=DirectServerConnection,
-        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
-        compression=None,
-        max_size=MAX_MESSAGE_ACCEPTED,
-        write_limit=2**18,
-        open_timeout=handshake,
-        # A peer whose keepalive fails is dropped: a dead site link frees its site.
-        ping_interval=keepalive,
-        ping_timeout=keepalive,
-        server_header="control-tower",
-        # Passed on to loop.create_server: a stalled TLS handshake counts against the same limit.
-        ssl_handshake_timeout=handshake if context is not None else None,
-    ) as server:
-        address = next(iter(server.sockets)).getsockname()
-        shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-        log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
-        if started is not None:
-            started.set()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        sweeper = asyncio.create_task(sweep_forever(tower), name="limits-sweep")
-        await stop.wait()
-        sweeper.cancel()
-        log.warning("control-tower stopping")
-    audit_log.close()
-
-
-def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
-    setup_logging(logging.INFO)
-    aio.run(run_tower(config, host, port, insecure))

@@ -201,10 +201,14 @@ class UserStore:
             return None
         return str(user["password"]) if user else _DUMMY_HASH
 
+    def has_user(self, name: str) -> bool:
+        self._reload()
+        return name in self._data["users"]
+
     def check_password(self, name: str, password: str) -> bool:
         stored = self.password_hash(name, password)
         ok = stored is not None and check_password(password, stored)
-        return ok and name in self._data["users"]
+        return ok and self.has_user(name)
 
     # -- writing ---------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""``control-tower serve``: the TLS WebSocket server around a :class:`~.server.Tower`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+
+from websockets.asyncio.server import serve as ws_serve
+
+from .. import aio
+from ..output import setup_logging
+from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
+from ..wsconn import DirectServerConnection
+from .audit import AuditLog
+from .config import TowerConfig
+from .limits import sweep_forever
+from .policy import PolicyFile
+from .server import Tower
+from .store import TowerStore
+from .users import UserStore, parse_duration
+
+log = logging.getLogger("supctl.tower")
+
+
+def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(config.cert), str(config.key))
+    return context
+
+
+async def run_tower(
+    config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
+) -> None:
+    audit_log = AuditLog(config.audit)
+    tower = Tower(TowerStore(config.state), audit_log, config.limits)
+    tower.users = UserStore(config.users)
+    tower.policy = PolicyFile(config.policies)
+    tower.login_expiry = parse_duration(config.login_expiry)
+    keepalive = config.keepalive or None
+    handshake = config.limits.handshake_timeout
+    context = None if insecure else server_ssl_context(config)
+    async with ws_serve(
+        tower.handler,
+        host,
+        port,
+        ssl=context,
+        process_request=tower.handshake_request,
+        create_connection=DirectServerConnection,
+        subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
+        compression=None,
+        max_size=MAX_MESSAGE_ACCEPTED,
+        write_limit=2**18,
+        open_timeout=handshake,
+        # A peer whose keepalive fails is dropped: a dead site link frees its site.
+        ping_interval=keepalive,
+        ping_timeout=keepalive,
+        server_header="control-tower",
+        # Passed on to loop.create_server: a stalled TLS handshake counts against the same limit.
+        ssl_handshake_timeout=handshake if context is not None else None,
+    ) as server:
+        address = next(iter(server.sockets)).getsockname()
+        shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+        log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
+        if started is not None:
+            started.set()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        sweeper = asyncio.create_task(sweep_forever(tower), name="limits-sweep")
+        await stop.wait()
+        sweeper.cancel()
+        log.warning("control-tower stopping")
+    audit_log.close()
+
+
+def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
+    setup_logging(logging.INFO)
+    aio.run(run_tower(config, host, port, insecure))
