@@ -65,6 +65,30 @@ def pattern(seed: int, size: int, block: int = BLOCK) -> Iterator[bytes]:
         index += 1
 
 
+def send_pattern_and_read(port: int, seed: int, size: int, timeout: float = 60.0) -> tuple[str, int]:
+    """Send ``size`` pattern bytes to 127.0.0.1:``port`` and half-close, while reading
+    everything the far end sends until its EOF: (sha256 of it, its length)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        digest = hashlib.sha256()
+        received = 0
+
+        def reader() -> None:
+            nonlocal received
+            while data := sock.recv(1 << 18):
+                digest.update(data)
+                received += len(data)
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        for chunk in pattern(seed, size):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        thread.join(2 * timeout)
+        if thread.is_alive():
+            raise TimeoutError("the far end's bytes did not all arrive")
+    return digest.hexdigest(), received
+
+
 def pattern_bytes(seed: int, size: int) -> bytes:
     """The whole of :func:`pattern` as one bytes object."""
     return b"".join(pattern(seed, size))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from netlab import NetLab, try_connect, wait_for_port
-from servers import pattern, pattern_sha256
+from servers import pattern, pattern_sha256, send_pattern_and_read
 from stack import Stack, do_args, program
 
 pytestmark = pytest.mark.root
@@ -47,24 +47,7 @@ def connect_args(*rest: str) -> list[str]:
 
 
 def exchange(port: int, seed: int, size: int, results: dict[int, tuple[str, int]]) -> None:
-    """Send ``size`` pattern bytes while reading everything the far end sends."""
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        digest = hashlib.sha256()
-        received = 0
-
-        def reader() -> None:
-            nonlocal received
-            while data := sock.recv(1 << 18):
-                digest.update(data)
-                received += len(data)
-
-        thread = threading.Thread(target=reader)
-        thread.start()
-        for chunk in pattern(seed, size):
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-        thread.join(120)
-        results[seed] = (digest.hexdigest(), received)
+    results[seed] = send_pattern_and_read(port, seed, size)
 
 
 def test_service_namespace_is_reached_only_through_connect(

@@ -12,11 +12,8 @@ with ``connect tcp 443 --ip-address 192.0.2.11``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,7 @@ import pytest
 from e2e_support import wait_until
 from exec_support import exec_args, nslookup, start_dnsmasq, toml_str, wait_for_dns
 from netlab import NetLab, ServerProc, try_connect
-from servers import pattern, pattern_sha256
+from servers import pattern_sha256, send_pattern_and_read
 from stack import Stack, do_args, one_line_error
 
 from supctl.errors import ExitCode
@@ -159,24 +156,8 @@ def test_connect_reaches_the_resolved_address_through_the_service(world: World) 
         forward.log.text(),
     ), forward.log.text()
     before = len(server_records(world))
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        down = hashlib.sha256()
-        received = 0
-
-        def reader() -> None:
-            nonlocal received
-            while data := sock.recv(1 << 18):
-                down.update(data)
-                received += len(data)
-
-        thread = threading.Thread(target=reader, daemon=True)
-        thread.start()
-        for chunk in pattern(7, UP_SIZE):
-            sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-        thread.join(30)
-        assert not thread.is_alive(), "the server's bytes did not all arrive"
-    assert (down.hexdigest(), received) == (pattern_sha256(SERVER_SEED, DOWN_SIZE), DOWN_SIZE)
+    down = send_pattern_and_read(port, 7, UP_SIZE, timeout=30)
+    assert down == (pattern_sha256(SERVER_SEED, DOWN_SIZE), DOWN_SIZE)
     # The server got exactly our bytes, from the service's own address.
     records = wait_until(lambda: server_records(world)[before:], what="the server's report")
     assert len(records) == 1, records
