@@ -17,6 +17,7 @@ from supctl.errors import DeniedError, ExitCode, UnavailableError, UsageError
 from supctl.link import Channel, Link
 from supctl.protocol import ErrorCode, OpenRequest, check_ip_address
 from supctl.protocol.frames import CLOSE_CODE_BASE
+from supctl.protocol.targets import NOT_NUMERIC
 
 from .account import keep_renewed
 
@@ -45,7 +46,9 @@ def parse_bind(value: str) -> BindAddress:
 def check_target_ip(inv: Invocation, value: str) -> str:
     try:
         return check_ip_address(value)
-    except ValueError:
+    except ValueError as exc:
+        if str(exc) != NOT_NUMERIC:  # numeric, but not a target: say which rule
+            raise UsageError(f"--ip-address {value}: {exc}") from None
         where = (
             f"supctl do -s {inv.site} applications {inv.application} service-instances "
             f"{inv.service_instance} containers CONTAINER exec 'nslookup {value}'"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .frames import FrameError
+from .targets import canonical_address
 
 MAX_NAME = 253
 
@@ -20,12 +20,8 @@ def _text(obj: dict[str, Any], key: str, *, limit: int = MAX_NAME) -> str:
     return value
 
 
-def check_ip_address(value: str) -> str:
-    """Return the canonical form of a numeric IPv4/IPv6 address or raise ValueError.
-
-    Names are refused on purpose: connect never resolves names (see the seed text).
-    """
-    return str(ipaddress.ip_address(value.strip("[]")))
+#: The canonical form of a numeric connect target, or ValueError (:mod:`.targets`).
+check_ip_address = canonical_address
 
 
 @dataclass(frozen=True, slots=True)

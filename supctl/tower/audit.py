@@ -48,6 +48,7 @@ FIELDS = (
     "verb",
     "protocol",
     "target",
+    "requested-target",
     "path",
     "status",
     "result",
@@ -64,7 +65,16 @@ FIELDS = (
 MAX_REQUESTED = 256
 
 #: Close reasons of ``stream-closed`` records.
-CLOSE_REASONS = ("eof", "client-reset", "site-reset", "client-lost", "site-lost", "limit", "timeout")
+CLOSE_REASONS = (
+    "eof",
+    "client-reset",
+    "site-reset",
+    "client-lost",
+    "site-lost",
+    "limit",
+    "timeout",
+    "denied",
+)
 
 #: At most one error line per this many seconds when the log cannot be written.
 ERROR_INTERVAL = 10.0
@@ -126,6 +136,10 @@ def route_fields(route: Route) -> dict[str, Any]:
         "verb": route.verb,
         "protocol": route.protocol or None,
         "target": target(route.protocol, route.ip_address, route.port),
+        # The target as the client spelled it, when that was not the canonical form.
+        "requested-target": (
+            target(route.protocol, route.requested_address, route.port) if route.requested_address else None
+        ),
     }
 
 

@@ -96,9 +96,10 @@ def sweep(tower: Tower, now: float) -> None:
     for session in list(tower.sessions):
         if session.conn.closed is not None:
             continue
-        # A token is checked at the upgrade and again here: revoking it (or its expiry,
-        # unless a long-running supctl renewed it) ends the sessions it opened.
-        if refusal := tower.token_refusal(session.route.who):
+        # Authority is checked at the upgrade, at every OPEN and again here: revoking a
+        # token (or its expiry, unless a long-running supctl renewed it), removing its user
+        # or narrowing a policy ends the sessions it no longer allows.
+        if refusal := tower.route_refusal(session.route):
             log.warning("closing session %s: %s", session.route.summary, refusal)
             session.close(ErrorCode.DENIED, refusal)
             continue

@@ -19,6 +19,7 @@ from ..protocol import (
     StreamOpened,
 )
 from . import audit
+from .policy import Request as PolicyRequest
 from .relay import Relay
 from .siteinfo import SiteInfo
 
@@ -41,6 +42,9 @@ class Route:
     ip_address: str = ""
     container: str = ""
     who: str = ""
+    # connect: the address as the client spelled it, when that differs from the canonical
+    # ip_address (judged and dialled); for the audit record only.
+    requested_address: str = ""
     # Set by the tower once the session is accepted, for its audit records.
     peer: str = ""  # the client's address
     session: str = ""  # a random id shared by the session's records
@@ -57,6 +61,22 @@ class Route:
             ip_address=self.ip_address,
             args=args,
         )
+
+    def policy_request(self) -> PolicyRequest:
+        """What the policies judge: built from the route itself, so the request judged at
+        the upgrade, at every OPEN and by the sweep is the one :meth:`request` dispatches."""
+        if self.verb == "connect":
+            return PolicyRequest(
+                "connect",
+                self.site,
+                self.application,
+                self.service_instance,
+                "",
+                self.protocol,
+                self.port,
+                self.ip_address or None,
+            )
+        return PolicyRequest(self.verb, self.site, self.application, self.service_instance, self.container)
 
     @property
     def summary(self) -> str:
@@ -97,6 +117,13 @@ class ClientLink(Link):
                 relay.from_client(event)
 
     def _open(self, event: StreamOpened) -> None:
+        # Authority is judged again for every stream, against the token and the policies
+        # in force now: narrowing a policy or revoking a token reaches open sessions.
+        refusal = self.tower.route_refusal(self.route)
+        if refusal is not None:
+            self._refuse(event, ErrorCode.DENIED, refusal, "denied")
+            self.close(ErrorCode.DENIED, refusal)
+            return
         site = self.tower.sites.get(self.route.site)
         args = event.request.args
         limits = self.tower.limits

@@ -28,16 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from supctl.errors import UsageError
+from supctl.protocol.targets import SELF_ADDRESS, Network, canonical_network
+from supctl.protocol.targets import matches as address_matches
 
 #: Glob fields, in the order they are reported.
 GLOB_FIELDS = ("site", "application", "service-instance", "container", "verb", "protocol")
 RULE_KEYS = frozenset({*GLOB_FIELDS, "ports", "addresses", "effect"})
 #: The built-in policy of the admin token made by ``control-tower init``.
 ALLOW_ALL = "allow-all"
-#: The address of "the service instance itself" (connect without --ip-address).
-SELF_ADDRESS = "127.0.0.1"
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,8 @@ class Request:
     container: str | None = None
     protocol: str | None = None
     port: int | None = None
-    address: str | None = None  # connect: the target address; SELF_ADDRESS without --ip-address
+    # connect: the *canonical* target address (supctl.protocol.targets); None without --ip-address
+    address: str | None = None
 
     def get(self, field: str) -> str | None:
         value: str | None = getattr(self, field.replace("-", "_"))
@@ -91,13 +90,10 @@ class Rule:
         port = request.port
         if self.ports is not None and (port is None or not any(lo <= port <= hi for lo, hi in self.ports)):
             return False
-        if self.addresses is not None:
-            if request.verb != "connect":
-                return False
-            address = ipaddress.ip_address(request.address or SELF_ADDRESS)
-            if not any(address in net for net in self.addresses):
-                return False
-        return True
+        # Every loopback address is the service itself (targets.matches).
+        return self.addresses is None or (
+            request.verb == "connect" and address_matches(self.addresses, request.address)
+        )
 
 
 ALLOW_EVERYTHING = Rule("allow", source=f"policy {ALLOW_ALL}")
@@ -120,7 +116,7 @@ def parse_networks(values: Any, where: str) -> tuple[Network, ...]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise UsageError(f"{where}: must be a list of CIDR strings")
     try:
-        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+        return tuple(canonical_network(ipaddress.ip_network(v, strict=False)) for v in values)
     except ValueError as exc:
         raise UsageError(f"{where}: {exc}") from None
 
@@ -205,21 +201,28 @@ class PolicyFile:
         self.path = Path(path)
         self._stamp: tuple[int, int, int, int] | None = None
         self._policies: dict[str, tuple[Rule, ...]] = {}
+        self._error: UsageError | None = None
 
     def policies(self) -> dict[str, tuple[Rule, ...]]:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._stamp, self._policies = None, {}
+            self._stamp, self._policies, self._error = None, {}, None
             return self._policies
         stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         if stamp != self._stamp:
+            # An invalid file is parsed once per change, not once per request: every OPEN
+            # asks, and a flood of them must not re-read a broken file each time.
+            self._stamp, self._error = stamp, None
             try:
                 data = tomllib.loads(self.path.read_bytes().decode("utf-8"))
+                self._policies = parse_policies(data, str(self.path))
             except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise UsageError(f"bad policy file {self.path}: {exc}") from None
-            self._policies = parse_policies(data, str(self.path))
-            self._stamp = stamp
+                self._error = UsageError(f"bad policy file {self.path}: {exc}")
+            except UsageError as exc:
+                self._error = exc
+        if self._error is not None:
+            raise UsageError(str(self._error))
         return self._policies
 
     def rules(self, names: Sequence[str]) -> list[Rule]:

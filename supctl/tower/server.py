@@ -22,8 +22,10 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from ..errors import UsageError
-from ..protocol import SUBPROTOCOL, ErrorCode, check_ip_address
+from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
+from ..protocol.names import parse_port, valid_name
+from ..protocol.targets import canonical_address
 from . import audit
 from .audit import AuditLog
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
@@ -34,7 +36,7 @@ from .policy import ALLOW_ALL, PolicyFile
 from .policy import Request as PolicyRequest
 from .policy import allowed as policy_allows
 from .siteinfo import InstanceInfo, SiteInfo
-from .store import TowerStore
+from .store import TowerStore, valid_site_name
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
     USER_NAME_RE,
@@ -229,11 +231,12 @@ class Tower:
             return site
         if match := CONNECT_PATH.match(url.path):
             who = self._admin(request)
-            return self._connect_route(unquote(match[1]), unquote(match[2]), query, who)
+            app, instance = _name(match[1], "application"), _name(match[2], "service instance")
+            return self._connect_route(app, instance, query, who)
         if match := EXEC_PATH.match(url.path):
             who = self._admin(request)
-            app, instance, container = (unquote(part) for part in match.groups())
-            return self._exec_route(app, instance, container, query, who)
+            app, instance = _name(match[1], "application"), _name(match[2], "service instance")
+            return self._exec_route(app, instance, _name(match[3], "container"), query, who)
         raise Rejection(404, f"no such endpoint: {url.path}")
 
     def _admin(self, request: Request) -> str:
@@ -271,15 +274,44 @@ class Tower:
             return "token revoked"
         return self.users.refusal(accessor)
 
-    def _allowed(self, request: PolicyRequest) -> bool:
-        if ALLOW_ALL in self._policies:
-            return True
+    def route_refusal(self, route: Route) -> str | None:
+        """Why an accepted session's ``route`` may no longer be used, or None while it may.
+
+        Judged at every OPEN and by the limits sweep: the token (revoked, expired, its user
+        removed) and the policies in force *now*, the same judgement as at the upgrade
+        (:meth:`judge` of :meth:`Route.policy_request`).
+        """
+        if refusal := self.token_refusal(route.who):
+            return refusal
+        user = route.user
+        if user == "admin":
+            return None  # the admin token's policy is allow-all, and it was just found valid
+        policies = self.users.policies(user) if self.users is not None else None
+        if policies is None:
+            return "token revoked (its user was removed)"
+        request = route.policy_request()
         try:
-            rules = self.policy.rules(self._policies) if self.policy is not None else []
+            if self.judge(policies, request):
+                return None
+        except UsageError:
+            return "the control tower's policy file is invalid"
+        return f"policy no longer allows {request.describe(user)}"
+
+    def judge(self, policies: tuple[str, ...], request: PolicyRequest) -> bool:
+        """Whether ``policies`` allow ``request`` under the policy set in force: the one
+        decision behind every upgrade, OPEN, sweep and ``show``.  UsageError if the policy
+        file is invalid (the caller refuses: no valid policy, nothing allowed)."""
+        if ALLOW_ALL in policies:
+            return True
+        rules = self.policy.rules(policies) if self.policy is not None else []
+        return policy_allows(rules, request)
+
+    def _allowed(self, request: PolicyRequest) -> bool:
+        try:
+            return self.judge(self._policies, request)
         except UsageError as exc:
             log.error("%s", exc)
             raise Rejection(500, "the control tower's policy file is invalid (see its log)") from None
-        return policy_allows(rules, request)
 
     def _check(self, request: PolicyRequest) -> None:
         """Refuse (403, one line naming what) unless the requester's policies allow ``request``."""
@@ -316,9 +348,28 @@ class Tower:
         expires = self.users.renew(bearer_token(request), self.login_expiry)
         return {"expires": expires, "accessor": identity.accessor}
 
-    def _site(self, query: dict[str, list[str]]) -> tuple[str, SiteInfo]:
+    @staticmethod
+    def _site_name(query: dict[str, list[str]]) -> str:
         site = single(query, "site")
-        if not self.store.site_exists(site):
+        if not valid_site_name(site):
+            raise Rejection(400, f"invalid site name {site!r} (lower-case letters, digits and '-')")
+        return site
+
+    def _visible(self, site: str) -> bool:
+        """Whether the requester may learn that ``site`` exists (and whether it is connected):
+        a ``show`` rule for the site or for an application at it."""
+        if self._allowed(PolicyRequest("show", site)):
+            return True
+        link = self.sites.get(site)
+        info = link.info if link is not None else None
+        apps = info.applications if info is not None else {}
+        return any(self._allowed(PolicyRequest("show", site, app)) for app in apps)
+
+    def _site(self, query: dict[str, list[str]], *, show: bool = False) -> tuple[str, SiteInfo]:
+        """The site a request names, connected.  ``show``: the requester may only learn of a
+        site it may see; any other site is answered as if it did not exist (404)."""
+        site = self._site_name(query)
+        if not self.store.site_exists(site) or (show and not self._visible(site)):
             raise Rejection(404, f"unknown site {site!r}")
         link = self.sites.get(site)
         if link is None or link.info is None:
@@ -344,31 +395,37 @@ class Tower:
             )
 
     def _connect_route(self, app: str, instance: str, query: dict[str, list[str]], who: str) -> Route:
+        site = self._site_name(query)
         protocol = single(query, "protocol")
+        if not valid_name(protocol):
+            raise Rejection(400, f"invalid protocol {audit.cut(protocol, 40)!r}")
         port_text = single(query, "port")
+        port = parse_port(port_text)
+        if port is None:
+            raise Rejection(400, f"port must be 1-65535 in ASCII digits, got {audit.cut(port_text, 40)!r}")
         ip_text = single(query, "ip-address", required=False)
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise Rejection(400, f"port must be 1-65535, got {port_text!r}")
         ip = ""
         if ip_text:
+            # Canonical before it is judged: the address the policy sees is the one dialled.
             try:
-                ip = check_ip_address(ip_text)
-            except ValueError:
-                raise Rejection(400, f"ip-address must be a numeric IP address, got {ip_text!r}") from None
-        self._check(
-            PolicyRequest(
-                "connect", single(query, "site"), app, instance, "", protocol, int(port_text), ip or None
-            )
-        )
+                ip = canonical_address(ip_text)
+            except ValueError as exc:
+                raise Rejection(400, f"ip-address {audit.cut(ip_text, 70)!r}: {exc}") from None
+        route = Route(
+            "connect", site, app, instance, protocol, port, ip, who=who,
+            requested_address=ip_text if ip_text != ip else "",
+        )  # fmt: skip
+        self._check(route.policy_request())
         site, info = self._site(query)
         self._instance(site, info, app, instance)
         self._handler(site, info, protocol, "protocol")
-        return Route("connect", site, app, instance, protocol, int(port_text), ip, who=who)
+        return route
 
     def _exec_route(
         self, app: str, instance: str, container: str, query: dict[str, list[str]], who: str
     ) -> Route:
-        self._check(PolicyRequest("exec", single(query, "site"), app, instance, container))
+        route = Route("exec", self._site_name(query), app, instance, container=container, who=who)
+        self._check(route.policy_request())
         site, info = self._site(query)
         found = self._instance(site, info, app, instance)
         if container not in found.containers:
@@ -376,15 +433,15 @@ class Tower:
                 404, f"container {container!r} not found in service instance {instance!r} at site {site!r}"
             )
         self._handler(site, info, "exec", "verb")
-        return Route("exec", site, app, instance, container=container, who=who)
+        return route
 
     def _show(self, path: str, query: dict[str, list[str]], who: str) -> dict[str, Any]:
         """``GET /v1/state/...``: what the tower knows of sites, for ``supctl show``."""
         if path == "/v1/state/sites":
-            names = [name for name in self.store.sites() if self._allowed(PolicyRequest("show", name))]
+            names = [name for name in self.store.sites() if self._visible(name)]
             return {"sites": [self._site_summary(name) for name in names]}
         if path == "/v1/state/applications":
-            site, info = self._site(query)
+            site, info = self._site(query, show=True)
             return {
                 "applications": [
                     {"name": app, "service-instances": sorted(instances)}
@@ -393,11 +450,11 @@ class Tower:
                 ]
             }
         if match := INSTANCES_PATH.match(path):
-            site, info = self._site(query)
-            app = unquote(match[1])
-            if app not in info.applications:
+            app = _name(match[1], "application")
+            site, info = self._site(query, show=True)
+            # Not allowed to see it, or not there: the same answer, so a refusal tells nothing.
+            if app not in info.applications or not self._allowed(PolicyRequest("show", site, app)):
                 raise Rejection(404, f"application {app!r} not found at site {site!r}")
-            self._check(PolicyRequest("show", site, app))
             instances = info.applications[app]
             return {"service-instances": [instances[name].show() for name in sorted(instances)]}
         raise Rejection(404, f"no such endpoint: {path}")
@@ -465,6 +522,15 @@ class Tower:
         if self.sites.get(link.site) is link:
             del self.sites[link.site]
             log.warning("site %s disconnected: %s", link.site, reason)
+
+
+def _name(quoted: str, what: str) -> str:
+    """A name from a URL path, unquoted and checked (:mod:`supctl.protocol.names`): 400 if
+    it is not one, before anything is looked up or logged."""
+    name = unquote(quoted)
+    if not valid_name(name):
+        raise Rejection(400, f"invalid {what} name {audit.cut(name, 70)!r}")
+    return name
 
 
 def _peer_host(connection: ServerConnection) -> str:

@@ -205,6 +205,13 @@ class UserStore:
         self._reload()
         return name in self._data["users"]
 
+    def policies(self, name: str) -> tuple[str, ...] | None:
+        """The policies in force for user ``name`` now (None: no such user): every OPEN
+        and every sweep judges with these, not with those of the upgrade."""
+        self._reload()
+        user = self._data["users"].get(name)
+        return None if user is None else tuple(user.get("policies", []))
+
     def check_password(self, name: str, password: str) -> bool:
         stored = self.password_hash(name, password)
         ok = stored is not None and check_password(password, stored)
