@@ -22,7 +22,7 @@ Three things end the processes:
 * the stream or run ends: :meth:`Cgroup.release` kills and removes its cgroup;
 * the enforcer dies, however (``kill -9`` too): a *guardian* ``sh`` started with
   the tree waits for EOF on a pipe whose only writer is the enforcer, then writes
-  ``cgroup.kill`` of the whole tree.  ``PR_SET_PDEATHSIG`` was not used: it reaches
+  ``cgroup.kill`` of the whole tree and removes it.  ``PR_SET_PDEATHSIG`` was not used: it reaches
   only the direct child, never what it forks (the ``setsid`` case), and is cleared
   by the set-uid/credential changes of ``setpriv``;
 * the guardian died too (it ignores SIGINT/TERM/HUP, not SIGKILL): the next
@@ -71,9 +71,15 @@ _ENTER = (
     '{ echo $$ > "$0"; } 2>/dev/null'
     ' || { echo "supctl: cannot join cgroup ${0%/cgroup.procs}" >&2; exit 125; }; exec "$@"'
 )
-# The guardian: ignore the polite signals (a service manager's SIGTERM to the
-# enforcer's cgroup), wait for EOF from the enforcer, kill the tree.
-_GUARD = 'trap "" INT TERM HUP; read -r _; echo 1 > "$0"'
+# The guardian ($0: the tree): ignore the polite signals (a service manager's
+# SIGTERM to the enforcer's cgroup), wait for EOF from the enforcer, kill the
+# tree, then remove it (its children are leaves) once the processes are gone,
+# for up to 5 s.
+_GUARD = (
+    'trap "" INT TERM HUP; read -r _; echo 1 > "$0/cgroup.kill"; n=0; '
+    'while [ -d "$0" ] && [ $n -lt 50 ]; do '
+    'rmdir "$0"/*/ "$0" 2>/dev/null || sleep 0.1; n=$((n + 1)); done'
+)
 GUARDIAN_NAME = "supctl-cgroup-guardian"
 
 
@@ -271,7 +277,7 @@ class CgroupTree:
         read_end, write_end = os.pipe()  # both close-on-exec: no other child inherits the write end
         try:
             guardian = subprocess.Popen(
-                [GUARDIAN_NAME, "-c", _GUARD, os.path.join(path, "cgroup.kill")],
+                [GUARDIAN_NAME, "-c", _GUARD, path],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
