@@ -373,3 +373,14 @@ def test_kill_9_of_the_enforcer_leaves_nothing_after_restart(
     assert all(owned_by(pid, site, restarted) for pid in new_keeper)
     me = restarted.popen.pid
     assert trees(site) == [f"{PREFIX}{site_label(site)}@{me}.{cgroups.start_time(me)}"]
+
+
+def test_a_tree_that_cannot_be_removed_is_a_warning_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """remove_now on a directory where cgroup.kill cannot be written (here: a plain
+    directory, so the write fails like a permission error would) logs and goes on."""
+    (tmp_path / "cgroup.kill").mkdir()  # opening it for writing fails with EISDIR
+    with caplog.at_level(logging.WARNING, logger="supctl.enforcer.cgroups"):
+        assert cgroups.remove_now(str(tmp_path)) is False
+    assert [r.getMessage() for r in caplog.records] == [f"cannot remove cgroup {tmp_path}: Is a directory"]

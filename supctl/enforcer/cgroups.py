@@ -69,7 +69,7 @@ ENTER_FAILED = 125
 # never runs (fail closed).
 _ENTER = (
     '{ echo $$ > "$0"; } 2>/dev/null'
-    ' || { echo "supctl: cannot join cgroup ${0%/cgroup.procs}" >&2; exit 125; }; exec "$@"'
+    f' || {{ echo "supctl: cannot join cgroup ${{0%/cgroup.procs}}" >&2; exit {ENTER_FAILED}; }}; exec "$@"'
 )
 # The guardian ($0: the tree): ignore the polite signals (a service manager's
 # SIGTERM to the enforcer's cgroup), wait for EOF from the enforcer, kill the
@@ -170,9 +170,13 @@ def remove_now(path: str, deadline: float = REMOVE_DEADLINE, clock: Callable[[],
     end = clock() + deadline
     pause = 0.002
     while True:
-        kill(path)  # again on each round: a process may have joined since
-        if _rmdir_tree(path):
-            return True
+        try:
+            kill(path)  # again on each round: a process may have joined since
+            if _rmdir_tree(path):
+                return True
+        except OSError as exc:  # not ours to remove (another user's tree, say)
+            log.warning("cannot remove cgroup %s: %s", path, exc.strerror or exc)
+            return False
         if clock() >= end:
             log.warning("cgroup %s still has processes after %.0f s; left for the next start", path, deadline)
             return False
