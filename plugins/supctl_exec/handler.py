@@ -2,7 +2,8 @@
 
 The command runs as ``/bin/sh -c COMMAND`` through the instance's runtime (in its
 network namespace, with the container's env, cwd and user), as the leader of its
-own process group.  Wire format: docs/protocol.md, "exec streams".
+own process group and, where the enforcer has a cgroup tree, in a cgroup of its
+own that is killed and removed when the stream ends (:mod:`supctl.enforcer.cgroups`).  Wire format: docs/protocol.md, "exec streams".
 
 Four independent tasks serve a stream, so no direction can hold up another:
 stdin (stream -> pipe), stdout and stderr (pipe -> stream, as output records)
@@ -18,8 +19,10 @@ import contextlib
 import logging
 import signal
 import time
+from dataclasses import replace
 
 from supctl.enforcer.api import HandlerContext, ServiceInstance
+from supctl.enforcer.cgroups import Cgroup
 from supctl.enforcer.runtime import ProcessSpec, Runtime, exit_status, kill_group, reap, wait_exited
 from supctl.errors import StreamError
 from supctl.link import Channel
@@ -63,16 +66,26 @@ class ExecHandler:
         if runtime is None:  # the enforcer checks the inventory at start; a bug if seen
             raise StreamError(f"runtime {instance.runtime!r} is not available", code=ErrorCode.INTERNAL)
         pipe = asyncio.subprocess.PIPE
+        # The stream's own cgroup: whatever the command starts, setsid or not, ends with it.
+        cgroup = context.cgroups.child("exec") if context.cgroups is not None else None
         spec = ProcessSpec.for_container(
             container, ["/bin/sh", "-c", command], stdin=pipe, stdout=pipe, stderr=pipe
         )
-        proc = await _spawn(runtime, instance, spec)
         try:
-            channel.accept()  # only now: a spawn failure is a refusal, not an accepted stream
-            await _Session(channel, proc, context.log).run()
+            proc = await _spawn(runtime, instance, replace(spec, cgroup=cgroup))
+            try:
+                channel.accept()  # only now: a spawn failure is a refusal, not an accepted stream
+                await _Session(channel, proc, context.log, cgroup).run()
+            finally:
+                # Reset, link lost, enforcer stopping, or done: nothing may stay behind.
+                if cgroup is not None:
+                    cgroup.kill()
+                await reap(proc)
         finally:
-            # Reset, link lost, enforcer stopping, or done: nothing may stay behind.
-            await reap(proc)
+            if cgroup is not None:
+                # Also after a cancelled spawn: a process joining later finds no
+                # cgroup (it never runs) or is killed by release's next round.
+                await cgroup.release()
 
 
 async def _spawn(
@@ -120,10 +133,13 @@ class _OutputPump:
 
 
 class _Session:
-    def __init__(self, channel: Channel, proc: asyncio.subprocess.Process, log: logging.Logger) -> None:
+    def __init__(
+        self, channel: Channel, proc: asyncio.subprocess.Process, log: logging.Logger, cgroup: Cgroup | None
+    ) -> None:
         self.channel = channel
         self.proc = proc
         self.log = log
+        self.cgroup = cgroup
         self.write_lock = asyncio.Lock()
         self.grace: asyncio.TimerHandle | None = None
 
@@ -142,8 +158,11 @@ class _Session:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # StreamError: reset by the client or link lost
-            # The command exited.  Whatever it left running in its group goes too.
+            # The command exited.  Whatever it left running in its group (and, with a
+            # cgroup, anywhere: setsid) goes too, which also closes the pipes it held.
             kill_group(proc, signal.SIGKILL)
+            if self.cgroup is not None:
+                self.cgroup.kill()
             stdin.cancel()
             await self._drain(outputs)
             code, signum = exit_status(exited.result())

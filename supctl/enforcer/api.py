@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from ..link import Channel
     from ..protocol import OpenRequest
+    from .cgroups import CgroupTree
     from .netns import NamespaceSockets
     from .runtime import Runtime
 
@@ -62,6 +63,8 @@ class HandlerContext:
     #: Runtimes by name (``supctl_add_runtimes``); ``runtimes[instance.runtime]`` starts processes.
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("supctl.enforcer"))
+    #: The enforcer's cgroup tree: a child per process started (None: no containment).
+    cgroups: CgroupTree | None = None
 
 
 class Handler(Protocol):

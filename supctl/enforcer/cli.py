@@ -19,6 +19,7 @@ from ..plugins import collect, make_plugin_manager
 from ..tlspin import parse_fingerprint, pinned_context
 from .agent import Agent
 from .api import Handler, HandlerContext
+from .cgroups import CgroupTree
 from .containers import ContainerSupervisor
 from .inventory import load_inventory
 from .netns import NamespaceSockets
@@ -85,8 +86,12 @@ def make_cli() -> click.Group:
         runtimes = load_runtimes()
         site_inventory = load_inventory(inventory)
         site_inventory.check_runtimes(runtimes)
+        # Kill what a previous enforcer of this site left running, and contain ours.
+        cgroups = CgroupTree.open(site)
         # Container output goes to our stderr, next to our log, one prefixed line at a time.
-        supervisor = ContainerSupervisor(site_inventory, runtimes, output=sys.stderr.buffer)
+        supervisor = ContainerSupervisor(
+            site_inventory, runtimes, output=sys.stderr.buffer, cgroups=cgroups
+        )
         sockets = NamespaceSockets()
         agent = Agent(
             tower=tower,
@@ -97,7 +102,11 @@ def make_cli() -> click.Group:
             inventory=site_inventory,
             handlers=load_handlers(),
             context=HandlerContext(
-                site=site, sockets=sockets, connect_timeout=connect_timeout, runtimes=runtimes
+                site=site,
+                sockets=sockets,
+                connect_timeout=connect_timeout,
+                runtimes=runtimes,
+                cgroups=cgroups,
             ),
             supervisor=supervisor,
         )
@@ -105,6 +114,8 @@ def make_cli() -> click.Group:
             aio.run(_run_until_signal(agent, supervisor))
         finally:
             sockets.close()
+            if cgroups is not None:
+                cgroups.close()
 
     return cli
 

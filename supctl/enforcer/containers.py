@@ -17,7 +17,8 @@ States (as the tower shows them):
 Output: stdout and stderr of every container go, line by line, to the
 enforcer's stderr, prefixed ``INSTANCE/CONTAINER| `` (or are discarded when
 ``output`` is None).  When the main process exits, its process group gets
-SIGKILL, so nothing it started outlives it.
+SIGKILL, and so does its cgroup (one per run, when the enforcer has a cgroup
+tree: :mod:`.cgroups`), so nothing it started outlives it, ``setsid`` or not.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import IO, Any
 
 from ..errors import StreamError
 from .api import Container, ServiceInstance
+from .cgroups import Cgroup, CgroupTree
 from .inventory import Inventory
 from .runtime import ProcessSpec, Runtime, kill_group, reap, wait_exited
 
@@ -81,8 +83,11 @@ class ContainerSupervisor:
         backoff_cap: float = BACKOFF_CAP,
         stable_after: float = STABLE_AFTER,
         stop_grace: float = STOP_GRACE,
+        cgroups: CgroupTree | None = None,
     ) -> None:
         self.inventory = inventory
+        #: Where each run gets its cgroup (None: process groups only).
+        self.cgroups = cgroups
         self.runtimes = runtimes
         self.output = output
         #: Called after every state change (the agent pushes a STATUS frame).
@@ -137,15 +142,20 @@ class ContainerSupervisor:
                 state.restarts += 1
             first = False
             began = time.monotonic()
+            cgroup: Cgroup | None = None
             try:
-                proc = await runtime.spawn(instance, spec)
+                if self.cgroups is not None:
+                    cgroup = self.cgroups.child("container", f"{instance.name}.{container.name}")
+                proc = await runtime.spawn(instance, replace(spec, cgroup=cgroup))
             except StreamError as exc:
                 log.warning("container %s cannot start: %s", label, exc)
                 self._changed(state, state="failed", pid=None)
+                if cgroup is not None:
+                    await cgroup.release()
             else:
                 started = datetime.now(UTC).isoformat(timespec="seconds")
                 self._changed(state, state="running", pid=proc.pid, started=started)
-                returncode = await self._run(proc, label)
+                returncode = await self._run(proc, label, cgroup)
                 if self._stopping.is_set():
                     log.info("container %s stopped with status %d", label, returncode)
                     self._changed(state, state="stopped", pid=None, exit_code=returncode)
@@ -160,8 +170,9 @@ class ContainerSupervisor:
                 await asyncio.wait_for(self._stopping.wait(), delay)
         self._changed(state, state="stopped", pid=None)
 
-    async def _run(self, proc: asyncio.subprocess.Process, label: str) -> int:
-        """Wait for the process (or for shutdown); always leaves it and its group reaped."""
+    async def _run(self, proc: asyncio.subprocess.Process, label: str, cgroup: Cgroup | None) -> int:
+        """Wait for the process (or for shutdown); always leaves it, its group and its
+        cgroup reaped."""
         pump = None
         if proc.stdout is not None and self.output is not None:
             pump = asyncio.create_task(_copy_lines(proc.stdout, self.output, f"{label}| ".encode()))
@@ -179,11 +190,15 @@ class ContainerSupervisor:
             stopping.cancel()
             exited.cancel()
             kill_group(proc, signal.SIGKILL)  # the group too: no child outlives its container
+            if cgroup is not None:
+                cgroup.kill()  # and what left the group
             if pump is not None:
                 # Let it pass on what is left in the pipe; a process that left the
                 # group (setsid) could hold the pipe open for ever, hence the bound.
                 await asyncio.wait({pump}, timeout=1.0)
             await reap(proc)
+            if cgroup is not None:
+                await cgroup.release()
             if pump is not None:
                 await asyncio.gather(pump, return_exceptions=True)  # ends: reap closed its pipe
 

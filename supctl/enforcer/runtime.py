@@ -7,6 +7,9 @@ below are what every runtime and every user of processes needs:
 
 * every process starts in a **new session**, so it leads its own process group
   and it and whatever it forks can be signalled together (:func:`kill_group`);
+* where the enforcer has a cgroup tree, every process joins its spec's cgroup
+  before the command runs (:func:`start_process`), so that even what leaves the
+  group (``setsid``) is killed with it (:mod:`.cgroups`);
 * :func:`wait_exited` notices the exit of the process itself.  ``Process.wait()``
   is no good for that: asyncio only returns from it once every pipe is closed,
   and a background child holding stdout would keep it waiting forever;
@@ -28,6 +31,7 @@ from typing import Protocol, cast
 from ..errors import StreamError
 from ..protocol import ErrorCode
 from .api import Container, ServiceInstance
+from .cgroups import Cgroup, enter_argv
 
 #: PATH of every process the enforcer starts, unless its container sets one.  The
 #: enforcer's own environment (its token file path, say) is never passed on.
@@ -37,7 +41,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 @dataclass(frozen=True)
 class ProcessSpec:
     """What to run.  ``env`` is the whole environment; stdio are
-    ``asyncio.subprocess.PIPE``, ``DEVNULL`` or (stderr) ``STDOUT``."""
+    ``asyncio.subprocess.PIPE``, ``DEVNULL`` or (stderr) ``STDOUT``.  ``cgroup``:
+    the cgroup the process must be in before it runs anything (None: none)."""
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -46,19 +51,29 @@ class ProcessSpec:
     stdin: int = asyncio.subprocess.DEVNULL
     stdout: int = asyncio.subprocess.DEVNULL
     stderr: int = asyncio.subprocess.DEVNULL
+    cgroup: Cgroup | None = None
 
     @classmethod
-    def for_container(cls, container: Container, argv: list[str], **stdio: int) -> ProcessSpec:
+    def for_container(
+        cls,
+        container: Container,
+        argv: list[str],
+        *,
+        stdin: int = asyncio.subprocess.DEVNULL,
+        stdout: int = asyncio.subprocess.DEVNULL,
+        stderr: int = asyncio.subprocess.DEVNULL,
+    ) -> ProcessSpec:
         """A process of ``container``: its env (PATH defaulted), cwd ("/" by default) and user."""
         env = {"PATH": DEFAULT_PATH, **container.env}
-        return cls(argv, env, container.cwd or "/", container.user, **stdio)
+        return cls(argv, env, container.cwd or "/", container.user, stdin, stdout, stderr)
 
 
 class Runtime(Protocol):
     """Starts processes inside a service instance."""
 
     async def spawn(self, instance: ServiceInstance, spec: ProcessSpec) -> asyncio.subprocess.Process:
-        """Start ``spec`` in ``instance``, as the leader of a new process group.
+        """Start ``spec`` in ``instance``, as the leader of a new process group, in
+        ``spec.cgroup`` if it has one.
 
         Raise :class:`StreamError` with a one-line message (``NOT_FOUND`` for a
         missing namespace, directory, user or command; ``INTERNAL`` otherwise)
@@ -102,9 +117,20 @@ def user_prefix(user: str | None) -> list[str]:
 
 
 async def start_process(argv: list[str], spec: ProcessSpec) -> asyncio.subprocess.Process:
-    """Start ``argv`` (the runtime's full command line) with ``spec``'s env, cwd and stdio."""
+    """Start ``argv`` (the runtime's full command line) with ``spec``'s env, cwd and stdio,
+    in ``spec.cgroup``."""
     if spec.cwd is not None and not os.path.isdir(spec.cwd):
         raise StreamError(f"working directory {spec.cwd} does not exist", code=ErrorCode.NOT_FOUND)
+    if spec.cgroup is not None:
+        # The wrapper execs the command: look it up now, so that a missing one is
+        # still a refusal rather than the wrapper's exit status 127.
+        command = argv[0]
+        if "/" in command:  # a path, relative to the process's cwd: no PATH lookup
+            command = os.path.join(spec.cwd or os.getcwd(), command)
+        found = shutil.which(command, path=spec.env.get("PATH", os.defpath))
+        if found is None:
+            raise StreamError(f"command not found: {argv[0]}", code=ErrorCode.NOT_FOUND)
+        argv = enter_argv(spec.cgroup.procs, [found, *argv[1:]])
     try:
         return await asyncio.create_subprocess_exec(
             *argv,
