@@ -74,6 +74,7 @@ def disarm_reset(sock: AnySocket | None) -> None:
         with contextlib.suppress(OSError, RuntimeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
 
+
 log = logging.getLogger(__name__)
 
 #: The transport's write-buffer high-water mark: 0, so that pause_writing means
