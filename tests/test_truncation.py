@@ -17,6 +17,7 @@ import hashlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import pytest
 from netlab import NetLab, call_in_netns
-from stack import Proc, Stack, do_args
+from stack import Proc, Stack, do_args, one_line_error
+from stack import program as stack_program
 
 pytestmark = pytest.mark.root
 
@@ -204,7 +206,9 @@ def test_supctl_killed_mid_download_resets_the_client(world: tuple[Stack, Target
         threading.Thread(target=send_all, args=(source, block), daemon=True).start()
         reader.wait_received(int(SIZE * point))
         kill9(supctl)
-        assert reader.wait_end() == "RST", f"killed at {point:.0%}: {reader.end} after {reader.received} bytes"
+        assert reader.wait_end() == "RST", (
+            f"killed at {point:.0%}: {reader.end} after {reader.received} bytes"
+        )
         assert reader.received < SIZE
         source.close()
 
@@ -270,3 +274,67 @@ def test_clean_close_keeps_the_bytes_still_queued_in_the_kernel(world: tuple[Sta
     reader = Reader(client).start()
     assert reader.wait_end() == "FIN"
     assert (reader.received, reader.digest.hexdigest()) == (len(answer), hashlib.sha256(answer).hexdigest())
+
+
+# --- exec: stdin is a pipe, which has no reset ---------------------------------------
+
+EXEC_SITE, SHELL = "exec-site", "shell"
+
+
+@pytest.fixture
+def exec_stack(tmp_path: Path) -> Iterator[Stack]:
+    with Stack(tmp_path) as stack:
+        stack.start_tower()
+        stack.add_site(
+            EXEC_SITE,
+            f'[applications.{APP}.service-instances.{INSTANCE}]\nruntime = "host"\n'
+            f"[applications.{APP}.service-instances.{INSTANCE}.containers.{SHELL}]\n",
+        )
+        yield stack
+
+
+def start_upload_exec(stack: Stack, out: Path, marker: Path) -> Proc:
+    """``exec 'cat > OUT; echo complete > MARKER'`` fed 1 MB on stdin, not closed; returns once it arrived."""
+    command = f"cat > {out}; echo complete > {marker}"
+    args = do_args(EXEC_SITE, APP, INSTANCE, "containers", SHELL, "exec", command)
+    proc = stack.spawn("supctl-exec", [stack_program("supctl"), *args], stdin=subprocess.PIPE)
+    assert proc.popen.stdin is not None
+    proc.popen.stdin.write(os.urandom(1 << 20))
+    proc.popen.stdin.flush()
+    end = time.monotonic() + DEADLINE
+    while not (out.exists() and out.stat().st_size >= 1 << 20):
+        assert time.monotonic() < end and proc.popen.poll() is None, proc.log.text()
+        time.sleep(0.01)  # polling a file's size; the deadline is the bound
+    return proc
+
+
+def test_exec_when_the_enforcer_dies_says_the_site_was_lost(exec_stack: Stack, tmp_path: Path) -> None:
+    """The command's stdin (a pipe) sees EOF when the enforcer dies - no reset exists for
+    pipes, so the command may take its input for complete (documented) - but what the
+    user sees is the lost site (exit 6), never the command's status."""
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    proc = start_upload_exec(exec_stack, out, marker)
+    kill9(live_enforcer(exec_stack))
+    assert proc.popen.wait(DEADLINE) == 6
+    assert one_line_error(proc.log.path.read_bytes()).startswith(
+        f"supctl: error: lost the link to site {EXEC_SITE}"
+    )
+    end = time.monotonic() + DEADLINE
+    while not marker.exists():  # the documented limit: EOF, so the command went on
+        assert time.monotonic() < end
+        time.sleep(0.01)  # polling a file; the deadline is the bound
+
+
+def test_exec_when_supctl_dies_the_command_is_killed_before_its_stdin_closes(
+    exec_stack: Stack, tmp_path: Path
+) -> None:
+    """While the enforcer lives, a lost session never hands the command a false EOF:
+    the enforcer kills the command's process group first, then closes its pipes."""
+    out, marker = tmp_path / "out", tmp_path / "marker"
+    proc = start_upload_exec(exec_stack, out, marker)
+    kill9(proc)
+    end = time.monotonic() + DEADLINE
+    while subprocess.run(["pgrep", "-f", f"cat > {out}"], capture_output=True, check=False).returncode == 0:
+        assert time.monotonic() < end, "the command is still running"
+        time.sleep(0.01)  # polling the process table; the deadline is the bound
+    assert not marker.exists()
