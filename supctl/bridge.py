@@ -17,6 +17,12 @@ and the link's event dispatch:
 * half-closes pass through (``eof_received`` -> EOF on the stream, EOF from the
   stream -> ``write_eof``); when both are done the transport closes.  A reset on
   either side aborts both (an RST locally, a RESET on the stream).
+* no silent truncation when this process dies: the socket is armed with
+  ``SO_LINGER`` {on, 0} (:func:`arm_reset`) from the moment it is adopted (the
+  enforcer's target sockets and supctl's listening socket are armed even earlier,
+  with the same function), so the kernel ends it with RST, not FIN, if we die
+  mid-stream.  It is disarmed only at the clean end (:meth:`SocketBridge._maybe_disarm`).
+  The Linux rule behind this is in docs/architecture.md, "No silent truncation".
 
 :attr:`SocketBridge.done` resolves with None, or with the StreamError that ended it.
 """
@@ -24,6 +30,7 @@ and the link's event dispatch:
 from __future__ import annotations
 
 import asyncio
+import asyncio.trsock
 import contextlib
 import logging
 import socket
@@ -36,10 +43,37 @@ from .errors import StreamError
 from .link import Channel
 from .protocol import ErrorCode
 
-__all__ = ["SocketBridge"]
+__all__ = ["SocketBridge", "arm_reset", "disarm_reset"]
 
-#: SO_LINGER on, timeout 0: close() sends RST and drops unsent data.
+#: SO_LINGER on, timeout 0: close() - ours, or the kernel's when the process dies -
+#: sends RST and drops unsent data (in ESTABLISHED, CLOSE_WAIT, FIN_WAIT1/2).
 _LINGER_RST = struct.pack("ii", 1, 0)
+#: SO_LINGER off: close() is the normal, graceful one (FIN after every queued byte).
+_LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+#: What the arming takes: a socket, or asyncio's wrapper of one (a server's sockets).
+AnySocket = socket.socket | asyncio.trsock.TransportSocket
+
+
+def arm_reset(sock: AnySocket | None) -> None:
+    """Make the kernel reset ``sock`` if it is closed, or this process dies, before a clean end.
+
+    Call it as soon as a socket that will carry a stream's bytes exists (before its
+    connect completes, on a listening socket before ``listen()``: accepted sockets
+    inherit it).  Harmless on a socket that is already closed.
+    """
+    if sock is not None:
+        with contextlib.suppress(OSError, RuntimeError):  # uvloop: handle closed
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+
+
+def disarm_reset(sock: AnySocket | None) -> None:
+    """Back to a graceful close: only once the stream ended cleanly (see SocketBridge)."""
+    if sock is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +108,7 @@ class SocketBridge(asyncio.Protocol):
         self._socket_eof = False  # the socket half-closed (EOF passed on once _pending is empty)
         self._stream_eof = False  # the stream half-closed (write_eof done)
         self._eof_sent = False
+        self._armed = True  # SO_LINGER {on, 0} until _maybe_disarm
 
     # --- asyncio.Protocol ------------------------------------------------------
 
@@ -81,6 +116,9 @@ class SocketBridge(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        # Armed before the first byte moves (idempotent: the listener and the tcp
+        # handler armed their sockets earlier still).
+        arm_reset(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         try:
             self.channel = self._open_channel(transport)
@@ -111,6 +149,7 @@ class SocketBridge(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._socket_eof = True
         self._send_pending()
+        self._maybe_disarm()
         return True  # keep the transport open: the other direction may go on (half-close)
 
     def pause_writing(self) -> None:
@@ -118,6 +157,9 @@ class SocketBridge(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        # Before the transport's shutdown(SHUT_WR) or close, which follow at once
+        # when the buffer emptied after write_eof() or close().
+        self._maybe_disarm()
         held, self._held_credit = self._held_credit, 0
         if held and self.channel is not None:
             self.channel.consume(held)
@@ -157,6 +199,7 @@ class SocketBridge(asyncio.Protocol):
         self._stream_eof = True
         if self.transport.can_write_eof():
             self.transport.write_eof()
+        self._maybe_disarm()
         self._maybe_close()
 
     def channel_writable(self) -> None:
@@ -195,6 +238,34 @@ class SocketBridge(asyncio.Protocol):
             channel.write_eof()
             self._maybe_close()
 
+    def _maybe_disarm(self) -> None:
+        """Turn the RST-on-close off once the stream ended cleanly on this socket.
+
+        The moment: the peer's FIN arrived (``eof_received``: it sends nothing more),
+        the stream's EOF arrived (we write nothing more) and the transport's buffer is
+        empty (every byte we will ever write is in the kernel's send queue, followed
+        by our FIN: the transport's shutdown(SHUT_WR) runs right after this point).
+        From here, a close - ours, or the kernel's if we die - is the graceful one:
+        the kernel sends what is queued and the FIN, retransmitting them on its own
+        (an orphaned socket) if need be.  So the far end sees every byte and FIN,
+        which is the truth.  We do not wait for the ACK of our FIN: that matters only
+        to a close with linger 0 still on (in FIN_WAIT1, or LAST_ACK with bytes
+        unsent, it resets and discards them), which this disarming prevents.
+        Before this moment, dying means RST: the far end cannot take a cut stream
+        for a whole one.  With high water 0, ``_writing_paused`` is exactly "the
+        transport's buffer is not empty" (resume_writing calls us when it empties).
+        """
+        if (
+            self._armed
+            and self._socket_eof
+            and self._stream_eof
+            and not self._writing_paused
+            and self.transport is not None
+            and not self.done.done()
+        ):
+            self._armed = False
+            disarm_reset(self.transport.get_extra_info("socket"))
+
     def _maybe_close(self) -> None:
         if self._eof_sent and self._stream_eof and self.transport is not None:
             self.transport.close()  # flushes what is buffered, then connection_lost(None)
@@ -204,10 +275,9 @@ class SocketBridge(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             # A reset travels on as a reset: abort() alone sends a clean FIN whenever
             # nothing is left unread, which a client would take for a complete answer.
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError, RuntimeError):  # uvloop: handle closed
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            # (Armed already unless the stream had ended cleanly; then this re-arms.)
+            self._armed = True
+            arm_reset(transport.get_extra_info("socket"))
             transport.abort()
         self._finish(error)
 

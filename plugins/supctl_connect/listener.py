@@ -7,7 +7,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from supctl.bridge import SocketBridge
+from supctl.bridge import SocketBridge, arm_reset
 from supctl.client.api import BindAddress, OpenStream, Reporter
 from supctl.errors import StreamError
 from supctl.link import Channel, Link
@@ -57,7 +57,15 @@ class TcpListener:
             return bridge
 
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(new_connection, bind.host, bind.port, reuse_address=True)
+        server = await loop.create_server(
+            new_connection, bind.host, bind.port, reuse_address=True, start_serving=False
+        )
+        # Armed before listen() (start_serving): an accepted socket inherits SO_LINGER
+        # from the listening one, so a connection is armed from the moment the kernel
+        # creates it, before accept() - if supctl dies even then, the client gets RST.
+        for sock in server.sockets:
+            arm_reset(sock)
+        await server.start_serving()
         sockname = server.sockets[0].getsockname()
         ready(BindAddress(bind.host, int(sockname[1])))
         try:

@@ -19,7 +19,15 @@ from websockets.version import version as websockets_version
 from .. import __version__
 from ..errors import StreamError
 from ..link import Channel, Link, WebSocketLike
-from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened
+from ..protocol import (
+    MAX_MESSAGE_ACCEPTED,
+    MAX_SITE_STREAMS,
+    SUBPROTOCOL,
+    Connection,
+    ErrorCode,
+    OpenRequest,
+    StreamOpened,
+)
 from ..tlspin import FingerprintMismatch, pinned_connection
 from ..wsconn import DirectClientConnection
 from .api import Handler, HandlerContext
@@ -41,7 +49,9 @@ class EnforcerLink(Link):
     """The enforcer's end: it only answers streams the tower opens."""
 
     def __init__(self, ws: WebSocketLike, agent: Agent) -> None:
-        super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name="tower")
+        super().__init__(
+            ws, Connection(odd_ids=False, accept_streams=True, max_streams=MAX_SITE_STREAMS), name="tower"
+        )
         self.agent = agent
         self.tasks: set[asyncio.Task[None]] = set()
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from pyroute2 import netns as pr_netns
 
+from supctl.bridge import arm_reset
 from supctl.errors import StreamError
 from supctl.protocol.frames import ErrorCode
 
@@ -110,6 +111,7 @@ def _new_socket(target: _Target) -> tuple[socket.socket, int]:
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        arm_reset(sock)  # before connect: an enforcer that dies at any point resets the target
     except BaseException:
         sock.close()
         raise

@@ -23,12 +23,17 @@ from .frames import ErrorCode, FrameError, FrameType
 from .messages import OpenRequest, check_ip_address
 
 SUBPROTOCOL = "supctl.v1"
+#: The most concurrent streams an enforcer accepts on its link, whatever the tower
+#: sends (its own bound: about 10 KiB each when idle, docs/tower.md); the tower's
+#: ``[limits] streams-per-site`` may not be set higher.
+MAX_SITE_STREAMS = 16384
 
 __all__ = [
     "DEFAULT_WINDOW",
     "EARLY_DATA",
     "MAX_MESSAGE",
     "MAX_MESSAGE_ACCEPTED",
+    "MAX_SITE_STREAMS",
     "SUBPROTOCOL",
     "Connection",
     "ConnectionClosed",

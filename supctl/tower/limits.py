@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from ..protocol import ErrorCode
+from ..protocol import MAX_SITE_STREAMS, ErrorCode
 
 if TYPE_CHECKING:
     from .server import Tower
@@ -47,6 +47,12 @@ class Limits:
     handshake_timeout: float = 10.0  # TLS + WebSocket opening handshake
     login_failures: int = 5  # failed logins per client address or user name...
     login_window: float = 60.0  # ...within this many seconds, then 429 until they age out; 0 = off
+    # Concurrent streams on one site's link, all sessions and users together (at most
+    # MAX_SITE_STREAMS, the enforcer's own bound).  Measured with idle connections: about
+    # 3 KiB per stream at the tower, 10 at the enforcer, 8 at supctl, so 4096 streams cost
+    # a site's enforcer about 40 MiB (docs/tower.md, "Limits").  A session beyond its
+    # fair share of them is refused (tower/links.py, ClientLink._stream_limit).
+    streams_per_site: int = 4096
 
     @classmethod
     def parse(cls, data: object, where: str) -> Limits:
@@ -73,6 +79,11 @@ class Limits:
                         f"bad config file {where}: 'limits.{key}' must be a number of seconds {bound}"
                     )
                 values[name] = float(value)
+        if values.get("streams_per_site", 0) > MAX_SITE_STREAMS:
+            raise UsageError(
+                f"bad config file {where}: 'limits.streams-per-site' must be at most {MAX_SITE_STREAMS}"
+                " (what an enforcer accepts)"
+            )
         return cls(**values)
 
 

@@ -126,21 +126,51 @@ class ClientLink(Link):
             return
         site = self.tower.sites.get(self.route.site)
         args = event.request.args
-        limits = self.tower.limits
         if site is None or site.conn.closed is not None:  # closed: lost, on_lost not run yet
             self._refuse(event, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected", "site-lost")
             return
-        if len(self.relays) >= limits.streams_per_session:
-            text = f"more than {limits.streams_per_session} concurrent streams in this session"
-            self._refuse(event, ErrorCode.LIMIT, text, "limit")
-            return
-        if self.tower.user_streams[self.user] >= limits.streams_per_user:
-            text = f"more than {limits.streams_per_user} concurrent streams for user {self.user}"
+        if (text := self._stream_limit(site)) is not None:
             self._refuse(event, ErrorCode.LIMIT, text, "limit")
             return
         site_id = site.conn.open_stream(self.route.request(args))
         Relay(self, event.stream_id, site, site_id, self.route.summary, audit.exec_command(self.route, args))
         site.flush()
+
+    def _stream_limit(self, site: SiteLink) -> str | None:
+        """Why this session may not open one more stream now (naming the limit), or None.
+
+        A session's streams all go to its route's site.  Besides the fixed per-session
+        and per-user counts, the site's ``streams-per-site`` is shared: a session may
+        hold at most ``streams_per_site // (n + 1)`` of them, n being the sessions that
+        hold streams on the site, this one included.  The ``+ 1`` keeps a share free for
+        a session that comes next, so no session - nor a few - can take a site's whole
+        budget, while one alone may still use half of it.  Checked only when a stream
+        opens (nothing already open is cut): a session that took more while the site was
+        quiet opens no more until it is back under its share.
+        """
+        limits, tower = self.tower.limits, self.tower
+        held = len(self.relays)
+        if held >= limits.streams_per_session:
+            return f"more than {limits.streams_per_session} concurrent streams in this session (streams-per-session)"
+        if tower.user_streams[self.user] >= limits.streams_per_user:
+            return f"more than {limits.streams_per_user} concurrent streams for user {self.user} (streams-per-user)"
+        budget = limits.streams_per_site
+        if len(site.relays) >= budget:
+            return f"site {site.site} has {budget} concurrent streams, its limit (streams-per-site)"
+        # Counting the sessions on the site is O(sessions): only when the share can bind.
+        if held >= budget // (len(tower.sessions) + 2):
+            using = 1 + sum(
+                1
+                for other in tower.sessions
+                if other is not self and other.relays and other.route.site == site.site
+            )
+            share = budget // (using + 1)
+            if held >= share:
+                return (
+                    f"more than {share} concurrent streams in this session, its fair share of the"
+                    f" {budget} of site {site.site} with {using} sessions using it (streams-per-site)"
+                )
+        return None
 
     def _refuse(self, event: StreamOpened, code: ErrorCode, text: str, close: str) -> None:
         """Reset a stream the tower does not relay, and record it."""
