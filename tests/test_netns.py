@@ -20,6 +20,7 @@ import pytest
 from netlab import NetLab, try_connect, wait_until
 from servers import pattern, pattern_sha256
 
+from supctl.bridge import disarm_reset
 from supctl.enforcer.netns import NamespaceSockets, namespace_exists
 from supctl.errors import StreamError
 from supctl.protocol.frames import ErrorCode
@@ -57,6 +58,7 @@ async def echo_roundtrip(sock: socket.socket, payload: bytes) -> bytes:
 
     with sock:
         await asyncio.gather(reader(), writer())
+        disarm_reset(sock)  # armed by connect (SO_LINGER 0): a clean end closes with FIN
     return bytes(received)
 
 
@@ -190,6 +192,9 @@ def test_bulk_both_directions_through_namespace(netlab: NetLab, tmp_path: Path) 
 
         with sock:
             await asyncio.gather(reader(), writer())
+            # connect armed it (SO_LINGER 0): closed armed, it would reset the server
+            # while our last bytes are still unacknowledged.  Both FINs done: disarm.
+            disarm_reset(sock)
         assert got == size
         assert digest.hexdigest() == pattern_sha256(7, size)
 
