@@ -53,6 +53,10 @@ class Limits:
     # a site's enforcer about 40 MiB (docs/tower.md, "Limits").  A session beyond its
     # fair share of them is refused (tower/links.py, ClientLink._stream_limit).
     streams_per_site: int = 4096
+    # A session whose OPENs keep being refused is closed: more than refused-streams
+    # refusals within refused-window seconds (tower/refusals.py); 0 s = off.
+    refused_streams: int = 20
+    refused_window: float = 10.0
 
     @classmethod
     def parse(cls, data: object, where: str) -> Limits:
@@ -136,5 +140,6 @@ async def sweep_forever(tower: Tower, interval: float = SWEEP_INTERVAL) -> None:
         await asyncio.sleep(interval)
         try:
             sweep(tower, time.monotonic())
+            tower.peer_log.flush()  # "N similar messages suppressed" once a flood has ended
         except Exception:  # a bug here must not stop the timers for good
             log.exception("internal error in the limits sweep")

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,6 +28,7 @@ from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
 from ..protocol.names import parse_port, valid_name
 from ..protocol.targets import canonical_address
+from ..ratelog import RateLimitedLog
 from . import audit
 from .audit import AuditLog
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
@@ -57,10 +60,17 @@ ACCOUNT_PATHS = {"/v1/login": "login", "/v1/logout": "logout", "/v1/token/renew"
 
 class Tower:
     def __init__(
-        self, store: TowerStore, audit_log: AuditLog | None = None, limits: Limits | None = None
+        self,
+        store: TowerStore,
+        audit_log: AuditLog | None = None,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.audit = audit_log
+        self.clock = clock  # monotonic seconds, for every rate and window (fake in tests)
+        # Log lines a peer can cause (refused requests and streams), rate-limited.
+        self.peer_log = RateLimitedLog(log, clock=clock)
         # Users and policies (docs/policies.md); without a user store only admin tokens exist.
         self.users: UserStore | None = None
         self._login_checker: LoginChecker | None = None
@@ -119,7 +129,7 @@ class Tower:
         try:
             outcome = self._authorise(request, login)
         except Rejection as exc:
-            log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
+            self._log_refused(connection, request, exc.status, str(exc))
             self._audit_refused(connection, request, exc.status, str(exc))
             return error_response(exc.status, str(exc), exc.info)
         except Exception:  # a bug here must cost one request, not the tower
@@ -143,7 +153,7 @@ class Tower:
             most = self.limits.sessions_per_user
             if self.user_sessions[outcome.user] >= most:
                 message = f"more than {most} sessions for user {outcome.user}"
-                log.info("refused %s %s: 429 %s", _peer(connection), urlsplit(request.path).path, message)
+                self._log_refused(connection, request, 429, message)
                 self._audit_refused(connection, request, 429, message)
                 return error_response(429, message)
             rec = audit.record("session-accepted", path=audit.cut(urlsplit(request.path).path), result="ok")
@@ -152,6 +162,14 @@ class Tower:
                 return error_response(503, "the control tower cannot write its audit log")
         self._routes[connection] = outcome
         return None
+
+    def _log_refused(self, connection: ServerConnection, request: Request, status: int, message: str) -> None:
+        """One line per refused request, rate-limited per client address: a peer that
+        sends thousands (bad tokens, wrong passwords, refused sessions) costs a few lines;
+        the audit log has every one."""
+        path = urlsplit(request.path).path
+        key = f"requests refused from {_peer_host(connection)}"
+        self.peer_log.info(key, "refused %s %s: %d %s", _peer(connection), path, status, message)
 
     # --- audit records of requests ----------------------------------------------
 
