@@ -57,6 +57,12 @@ class Limits:
     # refusals within refused-window seconds (tower/refusals.py); 0 s = off.
     refused_streams: int = 20
     refused_window: float = 10.0
+    # Live login tokens of one user; a new login beyond it revokes the user's oldest
+    # login token (tower/users.py, UserStore.add_token).  API tokens are not counted.
+    tokens_per_user: int = 50
+    # Renewals of login tokens per user and minute (a burst of that many, then
+    # refilled evenly); more are refused with 429 and a retry time.
+    renewals_per_minute: int = 10
 
     @classmethod
     def parse(cls, data: object, where: str) -> Limits:
