@@ -30,7 +30,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("supctl.tower")
 
-EVENTS = ("session-accepted", "session-refused", "stream-closed", "show", "login", "logout", "renew")
+EVENTS = (
+    "session-accepted",
+    "session-refused",
+    "stream-closed",
+    "streams-refused",
+    "show",
+    "login",
+    "logout",
+    "renew",
+)
 
 #: Every record has every field, in this order; ``null`` when it does not apply.
 FIELDS = (
@@ -59,6 +68,11 @@ FIELDS = (
     "command",
     "exit-code",
     "exit-signal",
+    # streams-refused: a session's refused streams counted since its previous record.
+    "count",
+    "reasons",
+    "first",
+    "last",
 )
 
 #: Values taken from a request before it was validated are cut to this many characters.
@@ -148,6 +162,13 @@ def stream_record(route: Route, stream_id: int, **fields: Any) -> dict[str, Any]
     rec = record("stream-closed", **fields)
     rec.update(route_fields(route))
     rec["stream"] = stream_id
+    return rec
+
+
+def refusals_record(route: Route, **fields: Any) -> dict[str, Any]:
+    """A ``streams-refused`` record of ``route``'s session (tower/refusals.py)."""
+    rec = record("streams-refused", **fields)
+    rec.update(route_fields(route))
     return rec
 
 
@@ -376,7 +397,12 @@ TABLE_COLUMNS = (
     ("exit", 4, 2),
 )
 NUMERIC_COLUMNS = frozenset({"up", "down", "secs", "exit"})
-_SHORT_EVENTS = {"session-accepted": "accepted", "session-refused": "refused", "stream-closed": "closed"}
+_SHORT_EVENTS = {
+    "session-accepted": "accepted",
+    "session-refused": "refused",
+    "stream-closed": "closed",
+    "streams-refused": "refusals",
+}
 
 
 def table_row(rec: dict[str, Any]) -> list[str]:
@@ -387,6 +413,8 @@ def table_row(rec: dict[str, Any]) -> list[str]:
     result = rec.get("result")
     if rec.get("command"):
         result = f"{result} ({rec['command']})"
+    if event == "streams-refused":
+        result = f"{rec.get('count')} refused, the last: {result}"
     exit_status = rec.get("exit-code")
     if exit_status is None and rec.get("exit-signal") is not None:
         exit_status = f"SIG{rec['exit-signal']}"

@@ -53,6 +53,18 @@ class Limits:
     # a site's enforcer about 40 MiB (docs/tower.md, "Limits").  A session beyond its
     # fair share of them is refused (tower/links.py, ClientLink._stream_limit).
     streams_per_site: int = 4096
+    # A session whose OPENs keep being refused is closed: more than refused-streams
+    # refusals within refused-window seconds (tower/refusals.py); 0 s = off.  200 in 10 s:
+    # a flood is cut after a few kB of OPENs, while a browser behind a forward whose
+    # service restarts (every connection refused, retried at once) is not.
+    refused_streams: int = 200
+    refused_window: float = 10.0
+    # Live login tokens of one user; a new login beyond it revokes the user's oldest
+    # login token (tower/users.py, UserStore.add_token).  API tokens are not counted.
+    tokens_per_user: int = 50
+    # Renewals of login tokens per user and minute (a burst of that many, then
+    # refilled evenly); more are refused with 429 and a retry time.
+    renewals_per_minute: int = 10
 
     @classmethod
     def parse(cls, data: object, where: str) -> Limits:
@@ -136,5 +148,6 @@ async def sweep_forever(tower: Tower, interval: float = SWEEP_INTERVAL) -> None:
         await asyncio.sleep(interval)
         try:
             sweep(tower, time.monotonic())
+            tower.peer_log.flush()  # "N similar messages suppressed" once a flood has ended
         except Exception:  # a bug here must not stop the timers for good
             log.exception("internal error in the limits sweep")

@@ -20,6 +20,7 @@ from ..protocol import (
 )
 from . import audit
 from .policy import Request as PolicyRequest
+from .refusals import Refusals
 from .relay import Relay
 from .siteinfo import SiteInfo
 
@@ -102,6 +103,8 @@ class ClientLink(Link):
         self.user = route.user
         self.started = time.monotonic()  # for the session-duration limit
         self.relays: dict[int, Relay] = {}
+        limits = tower.limits
+        self.refusals = Refusals(limits.refused_streams, limits.refused_window, tower.clock)
 
     def handle_event(self, event: Event) -> None:
         if isinstance(event, StreamOpened):
@@ -117,6 +120,8 @@ class ClientLink(Link):
                 relay.from_client(event)
 
     def _open(self, event: StreamOpened) -> None:
+        if self.conn.closed is not None:
+            return  # the rest of a message whose earlier frames got the session closed
         # Authority is judged again for every stream, against the token and the policies
         # in force now: narrowing a policy or revoking a token reaches open sessions.
         refusal = self.tower.route_refusal(self.route)
@@ -173,11 +178,13 @@ class ClientLink(Link):
         return None
 
     def _refuse(self, event: StreamOpened, code: ErrorCode, text: str, close: str) -> None:
-        """Reset a stream the tower does not relay, and record it."""
+        """Reset a stream the tower does not relay, and count it."""
         self.conn.reset_stream(event.stream_id, code, text)
         if code is ErrorCode.LIMIT:
-            log.warning("stream refused %s: %s", self.route.summary, text)
-        if self.tower.audit is not None:
+            self.tower.peer_log.warning(
+                f"streams refused for user {self.user}", "stream refused %s: %s", self.route.summary, text
+            )
+        if self.stream_refused(close, text) and self.tower.audit is not None:
             self.tower.audit.append(
                 audit.stream_record(
                     self.route,
@@ -191,9 +198,34 @@ class ClientLink(Link):
                 )
             )
 
+    def stream_refused(self, close: str, result: str) -> bool:
+        """Count a refused OPEN of this session: by the tower (:meth:`_refuse`) or by the
+        site before it accepted the stream (:meth:`Relay.finish`).  True if the caller
+        writes the refusal's own ``stream-closed`` record; else it is counted into a
+        ``streams-refused`` one (:mod:`.refusals`).  Closes the session when refusals
+        keep coming."""
+        verdict = self.refusals.refused(close, result)
+        if not verdict.record and self.refusals.summary_due():
+            self._write_refusals()
+        if verdict.close is not None and self.conn.closed is None:
+            self.tower.peer_log.warning(
+                f"sessions closed for refusals of user {self.user}",
+                "closing session %s: %s",
+                self.route.summary,
+                verdict.close,
+            )
+            self.close(ErrorCode.LIMIT, verdict.close)
+        return verdict.record
+
+    def _write_refusals(self) -> None:
+        fields = self.refusals.take_summary()
+        if fields is not None and self.tower.audit is not None:
+            self.tower.audit.append(audit.refusals_record(self.route, **fields))
+
     def on_lost(self, reason: str) -> None:
         for relay in list(self.relays.values()):
             relay.abort(ErrorCode.CANCEL, f"client went away: {reason}", "client-lost")
+        self._write_refusals()
 
 
 class SiteLink(Link):

@@ -229,20 +229,24 @@ class Relay:
             "site-reset": "reset by site: ",
             "timeout": "reset by the tower: ",
         }.get(close, "")
-        log.info(
+        tower = self.client.tower
+        line = (
             "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d "
-            "seconds=%.3f result=%s%s",
-            self.summary,
-            self.up.total,
-            self.down.total,
-            self.up.peak,
-            self.down.peak,
-            seconds,
-            shown,
-            result,
+            "seconds=%.3f result=%s%s"
         )
-        trail = self.client.tower.audit
-        if trail is not None:
+        values = (self.summary, self.up.total, self.down.total, self.up.peak, self.down.peak, seconds)
+        recorded = True
+        if close == "site-reset" and not self.accepted:
+            # The site refused the OPEN: a refused stream like the tower's own refusals,
+            # counted by its session (which may close it), its record and log line
+            # rate-limited (tower/refusals.py).
+            recorded = self.client.stream_refused(close, result)
+            key = f"streams refused by site {self.site.site} for user {self.user}"
+            tower.peer_log.info(key, line, *values, shown, result)
+        else:
+            log.info(line, *values, shown, result)
+        trail = tower.audit
+        if trail is not None and recorded:
             exit_code, exit_signal = self.exit or (None, None)
             trail.append(
                 audit.stream_record(

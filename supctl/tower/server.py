@@ -9,12 +9,17 @@ be written is refused (503), so nothing is let through unrecorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import re
 import secrets
+import time
 import weakref
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -26,6 +31,8 @@ from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
 from ..protocol.names import parse_port, valid_name
 from ..protocol.targets import canonical_address
+from ..ratelimit import Buckets
+from ..ratelog import RateLimitedLog
 from . import audit
 from .audit import AuditLog
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
@@ -42,6 +49,7 @@ from .users import (
     USER_NAME_RE,
     Identity,
     TokenRefused,
+    UnknownUser,
     UserStore,
 )
 
@@ -55,12 +63,29 @@ ENFORCER_PATH = "/v1/enforcer"
 ACCOUNT_PATHS = {"/v1/login": "login", "/v1/logout": "logout", "/v1/token/renew": "renew"}
 
 
+@dataclass(frozen=True)
+class AccountDone:
+    """The outcome of a login, logout or renewal whose change to users.json was made
+    before the request is answered (:meth:`Tower.handshake_request`)."""
+
+    requester: str  # "USER:ACCESSOR", for the audit record
+    body: dict[str, Any] | None = None
+    rejection: Rejection | None = None
+
+
 class Tower:
     def __init__(
-        self, store: TowerStore, audit_log: AuditLog | None = None, limits: Limits | None = None
+        self,
+        store: TowerStore,
+        audit_log: AuditLog | None = None,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.audit = audit_log
+        self.clock = clock  # monotonic seconds, for every rate and window (fake in tests)
+        # Log lines a peer can cause (refused requests and streams), rate-limited.
+        self.peer_log = RateLimitedLog(log, clock=clock)
         # Users and policies (docs/policies.md); without a user store only admin tokens exist.
         self.users: UserStore | None = None
         self._login_checker: LoginChecker | None = None
@@ -70,6 +95,10 @@ class Tower:
         self._policies: tuple[str, ...] = ()
         self._identity: Identity | None = None
         self.limits = limits or Limits()
+        renewals = self.limits.renewals_per_minute
+        self._renewals = Buckets(renewals, renewals / 60.0, clock)  # per user
+        # users.json is written on this one thread: never on the event loop, one write at a time.
+        self._users_writer: ThreadPoolExecutor | None = None
         # Live supctl sessions, and per user their number and their concurrent streams.
         self.sessions: set[ClientLink] = set()
         self.user_sessions: Counter[str] = Counter()
@@ -85,21 +114,56 @@ class Tower:
     # --- before the upgrade ---------------------------------------------------
 
     async def handshake_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """websockets' ``process_request``: :meth:`process_request`, after checking a
-        login's password (:mod:`.logins`: on a worker thread, throttled).
+        """websockets' ``process_request``: :meth:`process_request`, after what must not
+        run on the event loop: a login's password check (:mod:`.logins`: on a worker
+        thread, throttled) and the change to users.json of a login, logout or renewal
+        (:meth:`_account_write`, on the writer thread).
 
-        Only that check awaits; everything else stays synchronous on the loop, after
-        the await, so two requests never interleave.
+        Only those await; everything else stays synchronous on the loop, and what a
+        request's judgement needs (who asked) is carried across the await, so two
+        requests never interleave.
         """
+        path = urlsplit(request.path).path
+        if self.users is None or path not in ACCOUNT_PATHS or _upgrading(request):
+            return self.process_request(connection, request)
         login = None
-        if self.users is not None and urlsplit(request.path).path == "/v1/login":
+        if path == "/v1/login":
             try:
                 name, password = basic_credentials(request)
             except Rejection:
-                pass  # process_request refuses it, with the reason
+                pass  # _account refuses it, with the reason
             else:
                 login = await self._logins(self.users).check(_peer_host(connection), name, password)
-        return self.process_request(connection, request, login)
+        done = await self._account_write(path, request, login)
+        return self.process_request(connection, request, login, done)
+
+    async def _account_write(self, path: str, request: Request, login: LoginCheck | None) -> AccountDone:
+        """Judge an account request now (:meth:`_account`), then make its change to
+        users.json on the writer thread: a write and two fsyncs, which on the loop
+        stalled every relayed stream (renewal spam: a bystander's latency from 5 to 123 ms)."""
+        self._requester = ""
+        try:
+            change = self._account(path, request, login)
+        except Rejection as exc:
+            return AccountDone(self._requester, rejection=exc)
+        except Exception:  # a bug here must cost one request, not the tower
+            log.exception("internal error judging %s", path)
+            return AccountDone(
+                self._requester, rejection=Rejection(500, "internal error in the control tower")
+            )
+        requester = self._requester
+        if self._users_writer is None:
+            self._users_writer = ThreadPoolExecutor(1, thread_name_prefix="users-writer")
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(self._users_writer, change)
+        except Rejection as exc:
+            return AccountDone(requester, rejection=exc)
+        except Exception:
+            log.exception("internal error writing the users file for %s", path)
+            return AccountDone(requester, rejection=Rejection(500, "internal error in the control tower"))
+        if path == "/v1/login":
+            requester = f"{body['user']}:{body['accessor']}"
+        return AccountDone(requester, body=body)
 
     def _logins(self, users: UserStore) -> LoginChecker:
         if self._login_checker is None or self._login_checker.users is not users:
@@ -108,18 +172,24 @@ class Tower:
         return self._login_checker
 
     def process_request(
-        self, connection: ServerConnection, request: Request, login: LoginCheck | None = None
+        self,
+        connection: ServerConnection,
+        request: Request,
+        login: LoginCheck | None = None,
+        account: AccountDone | None = None,
     ) -> Response | None:
         """Authorise ``request`` (or answer it, for a plain GET); None lets the upgrade go on.
 
         ``login``: the outcome of a login's password check if it was done already
         (:meth:`handshake_request`); None checks it here (unthrottled: in-process use).
+        ``account``: the outcome of a login, logout or renewal made already; None makes
+        it here, on the calling thread (in-process use).
         """
         self._requester = ""
         try:
-            outcome = self._authorise(request, login)
+            outcome = self._authorise(request, login, account)
         except Rejection as exc:
-            log.info("refused %s %s: %d %s", _peer(connection), urlsplit(request.path).path, exc.status, exc)
+            self._log_refused(connection, request, exc.status, str(exc))
             self._audit_refused(connection, request, exc.status, str(exc))
             return error_response(exc.status, str(exc), exc.info)
         except Exception:  # a bug here must cost one request, not the tower
@@ -143,7 +213,7 @@ class Tower:
             most = self.limits.sessions_per_user
             if self.user_sessions[outcome.user] >= most:
                 message = f"more than {most} sessions for user {outcome.user}"
-                log.info("refused %s %s: 429 %s", _peer(connection), urlsplit(request.path).path, message)
+                self._log_refused(connection, request, 429, message)
                 self._audit_refused(connection, request, 429, message)
                 return error_response(429, message)
             rec = audit.record("session-accepted", path=audit.cut(urlsplit(request.path).path), result="ok")
@@ -152,6 +222,14 @@ class Tower:
                 return error_response(503, "the control tower cannot write its audit log")
         self._routes[connection] = outcome
         return None
+
+    def _log_refused(self, connection: ServerConnection, request: Request, status: int, message: str) -> None:
+        """One line per refused request, rate-limited per client address: a peer that
+        sends thousands (bad tokens, wrong passwords, refused sessions) costs a few lines;
+        the audit log has every one."""
+        path = urlsplit(request.path).path
+        key = f"requests refused from {_peer_host(connection)}"
+        self.peer_log.info(key, "refused %s %s: %d %s", _peer(connection), path, status, message)
 
     # --- audit records of requests ----------------------------------------------
 
@@ -206,15 +284,23 @@ class Tower:
             fields.update(verb="exec", application=app, service_instance=instance, container=container)
         return fields
 
-    def _authorise(self, request: Request, login: LoginCheck | None = None) -> Route | str | Response:
+    def _authorise(
+        self, request: Request, login: LoginCheck | None = None, account: AccountDone | None = None
+    ) -> Route | str | Response:
         url = urlsplit(request.path)
         try:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
         except ValueError:
             raise Rejection(400, "malformed query string") from None
-        if "upgrade" not in request.headers.get("Connection", "").lower():
+        if not _upgrading(request):
             if url.path in ACCOUNT_PATHS:
-                return json_response(self._account(url.path, request, login))
+                if account is None:
+                    return json_response(self._account(url.path, request, login)())
+                self._requester = account.requester
+                if account.rejection is not None:
+                    raise account.rejection
+                assert account.body is not None
+                return json_response(account.body)
             return json_response(self._show(url.path, query, self._admin(request)))
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
@@ -319,34 +405,59 @@ class Tower:
             user = audit.split_who(self._requester)[0] or "?"
             raise Rejection(403, f"policy refuses {request.describe(user)}")
 
-    def _account(self, path: str, request: Request, login: LoginCheck | None = None) -> dict[str, Any]:
-        """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer)."""
-        if self.users is None:
+    def _account(
+        self, path: str, request: Request, login: LoginCheck | None = None
+    ) -> Callable[[], dict[str, Any]]:
+        """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer):
+        judged now (a Rejection if refused); returns the change to make to users.json,
+        which answers the response's body (run on the writer thread by
+        :meth:`handshake_request`)."""
+        users = self.users
+        if users is None:
             raise Rejection(404, "this control tower has no users")
+        expiry = self.login_expiry
         if path == "/v1/login":
             name, password = basic_credentials(request)
             known = USER_NAME_RE.fullmatch(name) is not None
             self._requester = f"{name}:" if known else ""
             if login is None:
-                login = LoginCheck(self.users.check_password(name if known else "", password))
+                login = LoginCheck(users.check_password(name if known else "", password))
             if login.retry_after:
                 raise Rejection(429, retry_text(login.retry_after))
             if not login.ok or not known:
                 raise Rejection(401, "wrong user name or password")
-            token, accessor, expires = self.users.add_token(name, "login", self.login_expiry)
-            self._requester = f"{name}:{accessor}"
-            return {"token": token, "expires": expires, "accessor": accessor, "user": name}
+            most = self.limits.tokens_per_user
+
+            def log_in() -> dict[str, Any]:
+                # The user may have been removed since the password check: UsageError -> 401.
+                token, accessor, expires = _writing(users.add_token, name, "login", expiry, most)
+                return {"token": token, "expires": expires, "accessor": accessor, "user": name}
+
+            return log_in
         self._admin(request)
         identity = self._identity
         if identity is None:
             raise Rejection(400, "the admin token cannot be logged out or renewed")
+        token, accessor = bearer_token(request), identity.accessor
         if path == "/v1/logout":
-            self.users.revoke_token(bearer_token(request))
-            return {"revoked": identity.accessor}
+
+            def log_out() -> dict[str, Any]:
+                _writing(users.revoke_token, token)
+                return {"revoked": accessor}
+
+            return log_out
         if identity.kind != "login":
             raise Rejection(400, "only login tokens are renewed; an API token keeps its expiry")
-        expires = self.users.renew(bearer_token(request), self.login_expiry)
-        return {"expires": expires, "accessor": identity.accessor}
+        # Each renewal rewrites users.json: a user gets renewals-per-minute, then 429.
+        if wait := self._renewals.take(identity.user):
+            raise Rejection(
+                429, f"too many token renewals for user {identity.user}; try again in {math.ceil(wait)} s"
+            )
+
+        def renew() -> dict[str, Any]:
+            return {"expires": _writing(users.renew, token, expiry), "accessor": accessor}
+
+        return renew
 
     @staticmethod
     def _site_name(query: dict[str, list[str]]) -> str:
@@ -522,6 +633,27 @@ class Tower:
         if self.sites.get(link.site) is link:
             del self.sites[link.site]
             log.warning("site %s disconnected: %s", link.site, reason)
+
+
+def _upgrading(request: Request) -> bool:
+    """Whether ``request`` asks for the WebSocket upgrade (else it is a plain GET)."""
+    return "upgrade" in request.headers.get("Connection", "").lower()
+
+
+def _writing(change: Callable[..., Any], *args: Any) -> Any:
+    """``change(*args)``, a change to users.json, its failures as the answer to send."""
+    try:
+        return change(*args)
+    except TokenRefused as exc:  # revoked or expired since it was checked
+        raise Rejection(401, str(exc)) from None
+    except UnknownUser:  # removed since the password check
+        raise Rejection(401, "wrong user name or password") from None
+    except UsageError as exc:  # users.json is invalid
+        log.error("%s", exc)
+        raise Rejection(500, "the control tower's users file is invalid (see its log)") from None
+    except OSError as exc:
+        log.error("cannot write the users file: %s", exc.strerror or exc)
+        raise Rejection(503, "the control tower cannot write its users file") from None
 
 
 def _name(quoted: str, what: str) -> str:

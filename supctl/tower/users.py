@@ -8,10 +8,15 @@
   expiry and an *accessor* (the first 8 hex digits of the hash), which audit
   records and ``control-tower token revoke`` use instead of the token.
 * A revoked token is kept (marked) until it expires, so using it says "token
-  revoked" rather than "invalid API token".
+  revoked" rather than "invalid API token"; a user's revoked login tokens only up
+  to :data:`REVOKED_REMEMBERED` x ``tokens-per-user`` (:func:`_make_room`).
+* A user has at most ``[limits] tokens-per-user`` live login tokens: a new login
+  revokes the oldest beyond it (API tokens, made by the administrator, are not
+  counted), so 1,500 logins leave 50 live tokens, not 1,507.
 
 The file is re-read whenever it changes and every write replaces it atomically
-under a directory lock, exactly like ``state.json``.
+under a directory lock, exactly like ``state.json`` (see :class:`UserStore` for
+how the tower writes it off its event loop).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,25 +118,44 @@ class TokenRefused(Exception):
         self.accessor = accessor
 
 
+Stamp = tuple[int, int, int, int]
+
+
+def _empty() -> dict[str, Any]:
+    return {"users": {}, "tokens": []}
+
+
+def _expired(entry: dict[str, Any], now: datetime.datetime) -> bool:
+    return bool(entry.get("expires")) and datetime.datetime.fromisoformat(entry["expires"]) <= now
+
+
+class UnknownUser(UsageError):
+    """A token was asked for a user who does not exist (any more)."""
+
+
 class UserStore:
+    """``users.json``.  The tower reads it on its event loop and writes it on a worker
+    thread (server.py, ``Tower._account_write``): every write reads the file afresh into
+    a private copy, changes it, replaces the file and then publishes the copy as the new
+    snapshot.  A snapshot is never changed in place, so a reader on the loop always sees
+    one consistent version, and the loop does not read the file again after the
+    tower's own writes.  Writes are serialised: a lock within the process, ``flock``
+    on the directory against ``control-tower`` commands."""
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._stamp: tuple[int, int, int, int] | None = None
-        self._data: dict[str, Any] = {"users": {}, "tokens": []}
+        # (the file's identity when read, its content), replaced as a whole.
+        self._snapshot: tuple[Stamp | None, dict[str, Any]] = (None, _empty())
+        self._write_lock = threading.Lock()
 
     # -- reading ---------------------------------------------------------
 
-    def _reload(self) -> None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            self._stamp, self._data = None, {"users": {}, "tokens": []}
-            return
-        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if stamp == self._stamp:
-            return
+    def _read(self) -> dict[str, Any]:
+        """The file's content, parsed and checked (empty if there is no file)."""
         try:
             raw = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return _empty()
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise UsageError(f"bad users file {self.path}: {exc}") from None
         if (
@@ -139,21 +164,38 @@ class UserStore:
             or not isinstance(raw.get("tokens", []), list)
         ):
             raise UsageError(f"bad users file {self.path}: 'users' must be an object and 'tokens' a list")
-        self._data = {"users": raw.get("users", {}), "tokens": raw.get("tokens", [])}
-        self._stamp = stamp
+        return {"users": raw.get("users", {}), "tokens": raw.get("tokens", [])}
+
+    def _current(self) -> dict[str, Any]:
+        """The content in force: the snapshot, re-read only if the file changed under it
+        (a ``control-tower user`` or ``token`` command)."""
+        if self._write_lock.locked():
+            # The tower's writer thread is replacing the file and will publish what it
+            # wrote: meanwhile the snapshot stands, and the loop does not read the file.
+            return self._snapshot[1]
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._snapshot = (None, _empty())
+            return self._snapshot[1]
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        known, data = self._snapshot
+        if stamp != known:
+            data = self._read()
+            self._snapshot = (stamp, data)
+        return data
 
     def users(self) -> dict[str, dict[str, Any]]:
-        self._reload()
-        return dict(self._data["users"])
+        return dict(self._current()["users"])
 
     def tokens(self) -> list[dict[str, Any]]:
-        self._reload()
-        return list(self._data["tokens"])
+        return list(self._current()["tokens"])
 
-    def _entry(self, token: str) -> dict[str, Any] | None:
+    @staticmethod
+    def _entry(data: dict[str, Any], token: str) -> dict[str, Any] | None:
         digest = hash_token(token)
         found = None
-        for entry in self._data["tokens"]:
+        for entry in data["tokens"]:
             if hmac.compare_digest(str(entry.get("hash", "")), digest) and found is None:
                 found = entry
         return found
@@ -162,16 +204,16 @@ class UserStore:
         """The identity of a user token; None if it is not one; TokenRefused if expired or revoked."""
         if not token.startswith((LOGIN_PREFIX, API_PREFIX)):
             return None
-        self._reload()
-        entry = self._entry(token)
+        data = self._current()
+        entry = self._entry(data, token)
         if entry is None:
             return None
         who = (str(entry.get("user")), str(entry.get("accessor")))
         if entry.get("revoked"):
             raise TokenRefused("token revoked", *who)
-        if entry.get("expires") and datetime.datetime.fromisoformat(entry["expires"]) <= _now():
+        if _expired(entry, _now()):
             raise TokenRefused("token expired", *who)
-        user = self._data["users"].get(entry.get("user"))
+        user = data["users"].get(entry.get("user"))
         if user is None:
             raise TokenRefused("token revoked (its user was removed)", *who)
         return Identity(
@@ -181,13 +223,13 @@ class UserStore:
     def refusal(self, accessor: str) -> str | None:
         """Why the token with this accessor may no longer be used (revoked, expired, its
         user removed, gone), or None while it is valid: for sessions it opened earlier."""
-        self._reload()
-        entry = next((e for e in self._data["tokens"] if e.get("accessor") == accessor), None)
+        data = self._current()
+        entry = next((e for e in data["tokens"] if e.get("accessor") == accessor), None)
         if entry is None or entry.get("revoked"):
             return "token revoked"
-        if entry.get("expires") and datetime.datetime.fromisoformat(entry["expires"]) <= _now():
+        if _expired(entry, _now()):
             return "token expired"
-        if entry.get("user") not in self._data["users"]:
+        if entry.get("user") not in data["users"]:
             return "token revoked (its user was removed)"
         return None
 
@@ -195,21 +237,18 @@ class UserStore:
         """The stored hash to check ``password`` against: a dummy one for an unknown
         user (the same work, so timing does not tell which names exist), None for a
         password too long to be worth hashing."""
-        self._reload()
-        user = self._data["users"].get(name)
+        user = self._current()["users"].get(name)
         if len(password) > MAX_PASSWORD:
             return None
         return str(user["password"]) if user else _DUMMY_HASH
 
     def has_user(self, name: str) -> bool:
-        self._reload()
-        return name in self._data["users"]
+        return name in self._current()["users"]
 
     def policies(self, name: str) -> tuple[str, ...] | None:
         """The policies in force for user ``name`` now (None: no such user): every OPEN
         and every sweep judges with these, not with those of the upgrade."""
-        self._reload()
-        user = self._data["users"].get(name)
+        user = self._current()["users"].get(name)
         return None if user is None else tuple(user.get("policies", []))
 
     def check_password(self, name: str, password: str) -> bool:
@@ -221,27 +260,22 @@ class UserStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, Any]]:
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)
-            self._stamp = None
-            self._reload()
+        """The file's content, fresh and private, to change; written back atomically
+        (temporary file, fsync, rename) and published unless the body raises."""
+        with self._write_lock:
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                yield self._data
+                fcntl.flock(dir_fd, fcntl.LOCK_EX)
+                data = self._read()
+                yield data
                 now = _now()
                 # Expired tokens (revoked or not) are forgotten: they can no longer be used anyway.
-                self._data["tokens"] = [
-                    t
-                    for t in self._data["tokens"]
-                    if not t.get("expires") or datetime.datetime.fromisoformat(t["expires"]) > now
-                ]
-                data = (json.dumps(self._data, indent=2, sort_keys=True) + "\n").encode()
-                atomic_write(self.path, data, 0o600)
+                data["tokens"] = [t for t in data["tokens"] if not _expired(t, now)]
+                atomic_write(self.path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+                st = os.stat(self.path)
+                self._snapshot = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), data)
             finally:
-                self._stamp = None
-            self._reload()
-        finally:
-            os.close(dir_fd)
+                os.close(dir_fd)
 
     def add_user(self, name: str, password: str, policies: list[str]) -> None:
         if not USER_NAME_RE.fullmatch(name) or name == "admin":
@@ -258,14 +292,22 @@ class UserStore:
                 raise UsageError(f"user {name!r} already exists")
             data["users"][name] = {"password": hashed, "policies": list(policies), "created": iso(_now())}
 
-    def add_token(self, user: str, kind: str, lifetime: datetime.timedelta) -> tuple[str, str, str]:
-        """A new token of ``user``: (token, accessor, expires ISO)."""
+    def add_token(
+        self, user: str, kind: str, lifetime: datetime.timedelta, most: int | None = None
+    ) -> tuple[str, str, str]:
+        """A new token of ``user``: (token, accessor, expires ISO).
+
+        ``most``: for a login token, the user's live login tokens after this one; the
+        oldest beyond it are revoked (:func:`_make_room`).
+        """
         token = (LOGIN_PREFIX if kind == "login" else API_PREFIX) + secrets.token_urlsafe(32)
         digest = hash_token(token)
         expires = iso(_now() + lifetime)
         with self._locked() as data:
             if user not in data["users"]:
-                raise UsageError(f"unknown user {user!r}")
+                raise UnknownUser(f"unknown user {user!r}")
+            if kind == "login" and most is not None:
+                _make_room(data, user, most)
             data["tokens"].append(
                 {
                     "hash": digest,
@@ -280,13 +322,23 @@ class UserStore:
         return token, digest[:8], expires
 
     def renew(self, token: str, lifetime: datetime.timedelta) -> str:
-        """Push a login token's expiry to now + ``lifetime``; the new expiry (ISO)."""
-        expires = iso(_now() + lifetime)
-        digest = hash_token(token)
+        """Push a login token's expiry to now + ``lifetime``; the new expiry (ISO).
+
+        TokenRefused if the token was revoked or expired since it was checked (a renewal
+        must not bring it back).
+        """
+        now = _now()
+        expires = iso(now + lifetime)
         with self._locked() as data:
-            for entry in data["tokens"]:
-                if hmac.compare_digest(str(entry.get("hash", "")), digest):
-                    entry["expires"] = expires
+            entry = self._entry(data, token)
+            if entry is None:
+                raise TokenRefused("token revoked", "", "")
+            who = (str(entry.get("user")), str(entry.get("accessor")))
+            if entry.get("revoked"):
+                raise TokenRefused("token revoked", *who)
+            if _expired(entry, now):
+                raise TokenRefused("token expired", *who)
+            entry["expires"] = expires
         return expires
 
     def revoke(self, accessor: str) -> str:
@@ -306,3 +358,25 @@ class UserStore:
             for entry in data["tokens"]:
                 if hmac.compare_digest(str(entry.get("hash", "")), digest):
                     entry["revoked"] = iso(_now())
+
+
+#: A user's revoked login tokens are remembered (so that using one says "token revoked")
+#: up to this many times ``tokens-per-user``; the earliest revoked are forgotten first.
+REVOKED_REMEMBERED = 4
+
+
+def _make_room(data: dict[str, Any], user: str, most: int) -> None:
+    """Before ``user`` gets one more login token: revoke their oldest live login tokens
+    so that at most ``most`` are live with the new one, and forget the earliest revoked
+    ones beyond :data:`REVOKED_REMEMBERED` x ``most``, so that logging in again and
+    again grows neither the live tokens nor the file."""
+    now = _now()
+    stamp = iso(now)
+    logins = [t for t in data["tokens"] if t.get("user") == user and t.get("kind") == "login"]
+    live = [t for t in logins if not t.get("revoked") and not _expired(t, now)]  # oldest first
+    for entry in live[: max(0, len(live) - most + 1)]:
+        entry["revoked"] = stamp
+    revoked = sorted((t for t in logins if t.get("revoked")), key=lambda t: str(t["revoked"]))
+    forget = {id(t) for t in revoked[: max(0, len(revoked) - REVOKED_REMEMBERED * most)]}
+    if forget:
+        data["tokens"] = [t for t in data["tokens"] if id(t) not in forget]
