@@ -4,6 +4,7 @@ then a real tower, held to the usual open-file limit (1024), under 1,100 idle so
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import resource
 import select
@@ -32,7 +33,7 @@ class Clock:
 def test_per_address_cap_refuses_the_newcomer() -> None:
     gate = PreauthGate(per_address=2, total=10, clock=Clock())
     closed: list[int] = []
-    tickets = [gate.admit("10.0.0.1", lambda i=i: closed.append(i)) for i in range(3)]
+    tickets = [gate.admit("10.0.0.1", functools.partial(closed.append, i)) for i in range(3)]
     assert tickets[2] is None and closed == []  # refused: the caller closes it
     assert gate.admit("10.0.0.2", lambda: None) is not None  # another address is let in
     first = tickets[0]
@@ -47,7 +48,7 @@ def test_total_cap_evicts_the_oldest() -> None:
     gate = PreauthGate(per_address=10, total=3, clock=Clock())
     closed: list[str] = []
     for name in ("a", "b", "c"):
-        assert gate.admit(f"10.0.0.{ord(name)}", lambda name=name: closed.append(name)) is not None
+        assert gate.admit(f"10.0.0.{ord(name)}", functools.partial(closed.append, name)) is not None
     newcomer = gate.admit("10.0.1.1", lambda: closed.append("new"))
     assert newcomer is not None and closed == ["a"] and len(gate) == 3
     newcomer.release()

@@ -43,6 +43,9 @@ log = logging.getLogger("supctl.tower")
 
 #: Seconds between two log lines about refused connections.
 LOG_EVERY = 10.0
+#: Seconds a TLS close_notify exchange may take (websockets' default close timeout,
+#: which it used for this before the tower accepted connections itself).
+TLS_SHUTDOWN_TIMEOUT = 10.0
 #: Descriptors kept free of unauthenticated connections: sessions, site links, log,
 #: audit and store files.  ``preauth-total`` is lowered to leave them.
 FD_HEADROOM = 256
@@ -187,7 +190,7 @@ class _Accepted(asyncio.Protocol):
         waiter.add_done_callback(self._tls_done)
         tls = _tls_protocol(loop)(
             loop, self, listener.context, waiter, server_side=True,
-            ssl_handshake_timeout=listener.timeout, ssl_shutdown_timeout=listener.timeout,
+            ssl_handshake_timeout=listener.timeout, ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
         )  # fmt: skip
         raw.set_protocol(tls)
         tls.connection_made(raw)
@@ -208,7 +211,10 @@ class _Accepted(asyncio.Protocol):
         connection.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:  # pragma: no cover - handed over first
-        raise AssertionError("data before the hand-over")
+        # The TLS layer hands over (connection_made) before it delivers data; should an
+        # event loop ever do otherwise, the connection is dropped, not misread.
+        if self.raw is not None:
+            self.raw.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.ticket is not None:
