@@ -259,31 +259,12 @@ def test_login_hashes_the_password_off_the_event_loop(
 
 def test_failed_logins_are_throttled_without_hashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     threads = _count_hashes(monkeypatch)
-    tower = _in_process_tower(tmp_path, login_failures=2, login_window=60.0)
+    tower = _in_process_tower(tmp_path, login_failures=2, login_failures_per_address=2, login_window=60.0)
     assert [_login(tower, "wrong")[0] for _ in range(2)] == [401, 401]
     status, body = _login(tower, PASSWORD)  # even the right password, for now
     assert status == 429 and "too many failed logins; try again in 60 s" in body, body
     assert len(threads) == 2  # refused without hashing
     assert _login(tower, "wrong", name="nobody")[0] == 429  # the same address, another name
-
-
-def test_login_throttle_window() -> None:
-    from supctl.tower.logins import LoginThrottle
-
-    now = [100.0]
-    throttle = LoginThrottle(failures=2, window=10.0, clock=lambda: now[0])
-    throttle.failed("addr:a", "user:x")
-    assert throttle.retry_after("addr:a", "user:x") == 0
-    now[0] = 104.0
-    throttle.failed("addr:a", "user:x")
-    assert throttle.retry_after("addr:b", "user:x") == 6.0  # the name alone is enough
-    now[0] = 110.5  # the first failure aged out
-    assert throttle.retry_after("addr:a", "user:y") == 0
-    throttle.failed("addr:a", "user:x")
-    assert throttle.retry_after("addr:a") == 3.5
-    throttle.succeeded("addr:a", "user:x")
-    assert throttle.retry_after("addr:a", "user:x") == 0
-    assert LoginThrottle(failures=1, window=0.0).retry_after("addr:a") == 0  # 0: off
 
 
 # --- the enforcer's local policy --------------------------------------------------------

@@ -45,8 +45,19 @@ class Limits:
     stream_idle_timeout: float = 3600.0  # no DATA either way for this long; 0 = off
     session_duration: float = 0.0  # a session is closed after this long; 0 = off
     handshake_timeout: float = 10.0  # TLS + WebSocket opening handshake
-    login_failures: int = 5  # failed logins per client address or user name...
-    login_window: float = 60.0  # ...within this many seconds, then 429 until they age out; 0 = off
+    # Login attempts (failed or still being checked) within login-window seconds, then
+    # 429 until they age out (tower/logins.py; docs/tower.md, "Limits"): per client
+    # address and user name; per user name from every address (addresses it logged in
+    # from lately are exempt); per client address for every name.
+    login_failures: int = 5
+    login_failures_per_user: int = 20
+    login_failures_per_address: int = 20
+    login_window: float = 60.0  # 0 = off
+    # Connections not through their opening handshake yet, per client address and in all
+    # (tower/preauth.py; docs/tower.md, "Deployment limits").  The total is lowered to
+    # stay FD_HEADROOM below the open-file limit.
+    preauth_per_address: int = 64
+    preauth_total: int = 1024
     # Concurrent streams on one site's link, all sessions and users together (at most
     # MAX_SITE_STREAMS, the enforcer's own bound).  Measured with idle connections: about
     # 3 KiB per stream at the tower, 10 at the enforcer, 8 at supctl, so 4096 streams cost

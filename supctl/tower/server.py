@@ -167,7 +167,13 @@ class Tower:
 
     def _logins(self, users: UserStore) -> LoginChecker:
         if self._login_checker is None or self._login_checker.users is not users:
-            throttle = LoginThrottle(self.limits.login_failures, self.limits.login_window)
+            limits = self.limits
+            throttle = LoginThrottle(
+                limits.login_failures,
+                limits.login_window,
+                per_user=limits.login_failures_per_user,
+                per_address=limits.login_failures_per_address,
+            )
             self._login_checker = LoginChecker(users, throttle)
         return self._login_checker
 

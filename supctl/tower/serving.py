@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import ssl
 
@@ -12,11 +13,11 @@ from websockets.asyncio.server import serve as ws_serve
 from .. import aio
 from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
-from ..wsconn import DirectServerConnection
 from .audit import AuditLog
 from .config import TowerConfig
 from .limits import sweep_forever
 from .policy import PolicyFile
+from .preauth import GatedServerConnection, PreauthGate, listen, raise_fd_limit, total_cap
 from .server import Tower
 from .store import TowerStore
 from .users import UserStore, parse_duration
@@ -42,13 +43,20 @@ async def run_tower(
     keepalive = config.keepalive or None
     handshake = config.limits.handshake_timeout
     context = None if insecure else server_ssl_context(config)
-    async with ws_serve(
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    gate = PreauthGate(config.limits.preauth_per_address, total_cap(config.limits.preauth_total, fd_limit))
+    log.info("unauthenticated connections: at most %d per address, %d in all", gate.per_address, gate.total)
+    if gate.total < config.limits.preauth_total:
+        log.warning(
+            "limits.preauth-total lowered from %d to %d: raise the open-file limit (LimitNOFILE)",
+            config.limits.preauth_total, gate.total,
+        )  # fmt: skip
+    server = ws_serve(
         tower.handler,
         host,
         port,
-        ssl=context,
         process_request=tower.handshake_request,
-        create_connection=DirectServerConnection,
+        create_connection=GatedServerConnection,
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         compression=None,
         max_size=MAX_MESSAGE_ACCEPTED,
@@ -58,9 +66,11 @@ async def run_tower(
         ping_interval=keepalive,
         ping_timeout=keepalive,
         server_header="control-tower",
-        # Passed on to loop.create_server: a stalled TLS handshake counts against the same limit.
-        ssl_handshake_timeout=handshake if context is not None else None,
-    ) as server:
+    )
+    # Accepted through the pre-authentication caps, which also run TLS: a stalled TLS
+    # handshake counts against the same timeout (preauth.py).
+    listen(server, gate, host, port, context, handshake)
+    async with server:
         address = next(iter(server.sockets)).getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
         log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
@@ -79,4 +89,8 @@ async def run_tower(
 
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
     setup_logging(logging.INFO)
+    # Every connection, authenticated or not, holds a descriptor: the usual soft limit
+    # (1024) is far below what a tower serving many sessions needs (docs/tower.md,
+    # "Deployment limits"); the hard limit is what the deployment allows.
+    log.warning("open-file limit (RLIMIT_NOFILE): %s", raise_fd_limit())
     aio.run(run_tower(config, host, port, insecure))
