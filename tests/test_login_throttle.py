@@ -174,4 +174,5 @@ def test_sixty_simultaneous_wrong_logins_hash_five(tower: tuple[Stack, int]) -> 
     assert stack.tower is not None
     text = stack.tower.log.text()
     assert "Traceback" not in text
-    assert len(re.findall(r"401 wrong user name or password", text)) == 5, text
+    # Refusals are logged rate-limited (supctl.ratelog): never more lines than hashes.
+    assert len(re.findall(r"401 wrong user name or password", text)) <= 5, text
