@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stack import Stack, do_args, one_line_error, program
 
+from supctl.enforcer.api import Serves
 from supctl.enforcer.inventory import parse_inventory
 from supctl.errors import ExitCode, StreamError, UsageError
 from supctl.protocol import OpenRequest
@@ -300,25 +301,28 @@ def test_local_policy() -> None:
     pol = local(
         'allow-ip-addresses = ["192.0.2.0/24"]\nallow-ports = ["443", "8000-8100"]\nallow-exec = false'
     )
+    tcp, exec_ = Serves("connect", "tcp"), Serves("exec")
     ok = OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=443, ip_address="192.0.2.9")
-    pol.check(ok)  # type: ignore[attr-defined]
-    pol.check(OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=8080))  # type: ignore[attr-defined]
-    for bad, text in [
+    pol.check(tcp, ok)  # type: ignore[attr-defined]
+    pol.check(tcp, OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=8080))  # type: ignore[attr-defined]
+    for serves, bad, text in [
         (
+            tcp,
             OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=22, ip_address="192.0.2.9"),
             "192.0.2.9:22",
         ),
         (
+            tcp,
             OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=443, ip_address="10.0.0.1"),
             "10.0.0.1:443",
         ),
-        (OpenRequest("exec", APP, INSTANCE, container="c"), "exec"),
+        (exec_, OpenRequest("exec", APP, INSTANCE, container="c"), "exec"),
     ]:
         with pytest.raises(StreamError, match=f"the site's local policy refuses {text}"):
-            pol.check(bad)  # type: ignore[attr-defined]
+            pol.check(serves, bad)  # type: ignore[attr-defined]
     # No [policy] table: everything allowed (backwards compatible).
     inv = parse_inventory({"applications": {}})
-    inv.policy.check(OpenRequest("exec", APP, INSTANCE, container="c"))
+    inv.policy.check(exec_, OpenRequest("exec", APP, INSTANCE, container="c"))
     with pytest.raises(UsageError, match="allow-ports"):
         local('allow-ports = ["x"]')
 
