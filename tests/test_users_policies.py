@@ -327,6 +327,27 @@ def test_local_policy() -> None:
         local('allow-ports = ["x"]')
 
 
+def test_local_policy_judges_canonical_targets_and_the_declaration() -> None:
+    pol = local('allow-ip-addresses = ["::ffff:192.0.2.0/120"]\nallow-ports = ["443"]\nallow-exec = false')
+    tcp, echo = Serves("connect", "tcp"), Serves("connect", "echo")
+
+    def connect(ip: str, port: int = 443) -> OpenRequest:
+        return OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=port, ip_address=ip)
+
+    # Every loopback address is the service itself: not restricted by the addresses.
+    for ip in ("", "127.0.0.1", "127.0.0.2", "::1"):
+        pol.check(tcp, connect(ip))  # type: ignore[attr-defined]
+    pol.check(echo, connect("192.0.2.7"))  # type: ignore[attr-defined]  # the mapped network is the IPv4 one
+    for serves, request, text in [
+        (tcp, connect("::1", 22), r"\[::1\]:22"),  # the ports apply to the service itself
+        (echo, connect("10.0.0.1"), "10.0.0.1:443"),  # and to every connect protocol
+        (Serves("exec"), connect(""), "exec"),  # judged by the handler, not by the OPEN's verb
+    ]:
+        with pytest.raises(StreamError, match=f"the site's local policy refuses {text}"):
+            pol.check(serves, request)  # type: ignore[attr-defined]
+    pol.check(Serves("shell"), OpenRequest("shell", APP, INSTANCE))  # type: ignore[attr-defined]
+
+
 # --- end to end -------------------------------------------------------------------------
 
 
