@@ -41,12 +41,22 @@ def supctl_add_verbs(register: RegisterVerb) -> None:
 
 @hookspec
 def supctl_add_handlers(register: RegisterHandler) -> None:
-    """Add enforcer handlers, one per protocol name (``tcp``, ``echo``...).
+    """Add enforcer handlers, each declaring exactly which streams it serves.
 
     Called once when ``edge-enforcer run`` starts.
 
-    :param register: ``register(protocol, handler)`` where ``handler`` follows
-        :class:`supctl.enforcer.api.Handler`.
+    The declaration is a :class:`supctl.enforcer.api.Serves`: ``Serves("connect", "tcp")``
+    serves connect streams of protocol ``tcp``, ``Serves("exec")`` exec streams.  The
+    enforcer dispatches a stream only to the handler whose declaration its (verb,
+    protocol) matches exactly, after the site's local policy judged that declaration
+    and the canonical request (:mod:`supctl.enforcer.dispatch`); the handler gets that
+    canonical request.
+
+    :param register: ``register(Serves(verb, protocol), handler)`` where ``handler``
+        follows :class:`supctl.enforcer.api.Handler`; anything else than a ``Serves``,
+        a declaration registered twice, or two declarations announced under one name
+        (connect protocol ``exec`` and verb ``exec``) is a
+        :class:`supctl.errors.PluginError`.
     :return: nothing; every implementation is called.
     """
 

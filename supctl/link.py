@@ -246,7 +246,7 @@ class Link:
         elif isinstance(event, WindowUpdated):
             channel._on_writable()
         elif isinstance(event, ControlReceived):
-            channel._feed_control(event.payload)
+            channel._feed_control(event.payload, event.size)
         elif isinstance(event, EndOfStream):
             channel._feed_eof()
         elif isinstance(event, StreamAccepted):
@@ -345,7 +345,9 @@ class Channel:
         self._eof_deferred = False  # write_eof() before accept()
         self._readable = asyncio.Event()
         self._writable = asyncio.Event()
-        self._controls: deque[dict[str, object]] = deque()
+        # Unread CONTROL messages with their wire size, reported read to the connection
+        # (its ControlBound, where the link opted in, caps this queue).
+        self._controls: deque[tuple[dict[str, object], int]] = deque()
         self._control_ready = asyncio.Event()
         self._receiver: ChannelReceiver | None = None
 
@@ -389,8 +391,8 @@ class Channel:
         if self._receiver is not None:
             self._receiver.channel_writable()
 
-    def _feed_control(self, payload: dict[str, object]) -> None:
-        self._controls.append(payload)
+    def _feed_control(self, payload: dict[str, object], size: int) -> None:
+        self._controls.append((payload, size))
         self._control_ready.set()
 
     def _fail(self, error: StreamError) -> None:
@@ -492,7 +494,9 @@ class Channel:
                 raise self.error
             self._control_ready.clear()
             await self._control_ready.wait()
-        return self._controls.popleft()
+        payload, size = self._controls.popleft()
+        self.link.conn.control_consumed(self.id, size)
+        return payload
 
     def write_eof(self) -> None:
         if self.error is None and not self._eof_sent and self.link.conn.is_open(self.id):

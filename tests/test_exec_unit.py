@@ -32,7 +32,7 @@ from websockets.exceptions import ConnectionClosedOK
 from supctl import aio
 from supctl.enforcer import agent as agent_module
 from supctl.enforcer.agent import Agent
-from supctl.enforcer.api import HandlerContext
+from supctl.enforcer.api import HandlerContext, Serves
 from supctl.enforcer.containers import ContainerSupervisor
 from supctl.enforcer.inventory import Inventory, parse_inventory
 from supctl.enforcer.netns import NamespaceSockets
@@ -393,7 +393,7 @@ async def site(
         token="t",
         ssl_context=None,
         inventory=supervisor.inventory if supervisor else inventory(toml),
-        handlers={"exec": ExecHandler()},
+        handlers={Serves("exec"): ExecHandler()},
         context=HandlerContext(site="s1", sockets=sockets, runtimes=RUNTIMES),
         supervisor=supervisor,
     )

@@ -139,7 +139,7 @@ def test_remote_host_through_the_service_namespace(netlab: NetLab) -> None:
     run_with_sockets(body)
 
 
-def test_ipv6_and_link_local_scope_resolved_in_the_namespace(netlab: NetLab) -> None:
+def test_ipv6_in_the_namespace_and_scoped_targets_refused(netlab: NetLab) -> None:
     svc = netlab.add_ns("svc")
     lan = netlab.add_ns("lan")
     netlab.veth(svc, "2001:db8::1/64", lan, "2001:db8::11/64")
@@ -149,17 +149,23 @@ def test_ipv6_and_link_local_scope_resolved_in_the_namespace(netlab: NetLab) -> 
     netlab.add_address(lan, if_b, "fe80::11/64")
     assert if_a not in nl.host_links()
     netlab.start_server(lan, "echo", "[::]:443")
+    netlab.start_server(svc, "echo", "127.0.0.1:444")
 
     async def body(sockets: NamespaceSockets) -> None:
         sock = await sockets.connect(svc, "2001:db8::11", 443, 5.0)
         assert sock.family == socket.AF_INET6
         assert await echo_roundtrip(sock, b"v6") == b"v6"
-        # The interface name in the scope exists only inside svc: looked up there.
-        sock = await sockets.connect(svc, f"fe80::11%{if_a}", 443, 5.0)
-        assert await echo_roundtrip(sock, b"ll") == b"ll"
-        err = await expect_error(sockets, svc, "fe80::11%nosuchif0", 443)
-        assert err.code == ErrorCode.UNREACHABLE
-        assert "no interface nosuchif0" in str(err)
+        # A scope would pick an interface of the site, which no policy judges: the
+        # target rules (supctl.protocol.targets) refuse it here as everywhere else,
+        # even for an interface that exists in the namespace.
+        for target in (f"fe80::11%{if_a}", "fe80::11%nosuchif0", "fe80::11%1"):
+            err = await expect_error(sockets, svc, target, 443)
+            assert err.code == ErrorCode.PROTOCOL
+            assert str(err) == f"target {target!r}: a scoped IPv6 address (with %) is not accepted"
+        # Mapped spellings are dialled as the canonical address, not as IPv6.
+        sock = await sockets.connect(svc, "::ffff:127.0.0.1", 444, 5.0)
+        assert sock.family == socket.AF_INET
+        assert await echo_roundtrip(sock, b"v4") == b"v4"
 
     run_with_sockets(body)
 

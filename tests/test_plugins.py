@@ -25,6 +25,7 @@ import supctl.enforcer.cli as enforcer_cli
 from supctl import hookimpl, hookspecs
 from supctl.cli import make_cli
 from supctl.client.api import NODES, Invocation
+from supctl.enforcer.api import Serves
 from supctl.enforcer.cli import load_handlers
 from supctl.errors import ExitCode, PluginError
 from supctl.plugins import make_plugin_manager
@@ -185,29 +186,31 @@ class NullHandler:
         raise AssertionError("never called")
 
 
-def handler_plugin(name: str, *protocols: str) -> types.ModuleType:
-    def supctl_add_handlers(register: Callable[[str, object], None]) -> None:
-        for protocol in protocols:
-            register(protocol, NullHandler())
+def handler_plugin(name: str, *declarations: object) -> types.ModuleType:
+    def supctl_add_handlers(register: Callable[[object, object], None]) -> None:
+        for serves in declarations:
+            register(serves, NullHandler())
 
     return plugin(name, supctl_add_handlers=supctl_add_handlers)
 
 
 def test_load_handlers_finds_built_in_and_third_party() -> None:
     handlers = load_handlers()
-    assert set(handlers) >= {"tcp", "echo"}
+    # Each declares exactly what it serves; the exec handler serves no connect protocol.
+    assert set(handlers) >= {Serves("connect", "tcp"), Serves("connect", "echo"), Serves("exec")}
     assert all(callable(getattr(h, "handle", None)) for h in handlers.values())
 
 
-def _load_handlers_with(monkeypatch: pytest.MonkeyPatch, *extra: object) -> dict[str, Any]:
+def _load_handlers_with(monkeypatch: pytest.MonkeyPatch, *extra: object) -> dict[Serves, Any]:
     # load_handlers builds its own plugin manager; give it one with extra plugins.
     monkeypatch.setattr(enforcer_cli, "make_plugin_manager", lambda: make_plugin_manager(extra_plugins=extra))
     return load_handlers()
 
 
 def test_extra_handler_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    handlers = _load_handlers_with(monkeypatch, handler_plugin("udp-plugin", "udp"))
-    assert isinstance(handlers["udp"], NullHandler)
+    udp = Serves("connect", "udp")
+    handlers = _load_handlers_with(monkeypatch, handler_plugin("udp-plugin", udp))
+    assert isinstance(handlers[udp], NullHandler)
 
 
 @pytest.mark.parametrize(("protocol", "owner"), [("tcp", "tcp"), ("echo", "echo")])
@@ -215,10 +218,44 @@ def test_duplicate_handler_names_both_plugins(
     monkeypatch: pytest.MonkeyPatch, protocol: str, owner: str
 ) -> None:
     with pytest.raises(PluginError) as info:
-        _load_handlers_with(monkeypatch, handler_plugin("tcp-ng", protocol))
+        _load_handlers_with(monkeypatch, handler_plugin("tcp-ng", Serves("connect", protocol)))
     message = str(info.value)
-    assert f"handler for protocol {protocol!r} is registered twice" in message
+    assert f"handler for connect protocol {protocol!r} is registered twice" in message
     assert f"by plugin {owner!r} and by plugin 'tcp-ng'" in message
+
+
+def test_a_handler_must_declare_what_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The old register("udp", handler): which verb it serves would be a guess.
+    with pytest.raises(PluginError) as info:
+        _load_handlers_with(monkeypatch, handler_plugin("vague", "udp"))
+    assert str(info.value) == (
+        "plugin 'vague' registered a handler for 'udp' without declaring what it serves: "
+        "call register(Serves(verb, protocol), handler)"
+    )
+
+
+def test_two_declarations_announced_under_one_name_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A connect protocol named "exec" would be announced as the exec verb's handler.
+    with pytest.raises(PluginError) as info:
+        _load_handlers_with(monkeypatch, handler_plugin("sly", Serves("connect", "exec")))
+    assert str(info.value) == (
+        "handlers for verb 'exec' (plugin 'exec') and connect protocol 'exec' (plugin 'sly') "
+        "would both be announced as 'exec'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("verb", "protocol", "error"),
+    [
+        ("connect", "", "a connect handler must name its protocol"),
+        ("exec", "tcp", "only connect streams have a protocol"),
+        ("ex\nec", "", "a handler must serve a verb name"),
+        ("connect", "tcp/2", "a connect handler must name its protocol"),
+    ],
+)
+def test_serves_declarations_are_checked(verb: str, protocol: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        Serves(verb, protocol)
 
 
 # --- hookspecs --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -25,6 +25,7 @@ from supctl.protocol import (
     MAX_MESSAGE_ACCEPTED,
     Connection,
     ConnectionClosed,
+    ControlBound,
     ControlReceived,
     DataReceived,
     EndOfStream,
@@ -1026,6 +1027,104 @@ def test_send_control_after_close_is_local_error() -> None:
     a.close(ErrorCode.INTERNAL, "test")
     with pytest.raises(LocalProtocolError):
         a.send_control(sid, {})
+
+
+# --- the bound on unread CONTROL (ControlBound, opt-in) ----------------------------------------
+
+
+def bounded(bound: ControlBound) -> tuple[Connection, Connection, int]:
+    """A established stream whose receiving side B bounds unread CONTROL."""
+    a, b = pair(control_bound=bound)
+    sid = a.open_stream(REQ)
+    pump(a, b)
+    b.accept_stream(sid)
+    pump(b, a)
+    return a, b, sid
+
+
+def control_frame(sid: int, size: int) -> bytes:
+    """A CONTROL frame of exactly ``size`` bytes of JSON."""
+    body = b'{"x":"' + b"y" * (size - 8) + b'"}'
+    assert len(body) == size
+    return encode(FrameType.CONTROL, sid, body)
+
+
+def test_control_beyond_the_frame_bound_resets_the_stream_with_limit() -> None:
+    a, b, sid = bounded(ControlBound(frames=3, size=MAX_CONTROL))
+    for n in range(3):
+        a.send_control(sid, {"n": n})
+    assert [type(e) for e in pump(a, b)] == [ControlReceived] * 3
+    a.send_control(sid, {"n": 3})
+    a.send_data(sid, b"late")
+    text = f"more than 3 unread CONTROL messages or {MAX_CONTROL} bytes"
+    # The fourth resets the stream; what follows crosses the RESET and is dropped.
+    assert pump(a, b) == [StreamReset(sid, ErrorCode.LIMIT, text, local=True)]
+    assert b.closed is None and not b.is_open(sid)
+    assert pump(b, a) == [StreamReset(sid, ErrorCode.LIMIT, text)]
+    # A flood after the RESET costs nothing: dropped without parsing.
+    assert b.receive_data(b"".join(control_frame(sid, 64) for _ in range(1000))) == []
+
+
+def test_control_beyond_the_byte_bound_resets_the_stream() -> None:
+    _, b, sid = bounded(ControlBound(frames=100, size=MAX_CONTROL))
+    events = b.receive_data(control_frame(sid, MAX_CONTROL - 10) + control_frame(sid, 11))
+    assert isinstance(events[0], ControlReceived) and events[0].size == MAX_CONTROL - 10
+    assert events[1:] == [StreamReset(sid, ErrorCode.LIMIT, events[1].text, local=True)]  # type: ignore[union-attr]
+
+
+def test_control_consumed_makes_room_again() -> None:
+    a, b, sid = bounded(ControlBound(frames=2, size=MAX_CONTROL))
+    for n in range(50):
+        a.send_control(sid, {"signal": "INT", "n": n})
+        (event,) = pump(a, b)
+        assert isinstance(event, ControlReceived) and event.size == len(b'{"signal":"INT","n":%d}' % n)
+        b.control_consumed(sid, event.size)
+    assert b.is_open(sid)
+    b.control_consumed(sid, 10**6)  # more than ever received: counters stay at zero
+    b.control_consumed(999, 1)  # unknown stream: no-op
+    for n in range(2):
+        a.send_control(sid, {"n": n})
+    assert len(pump(a, b)) == 2 and b.is_open(sid)
+
+
+def test_without_a_bound_control_is_not_limited() -> None:
+    a, b, sid = established()  # the default: no bound (supctl's and the tower's links)
+    for n in range(500):
+        a.send_control(sid, {"n": n})
+    assert len(pump(a, b)) == 500 and b.is_open(sid)
+
+
+@pytest.mark.parametrize(("frames", "size"), [(0, MAX_CONTROL), (1, MAX_CONTROL - 1)])
+def test_a_bound_must_allow_one_largest_message(frames: int, size: int) -> None:
+    with pytest.raises(ValueError, match="at least one message"):
+        ControlBound(frames, size)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    frames=st.integers(1, 8),
+    extra=st.integers(0, 3 * MAX_CONTROL),
+    ops=st.lists(st.one_of(st.integers(8, MAX_CONTROL), st.none()), max_size=60),
+)
+def test_control_bound_matches_a_model(frames: int, extra: int, ops: list[int | None]) -> None:
+    """Any interleaving of received CONTROL (an int: its size) and reads (None): the
+    stream is reset with LIMIT exactly when the unread ones would exceed the bound."""
+    bound = ControlBound(frames, MAX_CONTROL + extra)
+    _, b, sid = bounded(bound)
+    unread: deque[int] = deque()
+    for op in ops:
+        if op is None:
+            if unread:
+                b.control_consumed(sid, unread.popleft())
+            continue
+        events = b.receive_data(control_frame(sid, op))
+        if len(unread) + 1 > bound.frames or sum(unread) + op > bound.size:
+            assert [(type(e), getattr(e, "code", None)) for e in events] == [(StreamReset, ErrorCode.LIMIT)]
+            assert not b.is_open(sid) and b.closed is None
+            return
+        assert [(type(e), getattr(e, "size", None)) for e in events] == [(ControlReceived, op)]
+        unread.append(op)
+    assert b.is_open(sid)
 
 
 # --- STATUS: site updates after HELLO ----------------------------------------------------------

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stack import Stack, do_args, one_line_error, program
 
+from supctl.enforcer.api import Serves
 from supctl.enforcer.inventory import parse_inventory
 from supctl.errors import ExitCode, StreamError, UsageError
 from supctl.protocol import OpenRequest
@@ -281,27 +282,51 @@ def test_local_policy() -> None:
     pol = local(
         'allow-ip-addresses = ["192.0.2.0/24"]\nallow-ports = ["443", "8000-8100"]\nallow-exec = false'
     )
+    tcp, exec_ = Serves("connect", "tcp"), Serves("exec")
     ok = OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=443, ip_address="192.0.2.9")
-    pol.check(ok)  # type: ignore[attr-defined]
-    pol.check(OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=8080))  # type: ignore[attr-defined]
-    for bad, text in [
+    pol.check(tcp, ok)  # type: ignore[attr-defined]
+    pol.check(tcp, OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=8080))  # type: ignore[attr-defined]
+    for serves, bad, text in [
         (
+            tcp,
             OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=22, ip_address="192.0.2.9"),
             "192.0.2.9:22",
         ),
         (
+            tcp,
             OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=443, ip_address="10.0.0.1"),
             "10.0.0.1:443",
         ),
-        (OpenRequest("exec", APP, INSTANCE, container="c"), "exec"),
+        (exec_, OpenRequest("exec", APP, INSTANCE, container="c"), "exec"),
     ]:
         with pytest.raises(StreamError, match=f"the site's local policy refuses {text}"):
-            pol.check(bad)  # type: ignore[attr-defined]
+            pol.check(serves, bad)  # type: ignore[attr-defined]
     # No [policy] table: everything allowed (backwards compatible).
     inv = parse_inventory({"applications": {}})
-    inv.policy.check(OpenRequest("exec", APP, INSTANCE, container="c"))
+    inv.policy.check(exec_, OpenRequest("exec", APP, INSTANCE, container="c"))
     with pytest.raises(UsageError, match="allow-ports"):
         local('allow-ports = ["x"]')
+
+
+def test_local_policy_judges_canonical_targets_and_the_declaration() -> None:
+    pol = local('allow-ip-addresses = ["::ffff:192.0.2.0/120"]\nallow-ports = ["443"]\nallow-exec = false')
+    tcp, echo = Serves("connect", "tcp"), Serves("connect", "echo")
+
+    def connect(ip: str, port: int = 443) -> OpenRequest:
+        return OpenRequest("connect", APP, INSTANCE, protocol="tcp", port=port, ip_address=ip)
+
+    # Every loopback address is the service itself: not restricted by the addresses.
+    for ip in ("", "127.0.0.1", "127.0.0.2", "::1"):
+        pol.check(tcp, connect(ip))  # type: ignore[attr-defined]
+    pol.check(echo, connect("192.0.2.7"))  # type: ignore[attr-defined]  # the mapped network is the IPv4 one
+    for serves, request, text in [
+        (tcp, connect("::1", 22), r"\[::1\]:22"),  # the ports apply to the service itself
+        (echo, connect("10.0.0.1"), "10.0.0.1:443"),  # and to every connect protocol
+        (Serves("exec"), connect(""), "exec"),  # judged by the handler, not by the OPEN's verb
+    ]:
+        with pytest.raises(StreamError, match=f"the site's local policy refuses {text}"):
+            pol.check(serves, request)  # type: ignore[attr-defined]
+    pol.check(Serves("shell"), OpenRequest("shell", APP, INSTANCE))  # type: ignore[attr-defined]
 
 
 # --- end to end -------------------------------------------------------------------------

@@ -35,6 +35,8 @@ def supctl_add_runtimes(register: RegisterRuntime) -> None:
 
 @hookimpl
 def supctl_add_handlers(register: RegisterHandler) -> None:
+    from supctl.enforcer.api import Serves
+
     from .handler import ExecHandler
 
-    register("exec", ExecHandler())
+    register(Serves("exec"), ExecHandler())

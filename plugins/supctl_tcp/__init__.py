@@ -6,7 +6,7 @@ import asyncio
 
 from supctl import hookimpl
 from supctl.bridge import SocketBridge
-from supctl.enforcer.api import HandlerContext, RegisterHandler, ServiceInstance
+from supctl.enforcer.api import HandlerContext, RegisterHandler, Serves, ServiceInstance
 from supctl.link import Channel
 from supctl.protocol import OpenRequest
 
@@ -15,8 +15,9 @@ class TcpHandler:
     async def handle(
         self, channel: Channel, request: OpenRequest, instance: ServiceInstance, context: HandlerContext
     ) -> None:
-        # 127.0.0.1 inside the namespace is the service itself; any other address
-        # follows the namespace's own routes.  Never a name: no DNS here.
+        # The request is canonical (supctl.enforcer.dispatch): the address the site's
+        # policy judged.  127.0.0.1 inside the namespace is the service itself; any
+        # other address follows the namespace's own routes.  Never a name: no DNS here.
         host = request.ip_address or "127.0.0.1"
         sock = await context.sockets.connect(instance.netns, host, request.port, context.connect_timeout)
         try:
@@ -38,4 +39,4 @@ class TcpHandler:
 
 @hookimpl
 def supctl_add_handlers(register: RegisterHandler) -> None:
-    register("tcp", TcpHandler())
+    register(Serves("connect", "tcp"), TcpHandler())

@@ -9,6 +9,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Mapping
 from urllib.parse import urlencode
 
 import websockets
@@ -24,14 +25,18 @@ from ..protocol import (
     MAX_SITE_STREAMS,
     SUBPROTOCOL,
     Connection,
+    ControlBound,
     ErrorCode,
+    Event,
     OpenRequest,
     StreamOpened,
+    StreamReset,
 )
 from ..tlspin import FingerprintMismatch, pinned_connection
 from ..wsconn import DirectClientConnection
-from .api import Handler, HandlerContext
+from .api import Handler, HandlerContext, Serves
 from .containers import ContainerSupervisor
+from .dispatch import Dispatcher
 from .inventory import Inventory
 
 log = logging.getLogger("supctl.enforcer")
@@ -46,20 +51,69 @@ STATUS_INTERVAL = 0.2
 
 
 class EnforcerLink(Link):
-    """The enforcer's end: it only answers streams the tower opens."""
+    """The enforcer's end: it only answers streams the tower opens.
+
+    What the tower can make it hold is bounded: at most ``agent.max_streams``
+    (MAX_SITE_STREAMS at most) streams and as many handler tasks (a handler whose
+    stream is gone counts until it ends), at most one window of DATA per stream (the core closes the
+    link on more) and at most :class:`ControlBound` of unread CONTROL per stream
+    (the core resets the stream with LIMIT on more).
+    """
 
     def __init__(self, ws: WebSocketLike, agent: Agent) -> None:
         super().__init__(
-            ws, Connection(odd_ids=False, accept_streams=True, max_streams=MAX_SITE_STREAMS), name="tower"
+            ws,
+            Connection(
+                odd_ids=False,
+                accept_streams=True,
+                max_streams=agent.max_streams,
+                control_bound=ControlBound(),
+            ),
+            name="tower",
         )
         self.agent = agent
         self.tasks: set[asyncio.Task[None]] = set()
+        self.stream_tasks: dict[int, asyncio.Task[None]] = {}
+        self.refused_over_limit = 0
 
     def on_stream_opened(self, event: StreamOpened) -> None:
-        channel = self.adopt_channel(event.stream_id)
+        sid, limit = event.stream_id, self.conn.max_streams
+        if len(self.stream_tasks) >= limit:
+            # The core counts open streams; this counts handlers still running, so that
+            # OPEN-then-RESET cannot pile up handlers that are still connecting.
+            self.conn.reset_stream(sid, ErrorCode.LIMIT, f"more than {limit} streams")
+            self.refused_over_limit += 1
+            if self.refused_over_limit == 1:  # once per link: the tower can repeat this at will
+                log.warning("the tower exceeds %d concurrent streams; refusing more with LIMIT", limit)
+            return
+        channel = self.adopt_channel(sid)
         task = asyncio.create_task(self.agent.serve_stream(channel, event.request))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.stream_tasks[sid] = task
+
+        def done(task: asyncio.Task[None]) -> None:
+            self.tasks.discard(task)
+            if self.stream_tasks.get(sid) is task:
+                del self.stream_tasks[sid]
+
+        task.add_done_callback(done)
+
+    def handle_event(self, event: Event) -> None:
+        if not isinstance(event, StreamReset):
+            super().handle_event(event)
+            return
+        # Reset before its handler accepted: the handler is still connecting or spawning
+        # and watches nothing that would tell it, so it is cancelled, and stops counting
+        # against the cap at once (a task cancelled before it ran ends at its first step;
+        # an OPEN and its RESET often arrive in one message).  After ACCEPT the reset
+        # reaches the handler through its channel (read, write, receiver), and a cancel
+        # could cut its clean-up short: it counts until it ends.
+        channel = self.channels.get(event.stream_id)
+        pending = channel is not None and not channel.accepted.done()
+        super().handle_event(event)
+        task = self.stream_tasks.pop(event.stream_id, None) if pending else None
+        if task is not None:
+            task.cancel()
 
 
 class Agent:
@@ -71,11 +125,15 @@ class Agent:
         token: str,
         ssl_context: ssl.SSLContext | None,
         inventory: Inventory,
-        handlers: dict[str, Handler],
+        handlers: Mapping[Serves, Handler],
         context: HandlerContext,
         supervisor: ContainerSupervisor | None = None,
         tower_fingerprint: bytes | None = None,
+        max_streams: int = MAX_SITE_STREAMS,
     ) -> None:
+        if not 1 <= max_streams <= MAX_SITE_STREAMS:
+            raise ValueError(f"max_streams must be 1-{MAX_SITE_STREAMS}")
+        self.max_streams = max_streams
         self.url = f"{tower.rstrip('/')}/v1/enforcer?{urlencode({'site': site})}"
         # With a pin, the certificate is checked before the request (and the site token) is sent.
         self.pinned = pinned_connection(tower_fingerprint, tower.rstrip("/")) if tower_fingerprint else None
@@ -83,7 +141,7 @@ class Agent:
         self.token = token
         self.ssl_context = ssl_context
         self.inventory = inventory
-        self.handlers = handlers
+        self.dispatcher = Dispatcher(handlers, inventory)
         self.context = context
         self.supervisor = supervisor
         self._status_changed = asyncio.Event()
@@ -97,7 +155,7 @@ class Agent:
         return {
             "site": self.site,
             "version": __version__,
-            "handlers": sorted(self.handlers),
+            "handlers": self.dispatcher.names,
             "applications": self.inventory.describe(states),
         }
 
@@ -184,27 +242,27 @@ class Agent:
     async def serve_stream(self, channel: Channel, request: OpenRequest) -> None:
         started = time.monotonic()
         result = "ok"
-        # connect streams are served per protocol (tcp...); any other verb by its name (exec...).
-        kind, name = ("protocol", request.protocol) if request.verb == "connect" else ("verb", request.verb)
+        served = "no handler"
         try:
-            # The site's own policy, whatever the tower allowed (docs/policies.md).
-            self.inventory.policy.check(request)
-            instance = self.inventory.find(request.application, request.service_instance)
-            handler = self.handlers.get(name)
-            if handler is None:
-                raise StreamError(
-                    f"{kind} {name!r} is not supported at this site", code=ErrorCode.UNSUPPORTED
-                )
-            await handler.handle(channel, request, instance, self.context)
+            # The handler, the canonical request and the site's own policy on both,
+            # whatever the tower allowed (docs/policies.md, "A compromised tower").
+            dispatch = self.dispatcher.route(request)
+            served, request = str(dispatch.serves), dispatch.request
+            await dispatch.handler.handle(channel, request, dispatch.instance, self.context)
         except StreamError as exc:
             result = str(exc)
             channel.reset(ErrorCode.parse(exc.code), str(exc))
         except asyncio.CancelledError:
+            if channel.error is not None:
+                # The stream was reset (EnforcerLink cancels a handler still connecting):
+                # this stream is over, not the enforcer.
+                result = f"reset: {channel.error}"
+                return
             result = "cancelled"
             channel.reset(ErrorCode.LINK_LOST, "the enforcer is shutting down")
             raise
         except Exception:  # a handler bug costs one stream, never the enforcer
-            log.exception("handler %r failed", name)
+            log.exception("handler for %s failed", served)
             result = "internal error"
             channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
         finally:

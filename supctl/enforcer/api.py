@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ..protocol.names import valid_name
+
 if TYPE_CHECKING:
     from ..link import Channel
     from ..protocol import OpenRequest
@@ -67,20 +69,59 @@ class HandlerContext:
     cgroups: CgroupTree | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Serves:
+    """What a handler serves: the (verb, protocol) of the streams dispatched to it.
+
+    ``Serves("connect", "tcp")`` serves ``connect`` streams of protocol ``tcp``;
+    ``Serves("exec")`` serves ``exec`` streams (a verb other than connect has no
+    protocol).  The enforcer dispatches a stream only to the handler whose
+    declaration its OPEN matches exactly, after the site's local policy judged
+    that same (verb, protocol): any pair no handler declares is refused, whatever
+    the tower sent (docs/policies.md, "A compromised tower").
+    """
+
+    verb: str
+    protocol: str = ""
+
+    def __post_init__(self) -> None:
+        if not valid_name(self.verb):
+            raise ValueError(f"a handler must serve a verb name, got {self.verb!r}")
+        if self.verb == "connect" and not valid_name(self.protocol):
+            raise ValueError(f"a connect handler must name its protocol, got {self.protocol!r}")
+        if self.verb != "connect" and self.protocol:
+            raise ValueError(f"only connect streams have a protocol, not {self.verb!r}")
+
+    @property
+    def name(self) -> str:
+        """The name the site announces in HELLO (and the tower checks): the protocol
+        of a connect handler, the verb of any other."""
+        return self.protocol if self.verb == "connect" else self.verb
+
+    def __str__(self) -> str:
+        return f"connect protocol {self.protocol!r}" if self.verb == "connect" else f"verb {self.verb!r}"
+
+
 class Handler(Protocol):
-    """Serves the streams of one protocol (``tcp``, ``echo``...)."""
+    """Serves the streams of one :class:`Serves` declaration (``tcp``, ``exec``...)."""
 
     async def handle(
         self, channel: Channel, request: OpenRequest, instance: ServiceInstance, context: HandlerContext
     ) -> None:
         """Serve one stream.
 
+        ``request`` is the canonical request the site's local policy judged for this
+        handler's :class:`Serves` (its verb and protocol are the declared ones; names
+        checked, port 1-65535 for connect, target address canonical): serve exactly it.
         Call ``channel.accept()`` once the target is reached, then move bytes
         until both directions are done.  Raise :class:`supctl.errors.StreamError`
         (with an ErrorCode) to refuse or reset the stream: the enforcer turns it
-        into a RESET whose text the user sees as one line.
+        into a RESET whose text the user sees as one line.  A stream reset before
+        ``accept()`` cancels the handler's task (it may be connecting or spawning);
+        after ``accept()`` the reset shows as StreamError from the channel.
         """
         ...
 
 
-RegisterHandler = Callable[[str, Handler], None]
+RegisterHandler = Callable[[Serves, Handler], None]
+"""``register(Serves(verb, protocol), handler)``: the hook ``supctl_add_handlers`` gets one."""

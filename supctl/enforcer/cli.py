@@ -16,18 +16,20 @@ from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
 from ..output import make_console, setup_logging
 from ..plugins import collect, make_plugin_manager
+from ..protocol import MAX_SITE_STREAMS
 from ..tlspin import parse_fingerprint, pinned_context
 from .agent import Agent
-from .api import Handler, HandlerContext
+from .api import Handler, HandlerContext, Serves
 from .cgroups import CgroupTree
 from .containers import ContainerSupervisor
+from .dispatch import collect_handlers
 from .inventory import load_inventory
 from .netns import NamespaceSockets
 from .runtime import Runtime
 
 
-def load_handlers() -> dict[str, Handler]:
-    return collect(make_plugin_manager(), "supctl_add_handlers", "handler for protocol")
+def load_handlers() -> dict[Serves, Handler]:
+    return collect_handlers(make_plugin_manager())
 
 
 def load_runtimes() -> dict[str, Runtime]:
@@ -56,6 +58,13 @@ def make_cli() -> click.Group:
         "--inventory", required=True, type=click.Path(path_type=Path), help="TOML inventory of the site."
     )
     @click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds to reach a target.")
+    @click.option(
+        "--max-streams",
+        type=click.IntRange(1, MAX_SITE_STREAMS),
+        default=MAX_SITE_STREAMS,
+        show_default=True,
+        help="Most concurrent streams this site serves; more are refused with LIMIT.",
+    )
     @click.option("-v", "--verbose", is_flag=True, help="Log every stream.")
     def run(
         tower: str,
@@ -65,6 +74,7 @@ def make_cli() -> click.Group:
         tower_fingerprint: str | None,
         inventory: Path,
         connect_timeout: float,
+        max_streams: int,
         verbose: bool,
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
@@ -89,9 +99,7 @@ def make_cli() -> click.Group:
         # Kill what a previous enforcer of this site left running, and contain ours.
         cgroups = CgroupTree.open(site)
         # Container output goes to our stderr, next to our log, one prefixed line at a time.
-        supervisor = ContainerSupervisor(
-            site_inventory, runtimes, output=sys.stderr.buffer, cgroups=cgroups
-        )
+        supervisor = ContainerSupervisor(site_inventory, runtimes, output=sys.stderr.buffer, cgroups=cgroups)
         sockets = NamespaceSockets()
         agent = Agent(
             tower=tower,
@@ -100,6 +108,7 @@ def make_cli() -> click.Group:
             ssl_context=context,
             tower_fingerprint=pin,
             inventory=site_inventory,
+            max_streams=max_streams,
             handlers=load_handlers(),
             context=HandlerContext(
                 site=site,

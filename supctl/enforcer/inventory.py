@@ -19,8 +19,11 @@ Example::
 
 The ``[policy]`` table is checked for every stream, after the tower's own check,
 so a compromised or misconfigured tower still cannot make the site connect
-anywhere its owner did not allow.  Connect without ``--ip-address`` reaches the
-service instance itself and is never refused by ``allow-ip-addresses``.
+anywhere its owner did not allow.  It judges what will run: the handler's
+declaration (:class:`~supctl.enforcer.api.Serves`) and the canonical request
+(:mod:`supctl.enforcer.dispatch`).  Every loopback target (127.0.0.0/8, ``::1``)
+is the service instance itself, as a connect without ``--ip-address`` is, and is
+never refused by ``allow-ip-addresses``; ``allow-ports`` applies to every connect.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from typing import Any
 
 from ..errors import StreamError, UsageError
 from ..protocol import ErrorCode, OpenRequest
-from .api import Container, ServiceInstance
+from ..protocol.targets import canonical_network, is_self, matches
+from .api import Container, Serves, ServiceInstance
 
 #: Keys of a container table; anything else is refused (a typo like ``cmd`` would
 #: otherwise leave a container silently not running).
@@ -50,16 +54,25 @@ class LocalPolicy:
     ports: tuple[tuple[int, int], ...] | None = None
     exec_allowed: bool = True
 
-    def check(self, request: OpenRequest) -> None:
-        """Raise StreamError (DENIED) if the site's local policy refuses ``request``."""
-        if request.verb == "exec" and not self.exec_allowed:
-            raise StreamError("the site's local policy refuses exec", code=ErrorCode.DENIED)
-        if request.verb != "connect":
+    def check(self, serves: Serves, request: OpenRequest) -> None:
+        """Raise StreamError (DENIED) if the site's local policy refuses to serve
+        ``request`` (canonical: :func:`supctl.enforcer.dispatch.canonical_request`)
+        with the handler that declared ``serves``.
+
+        Judged by the declaration, never by the OPEN's own words: the exec handler is
+        refused by ``allow-exec`` whatever verb the OPEN carried.  A third-party verb
+        is not restricted by these keys (they speak of connect and exec only).
+        """
+        if serves.verb == "exec":
+            if not self.exec_allowed:
+                raise StreamError("the site's local policy refuses exec", code=ErrorCode.DENIED)
+            return
+        if serves.verb != "connect":
             return
         refused = self.ports is not None and not any(lo <= request.port <= hi for lo, hi in self.ports)
-        if self.networks is not None and request.ip_address:
-            address = ipaddress.ip_address(request.ip_address)
-            refused = refused or not any(address in net for net in self.networks)
+        address = request.ip_address or None
+        if self.networks is not None and not is_self(address):
+            refused = refused or not matches(self.networks, address)
         if refused:
             raise StreamError(f"the site's local policy refuses {request.target}", code=ErrorCode.DENIED)
 
@@ -75,7 +88,8 @@ def _policy(raw: Any, source: str) -> LocalPolicy:
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise UsageError(f"{source}: policy allow-ip-addresses must be a list of CIDR strings")
         try:
-            networks = tuple(ipaddress.ip_network(v, strict=False) for v in values)
+            # A mapped network means the IPv4 one: targets are unmapped too.
+            networks = tuple(canonical_network(ipaddress.ip_network(v, strict=False)) for v in values)
         except ValueError as exc:
             raise UsageError(f"{source}: policy allow-ip-addresses: {exc}") from None
     if "allow-ports" in body:

@@ -7,9 +7,11 @@ thread enters the namespace once, when it starts, and from then on only creates
 sockets.  The connect itself runs on the event loop thread, which never changes
 namespace.  Opening a connection costs one thread hop, never a ``setns()``.
 
-Targets are always numeric addresses: no name is ever resolved here, because a
-resolver would run in the enforcer's own namespace and answer for the wrong
-network.
+Targets are always numeric addresses in the canonical form of
+:mod:`supctl.protocol.targets` (the form the policies judged): no name is ever
+resolved here, because a resolver would run in the enforcer's own namespace and
+answer for the wrong network, and no IPv6 scope is taken, because it would pick
+an interface of the site that no policy judged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
-import ipaddress
 import os
 import socket
 import stat
@@ -28,6 +29,7 @@ from pyroute2 import netns as pr_netns
 from supctl.bridge import arm_reset
 from supctl.errors import StreamError
 from supctl.protocol.frames import ErrorCode
+from supctl.protocol.targets import canonical_address
 
 __all__ = ["NETNS_DIR", "NamespaceSockets", "namespace_exists", "namespace_path"]
 
@@ -75,38 +77,31 @@ def namespace_exists(name: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class _Target:
     family: socket.AddressFamily
-    host: str  # numeric, without an IPv6 scope
+    host: str  # canonical (supctl.protocol.targets)
     port: int
-    scope: str  # IPv6 zone (interface name or index), "" if none
 
     def __str__(self) -> str:
-        host = f"{self.host}%{self.scope}" if self.scope else self.host
-        return f"[{host}]:{self.port}" if self.family == socket.AF_INET6 else f"{host}:{self.port}"
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
 
 
 def _parse_target(host: str, port: int) -> _Target:
+    """The target in the one canonical form every check used (no second rule here).
+
+    A scoped IPv6 address (``fe80::1%eth0``) is refused like everywhere else: the
+    scope would let the caller pick the site's interface, which no policy judges.
+    """
     try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        raise StreamError(f"target {host!r} is not a numeric IP address", code=ErrorCode.PROTOCOL) from None
+        canonical = canonical_address(host)
+    except ValueError as exc:
+        raise StreamError(f"target {host[:64]!r}: {exc}", code=ErrorCode.PROTOCOL) from None
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise StreamError(f"target port {port!r} is out of range", code=ErrorCode.PROTOCOL)
-    if isinstance(addr, ipaddress.IPv6Address):
-        scope = addr.scope_id or ""
-        bare = str(addr).partition("%")[0]
-        return _Target(socket.AF_INET6, bare, port, scope)
-    return _Target(socket.AF_INET, str(addr), port, "")
+    family = socket.AF_INET6 if ":" in canonical else socket.AF_INET
+    return _Target(family, canonical, port)
 
 
-def _new_socket(target: _Target) -> tuple[socket.socket, int]:
-    """Create the non-blocking TCP socket, in the namespace of the calling thread.
-
-    Returns the socket and the numeric IPv6 scope id (0 for none); an interface
-    name in the scope is looked up here because interface names are per namespace.
-    """
-    scope_id = 0
-    if target.scope:
-        scope_id = int(target.scope) if target.scope.isdigit() else socket.if_nametoindex(target.scope)
+def _new_socket(target: _Target) -> socket.socket:
+    """Create the non-blocking TCP socket, in the namespace of the calling thread."""
     sock = socket.socket(target.family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -115,10 +110,10 @@ def _new_socket(target: _Target) -> tuple[socket.socket, int]:
     except BaseException:
         sock.close()
         raise
-    return sock, scope_id
+    return sock
 
 
-async def _connect(sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]) -> None:
+async def _connect(sock: socket.socket, address: tuple[str, int]) -> None:
     """Non-blocking connect of ``sock`` to a numeric ``address``.
 
     Not ``loop.sock_connect``: uvloop's resolves even a numeric address with
@@ -176,7 +171,7 @@ class _Worker:
         finally:
             os.close(fd)
 
-    def new_socket(self, target: _Target) -> tuple[socket.socket, int]:
+    def new_socket(self, target: _Target) -> socket.socket:
         if self.identity is None:
             raise self.error or OSError(errno.EINVAL, "namespace not entered")
         return _new_socket(target)
@@ -187,9 +182,9 @@ class _Worker:
         self.executor.shutdown(wait=wait, cancel_futures=False)
 
 
-def _close_result(future: concurrent.futures.Future[tuple[socket.socket, int]]) -> None:
+def _close_result(future: concurrent.futures.Future[socket.socket]) -> None:
     if not future.cancelled() and future.exception() is None:
-        future.result()[0].close()
+        future.result().close()
 
 
 class NamespaceSockets:
@@ -215,13 +210,8 @@ class NamespaceSockets:
         sock: socket.socket | None = None
         try:
             async with asyncio.timeout(timeout):
-                sock, scope_id = await self._socket(netns, target)
-                address: tuple[str, int] | tuple[str, int, int, int]
-                if target.family == socket.AF_INET6:
-                    address = (target.host, target.port, 0, scope_id)
-                else:
-                    address = (target.host, target.port)
-                await _connect(sock, address)
+                sock = await self._socket(netns, target)
+                await _connect(sock, (target.host, target.port))
         except BaseException as exc:
             if sock is not None:
                 sock.close()
@@ -244,7 +234,7 @@ class NamespaceSockets:
             raise
         return sock
 
-    async def _socket(self, netns: str | None, target: _Target) -> tuple[socket.socket, int]:
+    async def _socket(self, netns: str | None, target: _Target) -> socket.socket:
         if netns is None:
             try:
                 return _new_socket(target)
@@ -301,8 +291,6 @@ class NamespaceSockets:
     def _socket_error(name: str | None, target: _Target, exc: OSError) -> StreamError:
         where = f"network namespace {name}" if name is not None else "the host network"
         reason = exc.strerror or str(exc) or type(exc).__name__
-        if target.scope and exc.errno in (errno.ENODEV, errno.ENXIO, None):
-            return StreamError(f"no interface {target.scope} in {where}", code=ErrorCode.UNREACHABLE)
         code = ErrorCode.UNREACHABLE if exc.errno in _UNREACHABLE_ERRNOS else ErrorCode.INTERNAL
         return StreamError(f"cannot create a socket for {target} in {where}: {reason}", code=code)
 

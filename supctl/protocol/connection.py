@@ -15,13 +15,23 @@ because that is a bug in our own code.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 
+from .events import (
+    ConnectionClosed,
+    ControlReceived,
+    DataReceived,
+    EndOfStream,
+    Event,
+    HelloReceived,
+    StatusReceived,
+    StreamAccepted,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
 from .frames import (
-    CLOSE_CODE_BASE,
     HEADER,
     MAX_CONTROL,
     MAX_DATA,
@@ -39,6 +49,29 @@ from .frames import (
     frame_views,
 )
 from .messages import OpenRequest, decode_hello, decode_object, encode_hello
+from .streams import ControlBound, Stream, StreamState
+
+__all__ = [  # the events are re-exported: the connection is where callers meet them
+    "DEFAULT_WINDOW",
+    "EARLY_DATA",
+    "MAX_MESSAGE",
+    "MAX_MESSAGE_ACCEPTED",
+    "Connection",
+    "ConnectionClosed",
+    "ControlBound",
+    "ControlReceived",
+    "DataReceived",
+    "EndOfStream",
+    "Event",
+    "HelloReceived",
+    "LocalProtocolError",
+    "StatusReceived",
+    "StreamAccepted",
+    "StreamOpened",
+    "StreamReset",
+    "StreamState",
+    "WindowUpdated",
+]
 
 #: Default per-stream receive window.  It bounds what any hop buffers per stream, and
 #: how long a small message on another stream may wait behind bulk data: 256 KiB
@@ -55,118 +88,8 @@ MAX_MESSAGE = 1024 * 1024
 MAX_MESSAGE_ACCEPTED = 2 * MAX_MESSAGE
 
 
-class StreamState(enum.Enum):
-    OPENING = "opening"  # we sent OPEN, no ACCEPT yet (we may send EARLY_DATA already)
-    PENDING = "pending"  # the peer sent OPEN, we have not accepted yet (early data may arrive)
-    OPEN = "open"
-
-
-# --- events ---------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOpened:
-    """The peer opened a stream; answer with accept_stream or reset_stream."""
-
-    stream_id: int
-    request: OpenRequest
-
-
-@dataclass(frozen=True, slots=True)
-class StreamAccepted:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class DataReceived:
-    """``data`` may be a read-only view into the received message."""
-
-    stream_id: int
-    data: bytes | memoryview
-
-
-@dataclass(frozen=True, slots=True)
-class WindowUpdated:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class EndOfStream:
-    stream_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamReset:
-    """The stream is gone.  ``local`` is True when this side reset it because the
-    peer broke the stream rules (the RESET frame is already queued)."""
-
-    stream_id: int
-    code: ErrorCode
-    text: str
-    local: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class HelloReceived:
-    payload: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class StatusReceived:
-    """A site update after HELLO (e.g. container states changed)."""
-
-    payload: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class ControlReceived:
-    """A small JSON message on a stream, outside flow control (a signal, an exit status)."""
-
-    stream_id: int
-    payload: dict[str, object]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The core gave up on the peer; close the WebSocket with ``close_code``."""
-
-    code: ErrorCode
-    reason: str
-
-    @property
-    def close_code(self) -> int:
-        return CLOSE_CODE_BASE + int(self.code)
-
-
-Event = (
-    StreamOpened
-    | StreamAccepted
-    | DataReceived
-    | WindowUpdated
-    | EndOfStream
-    | StreamReset
-    | HelloReceived
-    | StatusReceived
-    | ControlReceived
-    | ConnectionClosed
-)
-
-
 class LocalProtocolError(Exception):
     """Our own code misused the connection (a bug, not a peer problem)."""
-
-
-class _Stream:
-    __slots__ = ("id", "local_eof", "recv_window", "remote_eof", "send_credit", "state", "unacked")
-
-    def __init__(self, stream_id: int, state: StreamState, send_credit: int, recv_window: int) -> None:
-        self.id = stream_id
-        self.state = state
-        self.local_eof = False
-        self.remote_eof = False
-        self.send_credit = send_credit  # bytes we may still send
-        self.recv_window = recv_window  # bytes the peer may still send us
-        self.unacked = 0  # bytes consumed locally but not yet credited back
 
 
 class Connection:
@@ -174,7 +97,8 @@ class Connection:
 
     ``odd_ids``: this end numbers the streams it opens 1, 3, 5...; the other end
     2, 4, 6...  ``accept_streams``: whether the peer may open streams at all (an
-    enforcer's peer, the tower, may; supctl's peer may not).
+    enforcer's peer, the tower, may; supctl's peer may not).  ``control_bound``:
+    opt in to a bound on unread CONTROL per stream (:class:`ControlBound`).
     """
 
     def __init__(
@@ -186,6 +110,7 @@ class Connection:
         window: int = DEFAULT_WINDOW,
         max_streams: int = 1024,
         early_data: int = EARLY_DATA,
+        control_bound: ControlBound | None = None,
     ) -> None:
         # early_data is part of the protocol version: both ends must use the same
         # value.  Only in-memory tests of tiny windows change it (to 0).
@@ -199,7 +124,8 @@ class Connection:
         self._hello_seen = False
         self.window = window
         self.max_streams = max_streams
-        self._streams: dict[int, _Stream] = {}
+        self.control_bound = control_bound
+        self._streams: dict[int, Stream] = {}
         self._highest_peer_id = 0
         # Whole frames waiting to be sent, each as (header-or-frame, payload) so a
         # DATA payload is copied once, by data_to_send's join.
@@ -240,7 +166,7 @@ class Connection:
         if stream_id > 0xFFFFFFFF:
             raise LocalProtocolError("stream ids exhausted")
         self._next_id += 2
-        self._streams[stream_id] = _Stream(stream_id, StreamState.OPENING, self.early_data, self.window)
+        self._streams[stream_id] = Stream(stream_id, StreamState.OPENING, self.early_data, self.window)
         self._emit(encode(FrameType.OPEN, stream_id, WINDOW.pack(self.window) + request.to_json()))
         return stream_id
 
@@ -300,6 +226,14 @@ class Connection:
             stream.recv_window += stream.unacked
             self._emit(encode_window(stream_id, stream.unacked))
             stream.unacked = 0
+
+    def control_consumed(self, stream_id: int, size: int) -> None:
+        """The application has read one CONTROL message of ``size`` bytes
+        (:attr:`ControlReceived.size`): it no longer counts against the bound."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.control_frames = max(0, stream.control_frames - 1)
+            stream.control_bytes = max(0, stream.control_bytes - size)
 
     def send_hello(self, payload: Mapping[str, object]) -> None:
         self._check_usable()
@@ -447,15 +381,27 @@ class Connection:
             if stream.state is not StreamState.PENDING and not stream.local_eof:
                 events.append(WindowUpdated(sid))
         elif ftype is FrameType.CONTROL:
-            if stream.state is not StreamState.OPEN or len(frame.payload) > MAX_CONTROL:
+            size = len(frame.payload)
+            if stream.state is not StreamState.OPEN or size > MAX_CONTROL:
                 self._stream_error(stream, "unexpected or oversize CONTROL", events)
+                return
+            bound = self.control_bound
+            if bound is not None and (
+                stream.control_frames >= bound.frames or stream.control_bytes + size > bound.size
+            ):
+                # Checked before parsing: a flood costs a comparison per frame, and the
+                # frames that follow the RESET are dropped as crossing it.
+                text = f"more than {bound.frames} unread CONTROL messages or {bound.size} bytes"
+                self._stream_error(stream, text, events, ErrorCode.LIMIT)
                 return
             try:
                 payload = decode_object(frame.payload, "CONTROL")
             except FrameError as exc:
                 self._stream_error(stream, str(exc), events)
                 return
-            events.append(ControlReceived(sid, payload))
+            stream.control_frames += 1
+            stream.control_bytes += size
+            events.append(ControlReceived(sid, payload, size))
         elif ftype is FrameType.EOF:
             if frame.payload or stream.state is StreamState.OPENING or stream.remote_eof:
                 self._stream_error(stream, "unexpected EOF", events)
@@ -475,7 +421,7 @@ class Connection:
         if len(frame.payload) < WINDOW.size:
             raise FrameError("OPEN frame too short")
         credit = self._window_value(WINDOW.unpack_from(frame.payload)[0])
-        stream = _Stream(sid, StreamState.PENDING, credit, self.window)
+        stream = Stream(sid, StreamState.PENDING, credit, self.window)
         self._streams[sid] = stream
         try:
             request = OpenRequest.from_json(frame.payload[WINDOW.size :])
@@ -495,17 +441,19 @@ class Connection:
             raise FrameError(f"window {value} out of range", ErrorCode.FLOW_CONTROL)
         return value
 
-    def _stream_error(self, stream: _Stream, text: str, events: list[Event]) -> None:
+    def _stream_error(
+        self, stream: Stream, text: str, events: list[Event], code: ErrorCode = ErrorCode.PROTOCOL
+    ) -> None:
         del self._streams[stream.id]
-        self._emit(encode_reset(stream.id, ErrorCode.PROTOCOL, text))
-        events.append(StreamReset(stream.id, ErrorCode.PROTOCOL, text, local=True))
+        self._emit(encode_reset(stream.id, code, text))
+        events.append(StreamReset(stream.id, code, text, local=True))
 
     def _was_used(self, sid: int) -> bool:
         if sid % 2 == self._peer_parity:
             return sid <= self._highest_peer_id
         return sid < self._next_id
 
-    def _get(self, stream_id: int) -> _Stream:
+    def _get(self, stream_id: int) -> Stream:
         self._check_usable()
         stream = self._streams.get(stream_id)
         if stream is None:

@@ -69,8 +69,8 @@ class OpenRequest:
         if ip:
             try:
                 ip = check_ip_address(ip)
-            except ValueError:
-                raise FrameError("OPEN field 'ip_address' must be a numeric IP address") from None
+            except ValueError as exc:  # the reason: "the unspecified address is not a target"...
+                raise FrameError(f"OPEN field 'ip_address': {exc}") from None
         verb = _text(obj, "verb")
         if not verb:
             raise FrameError("OPEN request names no verb")

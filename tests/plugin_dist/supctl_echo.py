@@ -16,7 +16,7 @@ import click
 
 from supctl import hookimpl
 from supctl.client.api import Invocation, RegisterVerb
-from supctl.enforcer.api import HandlerContext, RegisterHandler, ServiceInstance
+from supctl.enforcer.api import HandlerContext, RegisterHandler, Serves, ServiceInstance
 from supctl.link import Channel
 from supctl.protocol import OpenRequest
 
@@ -69,4 +69,5 @@ def supctl_add_verbs(register: RegisterVerb) -> None:
 
 @hookimpl
 def supctl_add_handlers(register: RegisterHandler) -> None:
-    register("echo", EchoHandler())
+    # What it serves, exactly: connect streams of protocol echo (nothing else reaches it).
+    register(Serves("connect", "echo"), EchoHandler())
