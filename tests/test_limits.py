@@ -123,7 +123,9 @@ def test_streams_per_session(quiet_tower: tuple[Stack, int]) -> None:
     first, second = open_echo(port), open_echo(port)
     try:
         refused_connection(port)
-        proc.log.wait_for(r"connection 3 failed: more than 2 concurrent streams in this session \(streams-per-session\)\n")
+        proc.log.wait_for(
+            r"connection 3 failed: more than 2 concurrent streams in this session \(streams-per-session\)\n"
+        )
         assert "stream refused" in tower_log(stack)
         # The streams already open keep working, and a freed slot can be used again.
         first.sendall(b"still")
@@ -146,7 +148,9 @@ def test_streams_per_user(quiet_tower: tuple[Stack, int]) -> None:
     held = [open_echo(port_a), open_echo(port_a), open_echo(port_b)]
     try:
         refused_connection(port_b)
-        proc_b.log.wait_for(r"connection 2 failed: more than 3 concurrent streams for user admin \(streams-per-user\)\n")
+        proc_b.log.wait_for(
+            r"connection 2 failed: more than 3 concurrent streams for user admin \(streams-per-user\)\n"
+        )
         for sock in held:  # everybody else keeps working
             sock.sendall(b"ok")
             assert sock.recv(2) == b"ok"

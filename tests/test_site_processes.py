@@ -205,7 +205,10 @@ def test_a_missing_command_is_still_a_refusal(tree: CgroupTree) -> None:
     spec = ProcessSpec(["no-such-command-here"], {"PATH": "/usr/bin:/bin"}, cgroup=tree.child("exec"))
     with pytest.raises(StreamError) as info:
         run(start_process(spec.argv, spec))
-    assert (info.value.code, str(info.value)) == (ErrorCode.NOT_FOUND, "command not found: no-such-command-here")
+    assert (info.value.code, str(info.value)) == (
+        ErrorCode.NOT_FOUND,
+        "command not found: no-such-command-here",
+    )
 
 
 @pytest.mark.root
@@ -348,7 +351,8 @@ def test_kill_9_of_the_enforcer_leaves_nothing_after_restart(
     ns, stack, enforcer = world
     old_keeper = wait_until(lambda: keeper_pids(ns), 20, "the keeper container")
     client, _ = start_exec(
-        stack, exec_args(site, APP, INSTANCE, SHELL, "setsid sleep 612347 </dev/null >/dev/null 2>&1 & sleep 1000")
+        stack,
+        exec_args(site, APP, INSTANCE, SHELL, "setsid sleep 612347 </dev/null >/dev/null 2>&1 & sleep 1000"),
     )
     wait_in_namespace(client, ns, ["sleep", "1000"])
     wait_in_namespace(client, ns, ["sleep", "612347"])

@@ -164,7 +164,9 @@ def _rmdir_tree(path: str) -> bool:
     return done
 
 
-def remove_now(path: str, deadline: float = REMOVE_DEADLINE, clock: Callable[[], float] = time.monotonic) -> bool:
+def remove_now(
+    path: str, deadline: float = REMOVE_DEADLINE, clock: Callable[[], float] = time.monotonic
+) -> bool:
     """Kill and remove the cgroup ``path`` with everything below it, waiting (blocking) up to
     ``deadline`` s for the killed processes to go; False if some cgroup stayed busy."""
     end = clock() + deadline
