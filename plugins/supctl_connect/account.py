@@ -14,6 +14,7 @@ import datetime
 import json
 import sys
 import urllib.request
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -112,8 +113,19 @@ def make_logout_command() -> click.Command:
     return logout
 
 
-async def keep_renewed(inv: Invocation) -> None:
-    """Renew the stored login token at 2/3 of its remaining lifetime, for as long as we run."""
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+async def keep_renewed(
+    inv: Invocation,
+    *,
+    now: Callable[[], datetime.datetime] = _utcnow,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Renew the stored login token at 2/3 of its remaining lifetime, for as long as we run.
+
+    ``now`` and ``sleep`` are the clock (a test passes fake ones)."""
     settings = inv.settings
     while True:
         stored = load_login(settings.host)
@@ -123,13 +135,20 @@ async def keep_renewed(inv: Invocation) -> None:
             expires = datetime.datetime.fromisoformat(str(stored.get("expires")))
         except ValueError:
             return
-        remaining = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
-        await asyncio.sleep(max(1.0, remaining * 2 / 3))
+        remaining = (expires - now()).total_seconds()
+        await sleep(max(1.0, remaining * 2 / 3))
         try:
             answer = await inv.transport().get("/v1/token/renew", {})
-        except SupctlError as exc:
+        except DeniedError as exc:  # revoked or expired: renewing again cannot help
             inv.console.print(f"[yellow]warning:[/] cannot renew the login token: {escape(str(exc))}")
             return
+        except SupctlError as exc:
+            # Busy (429), unreachable, refused for now: try again.  The next wait is 2/3
+            # of what remains then, so retries come closer together as expiry nears.
+            inv.console.print(
+                f"[yellow]warning:[/] cannot renew the login token now, will retry: {escape(str(exc))}"
+            )
+            continue
         if isinstance(answer, dict) and isinstance(answer.get("expires"), str):
             stored["expires"] = answer["expires"]
             save_login(stored)
