@@ -139,7 +139,7 @@ def _print_init_summary(directory: Path) -> None:
         console.print(f"  {label:<19} {escape(value)}")
     cfg = shlex.quote(str(config))
     console.print("[bold]Next:[/]")
-    console.print(f"  {PROG} site add --config {escape(cfg)} SITE")
+    console.print(f"  {PROG} site add --config {escape(cfg)} SITE --output SITE.token")
     console.print(f"  {PROG} serve --config {escape(cfg)}")
 
 
