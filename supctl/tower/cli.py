@@ -64,8 +64,12 @@ def _output_option(f: F) -> F:
 def _check_output(output: Path | None) -> None:
     """Refuse an --output that cannot be written *before* a token is made, so that a typo
     does not leave a site with a token nobody has."""
-    if output is not None and not output.parent.is_dir():
+    if output is None:
+        return
+    if not output.parent.is_dir():
         raise UsageError(f"--output {output}: directory {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: cannot write in directory {output.parent}")
 
 
 def give_site_token(token: str, output: Path | None) -> None:
