@@ -80,14 +80,15 @@ def setup_supctl(procs: Procs, target: int) -> Forward:
     d, tower_cli = procs.logdir / "tower", tool("control-tower")
     run([tower_cli, "init", str(d)])
     config = str(d / "tower.toml")
-    (d / "site.token").write_text(run([tower_cli, "site", "add", "--config", config, "demo"]))
+    token_file = str(d / "site.token")  # written with mode 0600, as the enforcer requires
+    run([tower_cli, "site", "add", "--config", config, "demo", "--output", token_file])
     tower = procs.start("tower", [tower_cli, "serve", "--config", config, "--listen", f"{HOST}:0"])
     tower_log = procs.logdir / "tower.log"
     url = must(procs.wait("the tower", tower, in_log(tower_log, r"listening on (wss://127\.0\.0\.1:\d+)")))[1]
     inventory = procs.logdir / "inventory.toml"
     inventory.write_text("[applications.bench.service-instances.bench-1]\n")
     enforcer = procs.start("enforcer", [
-        tool("edge-enforcer"), "run", "--tower", url, "--site", "demo", "--token-file", str(d / "site.token"),
+        tool("edge-enforcer"), "run", "--tower", url, "--site", "demo", "--token-file", token_file,
         "--ca-file", str(d / "ca.pem"), "--inventory", str(inventory),
     ])  # fmt: skip
     procs.wait("the enforcer to connect", tower, in_log(tower_log, r"site demo connected"))

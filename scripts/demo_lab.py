@@ -186,10 +186,13 @@ class Lab:
         config = str(tower_dir / "tower.toml")
         if self.run([program("control-tower"), "init", str(tower_dir)]).returncode != 0:
             raise DemoError("control-tower init failed")
-        added = self.run([program("control-tower"), "site", "add", "--config", config, SITE])
+        # --output: the token file is created with mode 0600, as the enforcer requires.
+        token_file = str(self.root / "site.token")
+        added = self.run(
+            [program("control-tower"), "site", "add", "--config", config, SITE, "--output", token_file]
+        )
         if added.returncode != 0:
             raise DemoError(f"control-tower site add failed: {added.stderr.decode().strip()}")
-        (self.root / "site.token").write_bytes(added.stdout)
         tower, log = self.spawn(
             "tower", [program("control-tower"), "serve", "--config", config, "--listen", "127.0.0.1:0"]
         )

@@ -7,6 +7,7 @@ Readiness is awaited by reading the processes' own log lines with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -30,6 +31,19 @@ def program(name: str) -> str:
     found = shutil.which(name)
     assert found, f"{name} is not installed"
     return found
+
+
+def write_secret(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` with mode 0600 from the start, as a token file must be
+    (the enforcer refuses one that others can read); replaces an existing file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
 
 
 class LogFile:
@@ -145,11 +159,15 @@ class Stack:
             text=True,
             env=self.env,
         ).stdout.strip()
-        (self.root / f"{site}.token").write_text(token + "\n")
+        write_secret(self.root / f"{site}.token", token + "\n")
         (self.root / f"{site}.toml").write_text(inventory)
         return self.start_enforcer(site, wait=wait)
 
-    def start_enforcer(self, site: str, *, wait: bool = True) -> Proc:
+    def start_enforcer(
+        self, site: str, *, wait: bool = True, token_file: Path | None = None, inventory: Path | None = None
+    ) -> Proc:
+        """Start an enforcer of ``site`` with ``token_file`` and ``inventory`` (by default
+        ``ROOT/SITE.token`` and ``ROOT/SITE.toml``, written by :meth:`add_site`)."""
         assert self.tower is not None
         before = self.tower.log.count(rf"site {re.escape(site)} connected")
         proc = self.spawn(
@@ -162,11 +180,11 @@ class Stack:
                 "--site",
                 site,
                 "--token-file",
-                str(self.root / f"{site}.token"),
+                str(token_file or self.root / f"{site}.token"),
                 "--ca-file",
                 str(self.dir / "ca.pem"),
                 "--inventory",
-                str(self.root / f"{site}.toml"),
+                str(inventory or self.root / f"{site}.toml"),
                 "--verbose",
             ],
         )

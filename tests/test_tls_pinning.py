@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from e2e_support import inventory, start_server, wait_until
-from stack import Proc, Stack, do_args, one_line_error, program
+from stack import Proc, Stack, do_args, one_line_error, program, write_secret
 
 from supctl.client.settings import resolve
 from supctl.errors import ExitCode, UsageError
@@ -223,7 +223,7 @@ def test_the_token_never_reaches_an_impostor(stack: Stack, pin: str, tmp_path: P
 def start_pinned_enforcer(stack: Stack, site: str, fingerprint: str) -> Proc:
     """``edge-enforcer run --tower-fingerprint`` without ``--ca-file``."""
     token = stack.register_site(site).strip()
-    (stack.root / f"{site}.token").write_text(token + "\n")
+    write_secret(stack.root / f"{site}.token", token + "\n")
     (stack.root / f"{site}.toml").write_text(inventory(APP, INSTANCE))
     return stack.spawn(
         f"enforcer-{site}",

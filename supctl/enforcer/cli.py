@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from .. import aio
-from ..client.settings import read_token_file
 from ..errors import SupctlError, UsageError
 from ..output import make_console, setup_logging
 from ..plugins import collect, make_plugin_manager
@@ -26,6 +25,7 @@ from .dispatch import collect_handlers
 from .inventory import load_inventory
 from .netns import NamespaceSockets
 from .runtime import Runtime
+from .tokenfile import read_site_token
 
 
 def load_handlers() -> dict[Serves, Handler]:
@@ -45,7 +45,12 @@ def make_cli() -> click.Group:
     @cli.command()
     @click.option("--tower", required=True, help="Tower URL, e.g. wss://tower.example:4646.")
     @click.option("--site", required=True, help="This site's name, as registered at the tower.")
-    @click.option("--token-file", required=True, type=click.Path(path_type=Path), help="This site's token.")
+    @click.option(
+        "--token-file",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="This site's token: a file only the enforcer's user can read (mode 0600).",
+    )
     @click.option(
         "--ca-file", type=click.Path(path_type=Path), help="CA to trust for the tower (default: system)."
     )
@@ -84,6 +89,8 @@ def make_cli() -> click.Group:
         pin = parse_fingerprint(tower_fingerprint) if tower_fingerprint else None
         if pin is not None and not tower.startswith("wss://"):
             raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")
+        # First, before anything starts or is killed: a token file others can read is refused.
+        token = read_site_token(token_file)
         context = None
         if pin is not None:
             context = pinned_context()  # the pin replaces the CA and hostname checks
@@ -104,7 +111,7 @@ def make_cli() -> click.Group:
         agent = Agent(
             tower=tower,
             site=site,
-            token=read_token_file(token_file),
+            token=token,
             ssl_context=context,
             tower_fingerprint=pin,
             inventory=site_inventory,

@@ -8,8 +8,10 @@ so importing this module has no side effects.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,6 +50,45 @@ def _config_option(f: F) -> F:
         type=click.Path(dir_okay=False, path_type=Path),
         help=f"The tower's {CONFIG_NAME}.",
     )(f)
+
+
+def _output_option(f: F) -> F:
+    return click.option(
+        "--output",
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write the token to FILE (mode 0600, replaced atomically) instead of stdout.",
+    )(f)
+
+
+def _check_output(output: Path | None) -> None:
+    """Refuse an --output that cannot be written *before* a token is made, so that a typo
+    does not leave a site with a token nobody has."""
+    if output is None:
+        return
+    if not output.parent.is_dir():
+        raise UsageError(f"--output {output}: directory {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: cannot write in directory {output.parent}")
+
+
+def give_site_token(token: str, output: Path | None) -> None:
+    """Hand a new site token over: to ``output`` (mode 0600 from its creation, replaced
+    atomically, so it is never readable by others) or to stdout."""
+    if output is not None:
+        atomic_write(output, (token + "\n").encode(), 0o600)
+        _console().print(f"site token written to {escape(str(output))} (mode 0600)")
+        return
+    with contextlib.suppress(OSError):
+        st = os.fstat(sys.stdout.fileno())
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            # `site add > site.token` under the usual umask 022: say so, loudly.
+            _console().print(
+                f"[yellow]warning:[/] stdout is a file that others can read"
+                f" (mode {stat.S_IMODE(st.st_mode):04o}); the enforcer refuses such a token file."
+                " Use --output FILE, or umask 077 before redirecting"
+            )
+    click.echo(token)
 
 
 def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[str] = ()) -> str:
@@ -102,7 +143,7 @@ def _print_init_summary(directory: Path) -> None:
         console.print(f"  {label:<19} {escape(value)}")
     cfg = shlex.quote(str(config))
     console.print("[bold]Next:[/]")
-    console.print(f"  {PROG} site add --config {escape(cfg)} SITE")
+    console.print(f"  {PROG} site add --config {escape(cfg)} SITE --output SITE.token")
     console.print(f"  {PROG} serve --config {escape(cfg)}")
 
 
@@ -227,11 +268,38 @@ def make_cli() -> click.Group:
 
     @site.command("add")
     @_config_option
+    @_output_option
     @click.argument("name")
-    def site_add(config_path: Path, name: str) -> None:
-        """Register site NAME and print its token (the only output on stdout)."""
-        token = TowerStore(load_config(config_path).state).add_site(name)
-        click.echo(token)
+    def site_add(config_path: Path, output: Path | None, name: str) -> None:
+        """Register site NAME and print its token (the only output on stdout), or write it to --output."""
+        store = TowerStore(load_config(config_path).state)
+        _check_output(output)
+        give_site_token(store.add_site(name), output)
+
+    @site.command("rotate")
+    @_config_option
+    @_output_option
+    @click.argument("name")
+    def site_rotate(config_path: Path, output: Path | None, name: str) -> None:
+        """Give site NAME a new token, printed (or written to --output); the old one stops working.
+
+        A running tower closes the link opened with the old token within a second.
+        """
+        store = TowerStore(load_config(config_path).state)
+        _check_output(output)
+        give_site_token(store.rotate_site(name), output)
+        _console().print(
+            f"site {escape(name)}: new token; the old one no longer works and a running tower"
+            " closes its link (restart the site's enforcer with the new token)"
+        )
+
+    @site.command("remove")
+    @_config_option
+    @click.argument("name")
+    def site_remove(config_path: Path, name: str) -> None:
+        """Remove site NAME and its token; a running tower closes its link."""
+        TowerStore(load_config(config_path).state).remove_site(name)
+        _console().print(f"site {escape(name)} removed")
 
     @site.command("list")
     @_config_option

@@ -5,6 +5,7 @@ where a stream or a session starts.  Timers (a stream the site does not accept i
 time, an idle stream, a session past its maximum duration) are checked by one
 periodic sweep per tower over its sessions and their relays, not by a timer per
 stream: the data path only stamps ``Relay.last_activity`` with a monotonic read.
+The same sweep re-checks every site link's token (:func:`sweep_sites`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -154,11 +155,28 @@ def sweep(tower: Tower, now: float) -> None:
                 relay.abort(ErrorCode.TIMEOUT, f"idle for {seconds(idle)} s", "timeout")
 
 
-async def sweep_forever(tower: Tower, interval: float = SWEEP_INTERVAL) -> None:
+def sweep_sites(tower: Tower) -> None:
+    """Close every site link whose token is no longer the site's (rotated, or the site
+    removed): a thief holding an old site token loses the link within a sweep."""
+    for link in list(tower.sites.values()):
+        link.evict_if_invalid()
+
+
+async def sweep_forever(
+    tower: Tower,
+    interval: float = SWEEP_INTERVAL,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """Sweep ``tower`` every ``interval`` seconds, for ever (``clock`` and ``sleep``: for tests)."""
     while True:
-        await asyncio.sleep(interval)
+        await sleep(interval)
         try:
-            sweep(tower, time.monotonic())
+            sweep(tower, clock())
             tower.peer_log.flush()  # "N similar messages suppressed" once a flood has ended
         except Exception:  # a bug here must not stop the timers for good
             log.exception("internal error in the limits sweep")
+        try:
+            sweep_sites(tower)
+        except Exception:  # nor the site checks, nor one stop the other
+            log.exception("internal error in the sweep of site links")

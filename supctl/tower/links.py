@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
 from ..link import Link, WebSocketLike
 from ..protocol import (
     Connection,
@@ -129,7 +130,7 @@ class ClientLink(Link):
             self._refuse(event, ErrorCode.DENIED, refusal, "denied")
             self.close(ErrorCode.DENIED, refusal)
             return
-        site = self.tower.sites.get(self.route.site)
+        site = self.tower.site_link(self.route.site)
         args = event.request.args
         if site is None or site.conn.closed is not None:  # closed: lost, on_lost not run yet
             self._refuse(event, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected", "site-lost")
@@ -228,18 +229,57 @@ class ClientLink(Link):
         self._write_refusals()
 
 
+@dataclass(frozen=True)
+class SiteClaim:
+    """An enforcer that authenticated as ``site``, and the hash of the token it showed.
+
+    The link keeps the hash so that the tower can tell, while the link lives, whether
+    that token is still the site's: a rotated or removed site token ends the link.
+    """
+
+    site: str
+    token_hash: str
+
+
 class SiteLink(Link):
     """An enforcer's link: the tower opens streams on it, the enforcer may not."""
 
-    def __init__(self, ws: WebSocketLike, tower: Tower, site: str, peer: str = "?") -> None:
+    def __init__(self, ws: WebSocketLike, tower: Tower, claim: SiteClaim, peer: str = "?") -> None:
         super().__init__(
-            ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {site}"
+            ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {claim.site}"
         )
         self.tower = tower
-        self.site = site
+        self.site = claim.site
+        self.token_hash = claim.token_hash
         self.peer = peer  # the enforcer's address, for logs and refusals of a second link
         self.info: SiteInfo | None = None
         self.relays: dict[int, Relay] = {}
+
+    def refusal(self) -> str | None:
+        """Why this link may no longer serve its site (its token was rotated, the site
+        removed), or None while its token is the site's."""
+        return self.tower.store.site_refusal(self.site, self.token_hash)
+
+    def evict_if_invalid(self) -> bool:
+        """Close this link if its token is no longer the site's; True if it is closed.
+
+        A thief holding a site's old token must not get one more stream, nor one more
+        byte of the streams it carries: they are reset (the supctl side learns why) and
+        the link is closed with ``DENIED`` and the reason.
+        """
+        if self.conn.closed is not None:
+            return True
+        try:
+            refusal = self.refusal()
+        except UsageError as exc:  # the state file is gone or broken: trust no site token
+            refusal = str(exc)
+        if refusal is None:
+            return False
+        log.warning("closing link of site %s from %s: %s", self.site, self.peer, refusal)
+        self.close(ErrorCode.DENIED, refusal)
+        for relay in list(self.relays.values()):
+            relay.abort(ErrorCode.DENIED, f"site {self.site}: {refusal}", "denied")
+        return True
 
     def handle_event(self, event: Event) -> None:
         if isinstance(event, HelloReceived | StatusReceived):

@@ -37,13 +37,13 @@ from . import audit
 from .audit import AuditLog
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
 from .limits import Limits
-from .links import ClientLink, Route, SiteLink
+from .links import ClientLink, Route, SiteClaim, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
 from .policy import ALLOW_ALL, PolicyFile
 from .policy import Request as PolicyRequest
 from .policy import allowed as policy_allows
 from .siteinfo import InstanceInfo, SiteInfo
-from .store import TowerStore, valid_site_name
+from .store import TowerStore, hash_token, valid_site_name
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
     USER_NAME_RE,
@@ -109,7 +109,9 @@ class Tower:
         self.sites: dict[str, SiteLink] = {}
         # Weak: a handshake that fails after process_request (no Upgrade header, client gone)
         # never reaches handler(), which pops the entry; it must not stay forever.
-        self._routes: weakref.WeakKeyDictionary[ServerConnection, Route | str] = weakref.WeakKeyDictionary()
+        self._routes: weakref.WeakKeyDictionary[ServerConnection, Route | SiteClaim] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- before the upgrade ---------------------------------------------------
 
@@ -292,7 +294,7 @@ class Tower:
 
     def _authorise(
         self, request: Request, login: LoginCheck | None = None, account: AccountDone | None = None
-    ) -> Route | str | Response:
+    ) -> Route | SiteClaim | Response:
         url = urlsplit(request.path)
         try:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
@@ -313,14 +315,16 @@ class Tower:
             raise Rejection(400, f"the client must offer the WebSocket subprotocol {SUBPROTOCOL}")
         if url.path == ENFORCER_PATH:
             site = single(query, "site")
-            if not self.store.check_site(site, bearer_token(request)):
+            token = bearer_token(request)
+            if not self.store.check_site(site, token):
                 raise Rejection(401, f"invalid token for site {site!r}")
             # One link per site: a second enforcer is refused while the first one's link
-            # is alive; keepalive drops a dead link, and then the site may connect again.
-            existing = self.sites.get(site)
-            if existing is not None and existing.conn.closed is None:
+            # is alive and its token still valid (then both hold the same, current token);
+            # keepalive drops a dead link, and then the site may connect again.  A link whose
+            # token was rotated or removed is closed here, and the new token takes over.
+            if (existing := self.site_link(site)) is not None:
                 raise Rejection(409, f"site {site} is already connected from {existing.peer}")
-            return site
+            return SiteClaim(site, hash_token(token))
         if match := CONNECT_PATH.match(url.path):
             who = self._admin(request)
             app, instance = _name(match[1], "application"), _name(match[2], "service instance")
@@ -593,7 +597,7 @@ class Tower:
         if route is None:
             await connection.close(1011, "no route")
             return
-        if isinstance(route, str):
+        if isinstance(route, SiteClaim):
             site = SiteLink(connection, self, route, _peer(connection))
             await site.run()
             return
@@ -616,11 +620,23 @@ class Tower:
                 del self.user_sessions[user]
         log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
 
+    def site_link(self, site: str) -> SiteLink | None:
+        """The link serving ``site``: only one that is live and whose token is still the
+        site's.  A link whose token was rotated or removed is closed on the spot, so no
+        stream goes to it even before the sweep (:func:`.limits.sweep_sites`) gets there."""
+        link = self.sites.get(site)
+        if link is None or link.evict_if_invalid():
+            return None
+        return link
+
     def site_connected(self, link: SiteLink) -> None:
-        old = self.sites.get(link.site)
-        if old is not None and old is not link and old.conn.closed is None:
-            # The first link wins while it is alive (process_request refuses a second one
-            # with 409; this catches two handshakes that raced past it).
+        # The same rule as process_request's, for two handshakes that raced past it (or a
+        # token rotated between the upgrade and the HELLO): a link holding a valid token
+        # takes over from one that no longer does; the first link wins while both are valid.
+        if link.evict_if_invalid():
+            return
+        old = self.site_link(link.site)
+        if old is not None and old is not link:
             reason = f"site {link.site} is already connected from {old.peer}"
             log.warning("refused a second link of site %s from %s: %s", link.site, link.peer, reason)
             link.close(ErrorCode.DENIED, reason)

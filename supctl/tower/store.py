@@ -197,6 +197,26 @@ class TowerStore:
         expected = entry["token-hash"] if entry else "0" * 64  # same work for unknown sites
         return hmac.compare_digest(expected, hash_token(token)) and entry is not None
 
+    def site_token_hash(self, name: str) -> str | None:
+        """The hash of site ``name``'s valid token, or None if there is no such site."""
+        self._reload()
+        entry = self._state["sites"].get(name)
+        return entry["token-hash"] if entry else None
+
+    def site_refusal(self, name: str, token_hash: str) -> str | None:
+        """Why a link of site ``name`` that authenticated with the token hashed ``token_hash``
+        may no longer serve the site, or None while that token is still the site's.
+
+        Checked at every stream the tower opens on a site and by the sweep: one ``stat``
+        of the state file while it is unchanged.
+        """
+        expected = self.site_token_hash(name)
+        if expected is None:
+            return "site removed"
+        if not hmac.compare_digest(expected, token_hash):
+            return "site token rotated"
+        return None
+
     def site_exists(self, name: str) -> bool:
         self._reload()
         return name in self._state["sites"]
@@ -258,6 +278,27 @@ class TowerStore:
                 raise UsageError(f"site {name!r} already exists")
             state["sites"][name] = {"token-hash": digest, "accessor": digest[:8], "created": _now()}
         return token
+
+    def rotate_site(self, name: str) -> str:
+        """Give site ``name`` a new token and return it; the old one stops working at once.
+
+        A running tower closes the link opened with the old token within a sweep and
+        accepts the new token in its place (docs/tower.md, "Site identity").
+        """
+        token = new_token("site")
+        digest = hash_token(token)
+        with self._locked() as state:
+            entry = state["sites"].get(name)
+            if entry is None:
+                raise UsageError(f"unknown site {name!r}")
+            entry["token-hash"], entry["accessor"] = digest, digest[:8]
+        return token
+
+    def remove_site(self, name: str) -> None:
+        """Forget site ``name`` and its token; a running tower closes its link."""
+        with self._locked() as state:
+            if state["sites"].pop(name, None) is None:
+                raise UsageError(f"unknown site {name!r}")
 
 
 def _dump(state: State) -> bytes:
