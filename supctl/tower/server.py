@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import secrets
 import time
 import weakref
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
@@ -42,25 +41,33 @@ from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
 from .policy import ALLOW_ALL, PolicyFile
 from .policy import Request as PolicyRequest
 from .policy import allowed as policy_allows
-from .siteinfo import InstanceInfo, SiteInfo
-from .store import TowerStore, hash_token, valid_site_name
+from .requests import (
+    ACCOUNT_PATHS,
+    CONNECT_PATH,
+    ENFORCER_PATH,
+    EXEC_PATH,
+    INSTANCES_PATH,
+    find_instance,
+    peer,
+    peer_host,
+    requested,
+    require_handler,
+    site_name,
+    upgrading,
+    url_name,
+    users_change,
+)
+from .siteinfo import SiteInfo
+from .store import TowerStore, hash_token
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
     USER_NAME_RE,
     Identity,
     TokenRefused,
-    UnknownUser,
     UserStore,
 )
 
 log = logging.getLogger("supctl.tower")
-
-CONNECT_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/connect$")
-EXEC_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/containers/([^/]+)/exec$")
-INSTANCES_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances$")
-ENFORCER_PATH = "/v1/enforcer"
-#: Plain GETs that manage a user's login token, and the audit event (and verb) of each.
-ACCOUNT_PATHS = {"/v1/login": "login", "/v1/logout": "logout", "/v1/token/renew": "renew"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ class Tower:
         requests never interleave.
         """
         path = urlsplit(request.path).path
-        if self.users is None or path not in ACCOUNT_PATHS or _upgrading(request):
+        if self.users is None or path not in ACCOUNT_PATHS or upgrading(request):
             return self.process_request(connection, request)
         login = None
         if path == "/v1/login":
@@ -135,7 +142,7 @@ class Tower:
             except Rejection:
                 pass  # _account refuses it, with the reason
             else:
-                login = await self._logins(self.users).check(_peer_host(connection), name, password)
+                login = await self._logins(self.users).check(peer_host(connection), name, password)
         done = await self._account_write(path, request, login)
         return self.process_request(connection, request, login, done)
 
@@ -209,7 +216,7 @@ class Tower:
             if not self._audit(
                 audit.record(
                     ACCOUNT_PATHS.get(urlsplit(request.path).path, "show"),
-                    **self._requested(connection, request),
+                    **requested(self._requester, connection, request),
                     status=200,
                     result="ok",
                 )
@@ -217,7 +224,7 @@ class Tower:
                 return error_response(503, "the control tower cannot write its audit log")
             return outcome
         if isinstance(outcome, Route):
-            outcome = replace(outcome, peer=_peer(connection), session=secrets.token_hex(4))
+            outcome = replace(outcome, peer=peer(connection), session=secrets.token_hex(4))
             most = self.limits.sessions_per_user
             if self.user_sessions[outcome.user] >= most:
                 message = f"more than {most} sessions for user {outcome.user}"
@@ -236,8 +243,8 @@ class Tower:
         sends thousands (bad tokens, wrong passwords, refused sessions) costs a few lines;
         the audit log has every one."""
         path = urlsplit(request.path).path
-        key = f"requests refused from {_peer_host(connection)}"
-        self.peer_log.info(key, "refused %s %s: %d %s", _peer(connection), path, status, message)
+        key = f"requests refused from {peer_host(connection)}"
+        self.peer_log.info(key, "refused %s %s: %d %s", peer(connection), path, status, message)
 
     # --- audit records of requests ----------------------------------------------
 
@@ -248,49 +255,11 @@ class Tower:
         self, connection: ServerConnection, request: Request, status: int, message: str
     ) -> None:
         try:
-            fields = self._requested(connection, request)
+            fields = requested(self._requester, connection, request)
             result = f"{status} {message}"
             self._audit(audit.record("session-refused", **fields, status=status, result=result))
         except Exception:  # recording a refusal must never turn it into something else
             log.exception("internal error recording a refusal of %s", urlsplit(request.path).path)
-
-    def _requested(self, connection: ServerConnection, request: Request) -> dict[str, Any]:
-        """What a request asked for, read leniently from its URL (it may be invalid), and who
-        asked (if its token checked out).  Values the client chose are cut short."""
-        url = urlsplit(request.path)
-        try:
-            query = parse_qs(url.query, keep_blank_values=True)
-        except ValueError:
-            query = {}
-
-        def first(name: str) -> str | None:
-            return audit.cut(query.get(name, [None])[0])
-
-        user, accessor = audit.split_who(self._requester)
-        fields: dict[str, Any] = {
-            "user": user,
-            "accessor": accessor,
-            "client": _peer(connection),
-            "site": first("site"),
-            "path": audit.cut(url.path),
-        }
-        if "upgrade" not in request.headers.get("Connection", "").lower():
-            fields["verb"] = ACCOUNT_PATHS.get(url.path, "show")
-        elif url.path == ENFORCER_PATH:
-            fields["verb"] = "enforcer"
-        elif match := CONNECT_PATH.match(url.path):
-            ip, port = first("ip-address") or "127.0.0.1", first("port")
-            fields.update(
-                verb="connect",
-                application=audit.cut(unquote(match[1])),
-                service_instance=audit.cut(unquote(match[2])),
-                protocol=first("protocol"),
-                target=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
-            )
-        elif match := EXEC_PATH.match(url.path):
-            app, instance, container = (audit.cut(unquote(part)) for part in match.groups())
-            fields.update(verb="exec", application=app, service_instance=instance, container=container)
-        return fields
 
     def _authorise(
         self, request: Request, login: LoginCheck | None = None, account: AccountDone | None = None
@@ -300,7 +269,7 @@ class Tower:
             query = parse_qs(url.query, keep_blank_values=True, strict_parsing=bool(url.query))
         except ValueError:
             raise Rejection(400, "malformed query string") from None
-        if not _upgrading(request):
+        if not upgrading(request):
             if url.path in ACCOUNT_PATHS:
                 if account is None:
                     return json_response(self._account(url.path, request, login)())
@@ -327,12 +296,12 @@ class Tower:
             return SiteClaim(site, hash_token(token))
         if match := CONNECT_PATH.match(url.path):
             who = self._admin(request)
-            app, instance = _name(match[1], "application"), _name(match[2], "service instance")
+            app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
             return self._connect_route(app, instance, query, who)
         if match := EXEC_PATH.match(url.path):
             who = self._admin(request)
-            app, instance = _name(match[1], "application"), _name(match[2], "service instance")
-            return self._exec_route(app, instance, _name(match[3], "container"), query, who)
+            app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
+            return self._exec_route(app, instance, url_name(match[3], "container"), query, who)
         raise Rejection(404, f"no such endpoint: {url.path}")
 
     def _admin(self, request: Request) -> str:
@@ -440,7 +409,7 @@ class Tower:
 
             def log_in() -> dict[str, Any]:
                 # The user may have been removed since the password check: UsageError -> 401.
-                token, accessor, expires = _writing(users.add_token, name, "login", expiry, most)
+                token, accessor, expires = users_change(users.add_token, name, "login", expiry, most)
                 return {"token": token, "expires": expires, "accessor": accessor, "user": name}
 
             return log_in
@@ -452,7 +421,7 @@ class Tower:
         if path == "/v1/logout":
 
             def log_out() -> dict[str, Any]:
-                _writing(users.revoke_token, token)
+                users_change(users.revoke_token, token)
                 return {"revoked": accessor}
 
             return log_out
@@ -465,23 +434,16 @@ class Tower:
             )
 
         def renew() -> dict[str, Any]:
-            return {"expires": _writing(users.renew, token, expiry), "accessor": accessor}
+            return {"expires": users_change(users.renew, token, expiry), "accessor": accessor}
 
         return renew
-
-    @staticmethod
-    def _site_name(query: dict[str, list[str]]) -> str:
-        site = single(query, "site")
-        if not valid_site_name(site):
-            raise Rejection(400, f"invalid site name {site!r} (lower-case letters, digits and '-')")
-        return site
 
     def _visible(self, site: str) -> bool:
         """Whether the requester may learn that ``site`` exists (and whether it is connected):
         a ``show`` rule for the site or for an application at it."""
         if self._allowed(PolicyRequest("show", site)):
             return True
-        link = self.sites.get(site)
+        link = self.site_link(site)
         info = link.info if link is not None else None
         apps = info.applications if info is not None else {}
         return any(self._allowed(PolicyRequest("show", site, app)) for app in apps)
@@ -489,34 +451,16 @@ class Tower:
     def _site(self, query: dict[str, list[str]], *, show: bool = False) -> tuple[str, SiteInfo]:
         """The site a request names, connected.  ``show``: the requester may only learn of a
         site it may see; any other site is answered as if it did not exist (404)."""
-        site = self._site_name(query)
+        site = site_name(query)
         if not self.store.site_exists(site) or (show and not self._visible(site)):
             raise Rejection(404, f"unknown site {site!r}")
-        link = self.sites.get(site)
+        link = self.site_link(site)
         if link is None or link.info is None:
             raise Rejection(503, f"site {site!r} is not connected to the control tower")
         return site, link.info
 
-    @staticmethod
-    def _instance(site: str, info: SiteInfo, app: str, instance: str) -> InstanceInfo:
-        if app not in info.applications:
-            raise Rejection(404, f"application {app!r} not found at site {site!r}")
-        found = info.instance(app, instance)
-        if found is None:
-            raise Rejection(
-                404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
-            )
-        return found
-
-    @staticmethod
-    def _handler(site: str, info: SiteInfo, name: str, what: str) -> None:
-        if name not in info.handlers:
-            raise Rejection(
-                400, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers}
-            )
-
     def _connect_route(self, app: str, instance: str, query: dict[str, list[str]], who: str) -> Route:
-        site = self._site_name(query)
+        site = site_name(query)
         protocol = single(query, "protocol")
         if not valid_name(protocol):
             raise Rejection(400, f"invalid protocol {audit.cut(protocol, 40)!r}")
@@ -538,22 +482,22 @@ class Tower:
         )  # fmt: skip
         self._check(route.policy_request())
         site, info = self._site(query)
-        self._instance(site, info, app, instance)
-        self._handler(site, info, protocol, "protocol")
+        find_instance(site, info, app, instance)
+        require_handler(site, info, protocol, "protocol")
         return route
 
     def _exec_route(
         self, app: str, instance: str, container: str, query: dict[str, list[str]], who: str
     ) -> Route:
-        route = Route("exec", self._site_name(query), app, instance, container=container, who=who)
+        route = Route("exec", site_name(query), app, instance, container=container, who=who)
         self._check(route.policy_request())
         site, info = self._site(query)
-        found = self._instance(site, info, app, instance)
+        found = find_instance(site, info, app, instance)
         if container not in found.containers:
             raise Rejection(
                 404, f"container {container!r} not found in service instance {instance!r} at site {site!r}"
             )
-        self._handler(site, info, "exec", "verb")
+        require_handler(site, info, "exec", "verb")
         return route
 
     def _show(self, path: str, query: dict[str, list[str]], who: str) -> dict[str, Any]:
@@ -571,7 +515,7 @@ class Tower:
                 ]
             }
         if match := INSTANCES_PATH.match(path):
-            app = _name(match[1], "application")
+            app = url_name(match[1], "application")
             site, info = self._site(query, show=True)
             # Not allowed to see it, or not there: the same answer, so a refusal tells nothing.
             if app not in info.applications or not self._allowed(PolicyRequest("show", site, app)):
@@ -581,7 +525,7 @@ class Tower:
         raise Rejection(404, f"no such endpoint: {path}")
 
     def _site_summary(self, name: str) -> dict[str, Any]:
-        link = self.sites.get(name)
+        link = self.site_link(name)
         info = link.info if link is not None else None
         return {
             "name": name,
@@ -598,7 +542,7 @@ class Tower:
             await connection.close(1011, "no route")
             return
         if isinstance(route, SiteClaim):
-            site = SiteLink(connection, self, route, _peer(connection))
+            site = SiteLink(connection, self, route, peer(connection))
             await site.run()
             return
         user, most = route.user, self.limits.sessions_per_user
@@ -607,7 +551,7 @@ class Tower:
             log.warning("closing session %s: %s", route.summary, reason)
             await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
-        log.info("session opened %s from %s", route.summary, _peer(connection))
+        log.info("session opened %s from %s", route.summary, peer(connection))
         session = ClientLink(connection, self, route)
         self.sessions.add(session)
         self.user_sessions[user] += 1
@@ -655,48 +599,3 @@ class Tower:
         if self.sites.get(link.site) is link:
             del self.sites[link.site]
             log.warning("site %s disconnected: %s", link.site, reason)
-
-
-def _upgrading(request: Request) -> bool:
-    """Whether ``request`` asks for the WebSocket upgrade (else it is a plain GET)."""
-    return "upgrade" in request.headers.get("Connection", "").lower()
-
-
-def _writing(change: Callable[..., Any], *args: Any) -> Any:
-    """``change(*args)``, a change to users.json, its failures as the answer to send."""
-    try:
-        return change(*args)
-    except TokenRefused as exc:  # revoked or expired since it was checked
-        raise Rejection(401, str(exc)) from None
-    except UnknownUser:  # removed since the password check
-        raise Rejection(401, "wrong user name or password") from None
-    except UsageError as exc:  # users.json is invalid
-        log.error("%s", exc)
-        raise Rejection(500, "the control tower's users file is invalid (see its log)") from None
-    except OSError as exc:
-        log.error("cannot write the users file: %s", exc.strerror or exc)
-        raise Rejection(503, "the control tower cannot write its users file") from None
-
-
-def _name(quoted: str, what: str) -> str:
-    """A name from a URL path, unquoted and checked (:mod:`supctl.protocol.names`): 400 if
-    it is not one, before anything is looked up or logged."""
-    name = unquote(quoted)
-    if not valid_name(name):
-        raise Rejection(400, f"invalid {what} name {audit.cut(name, 70)!r}")
-    return name
-
-
-def _peer_host(connection: ServerConnection) -> str:
-    try:
-        return str(connection.remote_address[0])
-    except (TypeError, IndexError, OSError):
-        return "?"
-
-
-def _peer(connection: ServerConnection) -> str:
-    try:
-        host, port = connection.remote_address[:2]
-    except (TypeError, ValueError, OSError):
-        return "?"
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,140 @@
+"""Reading the tower's HTTP requests: endpoints, names and sites from the URL, the
+client's address, and what a request asked for (for its audit record, read leniently:
+it may be invalid).  No state: the :class:`~.server.Tower` judges, this only reads."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request
+
+from ..errors import UsageError
+from ..protocol.names import valid_name
+from . import audit
+from .httpapi import Rejection, single
+from .siteinfo import InstanceInfo, SiteInfo
+from .store import valid_site_name
+from .users import TokenRefused, UnknownUser
+
+log = logging.getLogger("supctl.tower")
+
+CONNECT_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/connect$")
+EXEC_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/containers/([^/]+)/exec$")
+INSTANCES_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances$")
+ENFORCER_PATH = "/v1/enforcer"
+#: Plain GETs that manage a user's login token, and the audit event (and verb) of each.
+ACCOUNT_PATHS = {"/v1/login": "login", "/v1/logout": "logout", "/v1/token/renew": "renew"}
+
+
+def requested(requester: str, connection: ServerConnection, request: Request) -> dict[str, Any]:
+    """What a request asked for, read leniently from its URL (it may be invalid), and who
+    asked (if its token checked out).  Values the client chose are cut short."""
+    url = urlsplit(request.path)
+    try:
+        query = parse_qs(url.query, keep_blank_values=True)
+    except ValueError:
+        query = {}
+
+    def first(name: str) -> str | None:
+        return audit.cut(query.get(name, [None])[0])
+
+    user, accessor = audit.split_who(requester)
+    fields: dict[str, Any] = {
+        "user": user,
+        "accessor": accessor,
+        "client": peer(connection),
+        "site": first("site"),
+        "path": audit.cut(url.path),
+    }
+    if "upgrade" not in request.headers.get("Connection", "").lower():
+        fields["verb"] = ACCOUNT_PATHS.get(url.path, "show")
+    elif url.path == ENFORCER_PATH:
+        fields["verb"] = "enforcer"
+    elif match := CONNECT_PATH.match(url.path):
+        ip, port = first("ip-address") or "127.0.0.1", first("port")
+        fields.update(
+            verb="connect",
+            application=audit.cut(unquote(match[1])),
+            service_instance=audit.cut(unquote(match[2])),
+            protocol=first("protocol"),
+            target=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
+        )
+    elif match := EXEC_PATH.match(url.path):
+        app, instance, container = (audit.cut(unquote(part)) for part in match.groups())
+        fields.update(verb="exec", application=app, service_instance=instance, container=container)
+    return fields
+
+
+def site_name(query: dict[str, list[str]]) -> str:
+    site = single(query, "site")
+    if not valid_site_name(site):
+        raise Rejection(400, f"invalid site name {site!r} (lower-case letters, digits and '-')")
+    return site
+
+
+def find_instance(site: str, info: SiteInfo, app: str, instance: str) -> InstanceInfo:
+    if app not in info.applications:
+        raise Rejection(404, f"application {app!r} not found at site {site!r}")
+    found = info.instance(app, instance)
+    if found is None:
+        raise Rejection(
+            404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
+        )
+    return found
+
+
+def require_handler(site: str, info: SiteInfo, name: str, what: str) -> None:
+    if name not in info.handlers:
+        raise Rejection(
+            400, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers}
+        )
+
+
+def upgrading(request: Request) -> bool:
+    """Whether ``request`` asks for the WebSocket upgrade (else it is a plain GET)."""
+    return "upgrade" in request.headers.get("Connection", "").lower()
+
+
+def users_change(change: Callable[..., Any], *args: Any) -> Any:
+    """``change(*args)``, a change to users.json, its failures as the answer to send."""
+    try:
+        return change(*args)
+    except TokenRefused as exc:  # revoked or expired since it was checked
+        raise Rejection(401, str(exc)) from None
+    except UnknownUser:  # removed since the password check
+        raise Rejection(401, "wrong user name or password") from None
+    except UsageError as exc:  # users.json is invalid
+        log.error("%s", exc)
+        raise Rejection(500, "the control tower's users file is invalid (see its log)") from None
+    except OSError as exc:
+        log.error("cannot write the users file: %s", exc.strerror or exc)
+        raise Rejection(503, "the control tower cannot write its users file") from None
+
+
+def url_name(quoted: str, what: str) -> str:
+    """A name from a URL path, unquoted and checked (:mod:`supctl.protocol.names`): 400 if
+    it is not one, before anything is looked up or logged."""
+    name = unquote(quoted)
+    if not valid_name(name):
+        raise Rejection(400, f"invalid {what} name {audit.cut(name, 70)!r}")
+    return name
+
+
+def peer_host(connection: ServerConnection) -> str:
+    try:
+        return str(connection.remote_address[0])
+    except (TypeError, IndexError, OSError):
+        return "?"
+
+
+def peer(connection: ServerConnection) -> str:
+    try:
+        host, port = connection.remote_address[:2]
+    except (TypeError, ValueError, OSError):
+        return "?"
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
