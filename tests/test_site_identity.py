@@ -380,3 +380,29 @@ def test_rotate_and_remove_errors_are_one_line(stack: Stack, args: list[str], me
     assert message in one_line_error(done.stderr)
     assert done.stdout == b""
     assert (stack.dir / "state.json").read_bytes() == before  # nothing changed, no token lost
+
+
+def test_a_token_rotated_into_the_enforcers_file_is_taken_without_a_restart(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """`site rotate --output FILE` into the file the enforcer reads: its link is evicted,
+    its next attempt gets 401, it reads the file again and comes back with the new token."""
+    assert stack.tower is not None
+    config = str(stack.dir / "tower.toml")
+    token_file = write_secret(tmp_path / "site.token", stack.register_site(SITE) + "\n")
+    (tmp_path / "site.toml").write_text(_inventory("real"))
+    enforcer = stack.start_enforcer(SITE, token_file=token_file, inventory=tmp_path / "site.toml")
+    assert _who(stack) == "real"
+    connected = stack.tower.log.count(rf"site {SITE} connected")
+
+    stack.control_tower("site", "rotate", "--config", config, SITE, "--output", str(token_file))
+    enforcer.log.wait_for(r"the site token file holds a new token; connecting with it", 30.0, enforcer.popen)
+    stack.tower.log.wait_for(rf"(?s)(site {SITE} connected.*){{{connected + 1}}}", 30.0)
+    assert _who(stack) == "real"
+    assert enforcer.popen.poll() is None
+
+    # A file made unsafe meanwhile is not read: one line, and the token in use is kept.
+    token_file.chmod(0o644)
+    stack.control_tower("site", "rotate", "--config", config, SITE)  # to stdout: the file is stale
+    enforcer.log.wait_for(r"cannot read the site token again: token file .* can be read by others", 30.0)
+    assert "Traceback" not in enforcer.log.text()

@@ -9,7 +9,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlencode
 
 import websockets
@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.version import version as websockets_version
 
 from .. import __version__
-from ..errors import StreamError
+from ..errors import StreamError, SupctlError
 from ..link import Channel, Link, WebSocketLike
 from ..protocol import (
     MAX_MESSAGE_ACCEPTED,
@@ -130,6 +130,7 @@ class Agent:
         supervisor: ContainerSupervisor | None = None,
         tower_fingerprint: bytes | None = None,
         max_streams: int = MAX_SITE_STREAMS,
+        read_token: Callable[[], str] | None = None,
     ) -> None:
         if not 1 <= max_streams <= MAX_SITE_STREAMS:
             raise ValueError(f"max_streams must be 1-{MAX_SITE_STREAMS}")
@@ -139,6 +140,9 @@ class Agent:
         self.pinned = pinned_connection(tower_fingerprint, tower.rstrip("/")) if tower_fingerprint else None
         self.site = site
         self.token = token
+        # Re-reads the token file after a 401: `control-tower site rotate --output FILE`
+        # into the file we read replaces the token without restarting the enforcer.
+        self.read_token = read_token
         self.ssl_context = ssl_context
         self.inventory = inventory
         self.dispatcher = Dispatcher(handlers, inventory)
@@ -179,6 +183,8 @@ class Agent:
                 reason = "link closed"
             except InvalidStatus as exc:
                 reason = f"the tower refused us: HTTP {exc.response.status_code} {_body(exc)}"
+                if exc.response.status_code == 401 and self.reload_token():
+                    attempt = 0  # a new token: try it soon, not after the backoff reached so far
             except ssl.SSLCertVerificationError as exc:
                 reason = f"the tower's certificate is not trusted: {exc.verify_message}"
             except FingerprintMismatch as exc:
@@ -195,6 +201,23 @@ class Agent:
             attempt = min(attempt + 1, 16)
             log.warning("%s; reconnecting in %.1f s", reason, delay)
             await asyncio.sleep(delay)
+
+    def reload_token(self) -> bool:
+        """Read the token file again (the same checks as at start); True if it holds a
+        new token, which the next attempt uses.  An unreadable or unsafe file keeps the
+        token we have, with one line saying why."""
+        if self.read_token is None:
+            return False
+        try:
+            token = self.read_token()
+        except SupctlError as exc:
+            log.warning("cannot read the site token again: %s", exc)
+            return False
+        if token == self.token:
+            return False
+        self.token = token
+        log.warning("the site token file holds a new token; connecting with it")
+        return True
 
     async def connect_once(self) -> None:
         ws = await connect(

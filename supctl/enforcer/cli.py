@@ -116,6 +116,7 @@ def make_cli() -> click.Group:
             tower_fingerprint=pin,
             inventory=site_inventory,
             max_streams=max_streams,
+            read_token=lambda: read_site_token(token_file),
             handlers=load_handlers(),
             context=HandlerContext(
                 site=site,
