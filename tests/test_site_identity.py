@@ -349,6 +349,11 @@ def test_rotation_evicts_the_thief_and_the_real_enforcer_takes_over(stack: Stack
     records = [json.loads(line) for line in (stack.dir / "audit.jsonl").read_text().splitlines()]
     cut = [r for r in records if r["event"] == "stream-closed" and r["close-reason"] == "denied"]
     assert [(r["command"], r["result"]) for r in cut] == [("cat", f"site {SITE}: site token rotated")]
+    evicted = [r for r in records if r["event"] == "site-evicted"]
+    assert [(r["site"], r["verb"], r["result"]) for r in evicted] == [
+        (SITE, "enforcer", "site token rotated")
+    ]
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", evicted[0]["client"]), evicted
 
     # Removing the site closes the real link too, and the site is gone.
     stack.control_tower("site", "remove", "--config", config, SITE)

@@ -39,6 +39,7 @@ EVENTS = (
     "login",
     "logout",
     "renew",
+    "site-evicted",
 )
 
 #: Every record has every field, in this order; ``null`` when it does not apply.
@@ -402,6 +403,7 @@ _SHORT_EVENTS = {
     "session-refused": "refused",
     "stream-closed": "closed",
     "streams-refused": "refusals",
+    "site-evicted": "evicted",
 }
 
 

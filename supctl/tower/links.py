@@ -276,6 +276,11 @@ class SiteLink(Link):
         if refusal is None:
             return False
         log.warning("closing link of site %s from %s: %s", self.site, self.peer, refusal)
+        if self.tower.audit is not None:  # once per link: it is closed from here on
+            rec = audit.record(
+                "site-evicted", verb="enforcer", site=self.site, client=self.peer, result=refusal
+            )
+            self.tower.audit.append(rec)
         self.close(ErrorCode.DENIED, refusal)
         for relay in list(self.relays.values()):
             relay.abort(ErrorCode.DENIED, f"site {self.site}: {refusal}", "denied")
