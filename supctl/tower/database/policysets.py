@@ -35,6 +35,11 @@ def validate(text: str, source: str) -> dict[str, tuple[Rule, ...]]:
     return parse_policies(data, source)
 
 
+def _bounded(who: str | None) -> str | None:
+    """Who applied a set, cut to its column (80): a long name must not fail the apply."""
+    return None if who is None else who[:80]
+
+
 def _row(row: object) -> PolicySet:
     return PolicySet(row.version, row.text, row.applied, row.applied_by)  # type: ignore[attr-defined]
 
@@ -59,7 +64,7 @@ class PolicySets:
         await asyncio.to_thread(validate, text, source)
         async with self.db.write() as conn:
             result = await conn.execute(
-                insert(policy_sets).values(text=text, applied=now, applied_by=applied_by)
+                insert(policy_sets).values(text=text, applied=now, applied_by=_bounded(applied_by))
             )
             version = result.inserted_primary_key
         assert version is not None
