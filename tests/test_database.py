@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from conftest import in_ci
 from pg_cluster import PostgresCluster, find_bindir
 from sqlalchemy import text
 
@@ -54,6 +53,11 @@ effect = "allow"
 site = "paris-*"
 verb = "connect"
 """
+
+
+def in_ci() -> bool:
+    """As conftest.in_ci (conftest is not imported: pytest loads it itself)."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 @pytest.fixture(scope="session")
