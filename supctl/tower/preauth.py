@@ -14,28 +14,27 @@ the TCP accept until its handshake ends (upgraded, answered or refused), or it c
   evicting the oldest makes it open connections faster than a real client completes
   a handshake (tens of milliseconds) just to keep one out.
 
-websockets accepts connections with ``loop.create_server`` and its own protocol
-factory; :func:`listen` accepts them here instead, on a plain TCP transport (so the
-peer address is known before any TLS work), layers the event loop's TLS protocol on
-it, and hands the connection to websockets' factory when the TLS handshake is done.  Refusals are logged at most once per
-:data:`LOG_EVERY` seconds, with their count.
+A TLS listener tells its protocol the client's address only once the TLS handshake
+is over, so the tower listens on plain TCP and each admitted connection does its TLS
+afterwards (:class:`GatedServerConnection`), through public APIs only (websockets'
+``create_connection``, the event loop's ``connect_accepted_socket``).  Refusals are
+logged at most once per :data:`LOG_EVERY` seconds, with their count.
 """
 
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
-import inspect
+import contextlib
 import ipaddress
 import logging
+import os
 import resource
+import socket
 import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
-
-from websockets.asyncio.server import Server
+from typing import Any, ClassVar, cast
 
 from ..wsconn import DirectServerConnection
 
@@ -140,10 +139,91 @@ class PreauthGate:
         self._last_log, self._refused, self._evicted = now, 0, 0
 
 
+class _Detached(asyncio.Protocol):
+    """Takes the last call of a plain transport whose socket moved on to TLS."""
+
+
 class GatedServerConnection(DirectServerConnection):
-    """websockets' server connection that uncounts itself when its handshake ends."""
+    """websockets' server connection, counted by :attr:`gate` from its TCP accept until its
+    opening handshake ends (upgraded, answered or refused) or it closes.
+
+    The server listens on plain TCP (``ssl=None``), so :meth:`connection_made` first gets
+    the plain transport and the client's address, before any TLS work: over a cap, that
+    costs one accept and one close.  An admitted connection does its TLS (:attr:`tls`;
+    None for ``--insecure``) on a duplicate of the socket handed to the event loop's
+    public ``connect_accepted_socket``: the loop's own TLS and handshake timeout, as with
+    a TLS listener.  Not a byte is read from the plain transport (it is dropped inside
+    this call, before the loop reads), and closing it closes only its descriptor.  The
+    loop then calls :meth:`connection_made` again, with the TLS transport, for websockets.
+    :func:`gated_connection` makes the subclass of one server.
+    """
+
+    gate: ClassVar[PreauthGate]
+    tls: ClassVar[ssl.SSLContext | None]
+    tls_timeout: ClassVar[float]
+    tls_tasks: ClassVar[set[asyncio.Task[None]]]
 
     preauth: Ticket | None = None
+    _accepted = False  # the gate has seen it
+    _opened = False  # websockets has its transport
+    _tls_socket: socket.socket | None = None  # while its TLS handshake runs
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._accepted:  # the TLS transport, from connect_accepted_socket
+            self._open(transport)
+            return
+        self._accepted = True
+        plain = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = plain.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        self.preauth = self.gate.admit(client_key(host), self._evict)
+        if self.preauth is None:
+            plain.abort()
+            return
+        if self.tls is None:
+            self._open(plain)
+            return
+        try:
+            accepted = plain.get_extra_info("socket")
+            if accepted is None:
+                raise OSError("no socket")
+            sock = socket.socket(fileno=os.dup(accepted.fileno()))
+        except OSError as exc:  # out of descriptors, most likely
+            log.warning("dropped a connection from %s: %s", host, exc)
+            plain.abort()
+            self._release()
+            return
+        plain.set_protocol(_Detached())
+        plain.abort()
+        self._tls_socket = sock
+        task = asyncio.get_running_loop().create_task(self._start_tls(sock))
+        self.tls_tasks.add(task)
+        task.add_done_callback(self.tls_tasks.discard)
+
+    async def _start_tls(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: self, sock, ssl=self.tls, ssl_handshake_timeout=self.tls_timeout
+            )
+        except (Exception, asyncio.CancelledError):
+            # Failed, stalled past the timeout, the peer gone, evicted or shutting down:
+            # the loop closed the socket (it owns it from the call on).
+            self._release()
+
+    def _evict(self) -> None:
+        """Close this connection to make room (the gate's ``close``)."""
+        if self._opened and self.transport is not None:
+            self.transport.abort()
+        elif self._tls_socket is not None:
+            # Mid-TLS: the handshake fails at once and the loop closes the socket (the
+            # ticket is live only until then, so this never touches a reused descriptor).
+            with contextlib.suppress(OSError):
+                self._tls_socket.shutdown(socket.SHUT_RDWR)
+
+    def _open(self, transport: asyncio.BaseTransport) -> None:
+        self._opened = True
+        self._tls_socket = None
+        super().connection_made(transport)
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -153,129 +233,20 @@ class GatedServerConnection(DirectServerConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
-        super().connection_lost(exc)
+        if self._opened:
+            super().connection_lost(exc)
 
     def _release(self) -> None:
         if self.preauth is not None:
             self.preauth.release()
 
 
-class _Accepted(asyncio.Protocol):
-    """A connection from its TCP accept until websockets' connection takes it over.
-
-    TLS is layered on at once, in ``connection_made`` (the event loop's own TLS
-    protocol, as ``loop.create_server(ssl=...)`` does, and before the loop starts
-    reading: uvloop reads as soon as ``connection_made`` returns).  This object is the
-    TLS layer's application protocol until the TLS handshake completes, then hands the
-    TLS transport to websockets.  A TLS handshake that fails or times out ends in the
-    waiter, which uncounts the connection (websockets never saw it).
-    """
-
-    def __init__(self, listener: _Listener) -> None:
-        self.listener = listener
-        self.ticket: Ticket | None = None
-        self.raw: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.raw is not None:  # the TLS layer's: its handshake is done
-            self._hand_over(cast(asyncio.Transport, transport))
-            return
-        raw = self.raw = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        listener = self.listener
-        peer = raw.get_extra_info("peername")
-        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        self.ticket = listener.gate.admit(client_key(host), raw.abort)
-        if self.ticket is None:
-            raw.abort()
-            return
-        if listener.context is None:
-            self._hand_over(raw)
-            return
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        waiter.add_done_callback(self._tls_done)
-        tls = _tls_protocol(loop)(
-            loop, self, listener.context, waiter, server_side=True,
-            ssl_handshake_timeout=listener.timeout, ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
-        )  # fmt: skip
-        raw.set_protocol(tls)
-        tls.connection_made(raw)
-
-    def _tls_done(self, waiter: asyncio.Future[None]) -> None:
-        if waiter.cancelled() or waiter.exception() is not None:
-            # The handshake failed, timed out, or the peer left.
-            if self.raw is not None:
-                self.raw.abort()
-            if self.ticket is not None:
-                self.ticket.release()
-
-    def _hand_over(self, transport: asyncio.Transport) -> None:
-        connection = self.listener.factory()
-        if isinstance(connection, GatedServerConnection):
-            connection.preauth = self.ticket
-        transport.set_protocol(connection)
-        connection.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - handed over first
-        # The TLS layer hands over (connection_made) before it delivers data; should an
-        # event loop ever do otherwise, the connection is dropped, not misread.
-        if self.raw is not None:
-            self.raw.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.ticket is not None:
-            self.ticket.release()
-
-
-def _tls_protocol(loop: asyncio.AbstractEventLoop) -> Any:
-    """The event loop's own TLS protocol class: uvloop's is compiled (the data path of
-    every session goes through it), asyncio's is the pure-Python one."""
-    if type(loop).__module__.startswith("uvloop"):
-        from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]
-
-        return SSLProtocol
-    return asyncio.sslproto.SSLProtocol
-
-
-class _Listener:
-    def __init__(
-        self,
-        gate: PreauthGate,
-        factory: Callable[[], Any],
-        context: ssl.SSLContext | None,
-        timeout: float,
-    ) -> None:
-        self.gate = gate
-        self.factory = factory
-        self.context = context
-        self.timeout = timeout
-
-
-def listen(
-    server: Server,
-    gate: PreauthGate,
-    host: str,
-    port: int,
-    context: ssl.SSLContext | None,
-    handshake_timeout: float,
-) -> None:
-    """Make ``server`` (from websockets' ``serve``, not awaited yet, created without
-    ``ssl``) accept through ``gate`` and run TLS with ``context`` itself.
-
-    websockets builds its protocol factory inside ``serve``; it is taken from the
-    closure of ``server.create_server`` (the one websockets would pass to
-    ``loop.create_server``).  If a websockets release changes that, this fails at start.
-    """
-    factory = inspect.getclosurevars(server.create_server).nonlocals.get("protocol_factory")
-    if not callable(factory):
-        raise RuntimeError("this websockets release does not expose its protocol factory")
-    listener = _Listener(gate, factory, context, handshake_timeout)
-
-    async def create_server() -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _Accepted(listener), host, port, backlog=BACKLOG)
-
-    server.create_server = create_server
+def gated_connection(
+    gate: PreauthGate, tls: ssl.SSLContext | None, tls_timeout: float
+) -> type[GatedServerConnection]:
+    """The connection class of one server: websockets' ``create_connection``."""
+    attributes: dict[str, object] = {"gate": gate, "tls": tls, "tls_timeout": tls_timeout, "tls_tasks": set()}
+    return cast(type[GatedServerConnection], type("TowerConnection", (GatedServerConnection,), attributes))
 
 
 def raise_fd_limit() -> int:

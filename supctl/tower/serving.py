@@ -17,7 +17,7 @@ from .audit import AuditLog
 from .config import TowerConfig
 from .limits import sweep_forever
 from .policy import PolicyFile
-from .preauth import GatedServerConnection, PreauthGate, listen, raise_fd_limit, total_cap
+from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .server import Tower
 from .store import TowerStore
 from .users import UserStore, parse_duration
@@ -56,7 +56,9 @@ async def run_tower(
         host,
         port,
         process_request=tower.handshake_request,
-        create_connection=GatedServerConnection,
+        # Plain TCP: the connection class counts it at accept, then runs TLS (preauth.py),
+        # with the same timeout for a stalled TLS handshake as for the WebSocket's.
+        create_connection=gated_connection(gate, context, handshake),
         subprotocols=[SUBPROTOCOL],  # type: ignore[list-item]
         compression=None,
         max_size=MAX_MESSAGE_ACCEPTED,
@@ -66,10 +68,8 @@ async def run_tower(
         ping_interval=keepalive,
         ping_timeout=keepalive,
         server_header="control-tower",
+        backlog=BACKLOG,  # passed on to loop.create_server
     )
-    # Accepted through the pre-authentication caps, which also run TLS: a stalled TLS
-    # handshake counts against the same timeout (preauth.py).
-    listen(server, gate, host, port, context, handshake)
     async with server:
         address = next(iter(server.sockets)).getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
