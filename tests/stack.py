@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,28 +128,33 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def start_tower(self) -> None:
+    def start_tower(
+        self, limits: Mapping[str, float] | None = None, keepalive: float | None = None, **popen: Any
+    ) -> int:
+        """``control-tower init`` and ``serve``, with ``[limits]`` and ``keepalive`` added to
+        tower.toml if given; return its port.  ``popen``: extra arguments of the tower's
+        ``subprocess.Popen`` (e.g. ``preexec_fn``)."""
         subprocess.run(
             [program("control-tower"), "init", str(self.dir)], check=True, capture_output=True, env=self.env
         )
+        path = self.dir / "tower.toml"
+        if limits or keepalive is not None:
+            top = f"keepalive = {keepalive}\n" if keepalive is not None else ""
+            table = "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in (limits or {}).items())
+            path.write_text(top + path.read_text() + table)
         self.tower = self.spawn(
             "tower",
-            [
-                program("control-tower"),
-                "serve",
-                "--config",
-                str(self.dir / "tower.toml"),
-                "--listen",
-                "127.0.0.1:0",
-            ],
+            [program("control-tower"), "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
+            **popen,
         )
-        match = self.tower.log.wait_for(r"listening on (wss://127\.0\.0\.1:\d+)", proc=self.tower.popen)
+        match = self.tower.log.wait_for(r"listening on (wss://127\.0\.0\.1:(\d+))", proc=self.tower.popen)
         self.url = match[1]
         self.env.update(
             SUPCTL_HOST=self.url,
             SUPCTL_TOKEN_FILE=str(self.dir / "admin.token"),
             SUPCTL_CA_FILE=str(self.dir / "ca.pem"),
         )
+        return int(match[2])
 
     def add_site(self, site: str, inventory: str, *, wait: bool = True) -> Proc:
         token = subprocess.run(

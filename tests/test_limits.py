@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import websockets
 from e2e_support import echo_roundtrip, inventory, start_server, wait_until
-from stack import Proc, Stack, do_args, one_line_error, program
+from stack import Proc, Stack, do_args, one_line_error
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -40,24 +40,7 @@ DEADLINE = 20.0
 
 def start_tower(stack: Stack, limits: dict[str, float], keepalive: float | None = None) -> None:
     """Like ``Stack.start_tower``, with ``[limits]`` (and ``keepalive``) added to tower.toml."""
-    subprocess.run(
-        [program("control-tower"), "init", str(stack.dir)], check=True, capture_output=True, env=stack.env
-    )
-    path = stack.dir / "tower.toml"
-    top = f"keepalive = {keepalive}\n" if keepalive is not None else ""
-    table = "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in limits.items())
-    path.write_text(top + path.read_text() + table)
-    stack.tower = stack.spawn(
-        "tower",
-        [program("control-tower"), "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
-    )
-    match = stack.tower.log.wait_for(r"listening on (wss://127\.0\.0\.1:\d+)", proc=stack.tower.popen)
-    stack.url = match[1]
-    stack.env.update(
-        SUPCTL_HOST=stack.url,
-        SUPCTL_TOKEN_FILE=str(stack.dir / "admin.token"),
-        SUPCTL_CA_FILE=str(stack.dir / "ca.pem"),
-    )
+    stack.start_tower(limits, keepalive)
 
 
 def tower_log(stack: Stack) -> str:

@@ -15,27 +15,8 @@ from stack import Stack, program
 
 
 def start_tower(stack: Stack, limits: Mapping[str, float], **popen: Any) -> int:
-    """``control-tower init`` and ``serve`` with ``limits`` added; return its port.
-    ``popen``: extra arguments of the tower's ``subprocess.Popen`` (e.g. ``preexec_fn``)."""
-    subprocess.run(
-        [program("control-tower"), "init", str(stack.dir)], check=True, capture_output=True, env=stack.env
-    )
-    path = stack.dir / "tower.toml"
-    table = "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in limits.items())
-    path.write_text(path.read_text() + table)
-    stack.tower = stack.spawn(
-        "tower",
-        [program("control-tower"), "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
-        **popen,
-    )
-    match = stack.tower.log.wait_for(r"listening on (wss://127\.0\.0\.1:(\d+))", proc=stack.tower.popen)
-    stack.url = match[1]
-    stack.env.update(
-        SUPCTL_HOST=stack.url,
-        SUPCTL_TOKEN_FILE=str(stack.dir / "admin.token"),
-        SUPCTL_CA_FILE=str(stack.dir / "ca.pem"),
-    )
-    return int(match[2])
+    """``control-tower init`` and ``serve`` with ``limits`` added; return its port."""
+    return stack.start_tower(limits, **popen)
 
 
 def add_user(stack: Stack, name: str, password: str) -> None:
