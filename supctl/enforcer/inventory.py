@@ -62,7 +62,8 @@ def _ports(values: list[object]) -> tuple[tuple[int, int], ...]:
         match = _PORTS.fullmatch(text)
         lo, hi = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
         if not 1 <= lo <= hi <= 65535:
-            raise Invalid(f'has a bad port or range {value!r}: use e.g. ["443", "8000-8100"]')
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:36] + "..."
+            raise Invalid(f'has a bad port or range {shown}: use e.g. ["443", "8000-8100"]')
         ranges.append((lo, hi))
     return tuple(ranges)
 
