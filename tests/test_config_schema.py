@@ -279,28 +279,46 @@ def run(argv: list[str], tmp_path: Path) -> tuple[int, str]:
     return proc.returncode, one_line_error(proc.stderr)
 
 
-def test_control_tower_refuses_a_password_in_the_store_url(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"[store]\nurl = 'postgresql://tower:hunter2@db/tower'\n",
+            "'store.url' holds a password: put the password in [store] password-file or SUPCTL_STORE_PASSWORD",
+        ),
+        # Before: float() of it raised OverflowError, a traceback.
+        (f"keepalive = {HUGE}\n".encode(), "'keepalive' must be a number of seconds >= 0 (0: off)"),
+    ],
+    ids=["password-in-url", "huge-number"],
+)
+def test_control_tower_exits_2_with_one_line(tmp_path: Path, content: bytes, expected: str) -> None:
     config = tmp_path / "tower.toml"
-    config.write_text("[store]\nurl = 'postgresql://tower:hunter2@db/tower'\n")
+    config.write_bytes(content)
     code, line = run([*TOWER_CLI, "site", "list", "--config", str(config)], tmp_path)
-    assert code == 2
-    assert line == (
-        f"control-tower: error: bad config file {config}: 'store.url' holds a password:"
-        " put the password in [store] password-file or SUPCTL_STORE_PASSWORD"
-    )
+    assert (code, line) == (2, f"control-tower: error: bad config file {config}: {expected}")
+    assert "hunter2" not in line
 
 
-def test_edge_enforcer_refuses_a_bool_for_a_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            b"[policy]\nallow-ports = [true]\n",
+            "bad inventory F: 'policy.allow-ports' has a bad port or range True",
+        ),
+        # Before: read_text() raised UnicodeDecodeError, a traceback.
+        (NOT_UTF8, "inventory F is not valid TOML: 'utf-8' codec can't decode byte 0xff in position 10"),
+    ],
+    ids=["bool-port", "not-utf8"],
+)
+def test_edge_enforcer_exits_2_with_one_line(tmp_path: Path, content: bytes, expected: str) -> None:
     inventory = tmp_path / "inventory.toml"
-    inventory.write_text("[policy]\nallow-ports = [true]\n")
+    inventory.write_bytes(content)
     token = write_secret(tmp_path / "site.token", "sct_site_x\n")
     argv = [program("edge-enforcer"), "run", "--tower", "ws://127.0.0.1:9", "--site", "s"]
     code, line = run([*argv, "--token-file", str(token), "--inventory", str(inventory)], tmp_path)
     assert code == 2
-    assert line == (
-        f"edge-enforcer: error: bad inventory {inventory}: 'policy.allow-ports' has a bad port or range True:"
-        ' use e.g. ["443", "8000-8100"]'
-    )
+    assert line.replace(str(inventory), "F").startswith("edge-enforcer: error: " + expected), line
 
 
 def test_supctl_refuses_a_config_that_is_not_utf8(tmp_path: Path) -> None:
