@@ -356,11 +356,11 @@ def test_missing_config_is_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("listen = ", "bad config file"),
+        ("listen = ", "is not valid TOML"),
         ("lisen = '127.0.0.1:1'", "unknown key 'lisen'"),
         ("insecure = 'yes'", "'insecure' must be true or false"),
         ("cert = 3", "'cert' must be a non-empty string"),
-        ("listen = '::1:80'", "bad listen address"),
+        ("listen = '::1:80'", "'listen' must be HOST:PORT, [IPV6]:PORT or :PORT"),
     ],
 )
 def test_bad_config_is_one_line_error(tmp_path: Path, text: str, message: str) -> None:

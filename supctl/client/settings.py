@@ -11,17 +11,16 @@ token ``supctl do login`` stored for this tower (:mod:`supctl.client.login`).
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
+from ..schema import Source, load, parse_toml
 from ..tlspin import format_fingerprint, parse_fingerprint
 from .login import load_login
 
 DEFAULT_HOST = "wss://127.0.0.1:4646"
-CONFIG_KEYS = ("host", "token", "token-file", "ca-file", "tower-fingerprint")
 
 
 def default_config_path() -> Path:
@@ -48,26 +47,28 @@ class ClientSettings:
         )
 
 
-def read_config(path: Path, *, explicit: bool) -> dict[str, str]:
+@dataclass(frozen=True)
+class ConfigFile:
+    """The schema of ``config.toml`` (:mod:`supctl.schema`): each key, when present, a string."""
+
+    host: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None
+    tower_fingerprint: str | None = None
+
+
+def read_config(path: Path, *, explicit: bool) -> ConfigFile:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         if explicit:
             raise UsageError(f"config file {path} does not exist") from None
-        return {}
+        return ConfigFile()
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - set(CONFIG_KEYS))
-    if unknown:
-        raise UsageError(f"config file {path}: unknown key {unknown[0]!r} (known: {', '.join(CONFIG_KEYS)})")
-    bad = [k for k, v in data.items() if not isinstance(v, str)]
-    if bad:
-        raise UsageError(f"config file {path}: {bad[0]!r} must be a string")
-    return {k: str(v) for k, v in data.items()}
+    source = Source(f"config file {path}")
+    return load(ConfigFile, parse_toml(raw, source), source)
 
 
 def read_token_file(path: Path) -> str:
@@ -99,13 +100,13 @@ def resolve(
     """Merge options (already merged with env by click) with the config file."""
     path = Path(config).expanduser() if config else default_config_path()
     file = read_config(path, explicit=config is not None)
-    host = host or file.get("host") or DEFAULT_HOST
+    host = host or file.host or DEFAULT_HOST
     parts = urlsplit(host)
     if parts.scheme not in ("wss", "ws") or not parts.hostname:
         raise UsageError(f"--host must look like wss://HOST:PORT, got {host!r}")
     if token is None and token_file is None:
-        token = file.get("token")
-        token_file = file.get("token-file")
+        token = file.token
+        token_file = file.token_file
     if token is None and token_file is not None:
         token = read_token_file(Path(token_file).expanduser())
     source = ""
@@ -115,11 +116,11 @@ def resolve(
             token, source = str(stored["token"]), "login"
     if token is not None:
         check_token(token)
-    ca = ca_file or file.get("ca-file")
+    ca = ca_file or file.ca_file
     ca_path = Path(ca).expanduser() if ca else None
     if ca_path is not None and not ca_path.is_file():
         raise UsageError(f"CA file {ca_path} does not exist")
-    fingerprint = tower_fingerprint or file.get("tower-fingerprint")
+    fingerprint = tower_fingerprint or file.tower_fingerprint
     pin = parse_fingerprint(fingerprint) if fingerprint else None
     if pin is not None and parts.scheme != "wss":
         raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")

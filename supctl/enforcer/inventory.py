@@ -29,30 +29,122 @@ never refused by ``allow-ip-addresses``; ``allow-ports`` applies to every connec
 from __future__ import annotations
 
 import ipaddress
-import tomllib
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from ..errors import StreamError, UsageError
 from ..protocol import ErrorCode, OpenRequest
+from ..protocol.names import valid_name
 from ..protocol.targets import canonical_network, is_self, matches
+from ..schema import Invalid, Names, Rule, Source, load, parse_toml
 from .api import Container, Serves, ServiceInstance
 
-#: Keys of a container table; anything else is refused (a typo like ``cmd`` would
-#: otherwise leave a container silently not running).
-CONTAINER_KEYS = frozenset({"command", "env", "cwd", "user"})
-POLICY_KEYS = frozenset({"allow-ip-addresses", "allow-ports", "allow-exec"})
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
+
+
+def _networks(values: list[str]) -> tuple[Network, ...]:
+    try:
+        # A mapped network means the IPv4 one: targets are unmapped too.
+        return tuple(canonical_network(ipaddress.ip_network(v, strict=False)) for v in values)
+    except ValueError as exc:
+        raise Invalid(f"must be a list of CIDR strings: {exc}") from None
+
+
+def _ports(values: list[object]) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for value in values:
+        # 443, "443" or "8000-8100", in ASCII digits (int() would take "٤٤٣" and " 443").
+        text = str(value) if isinstance(value, str | int) and not isinstance(value, bool) else ""
+        match = _PORTS.fullmatch(text)
+        lo, hi = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+        if not 1 <= lo <= hi <= 65535:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:36] + "..."
+            raise Invalid(f'has a bad port or range {shown}: use e.g. ["443", "8000-8100"]')
+        ranges.append((lo, hi))
+    return tuple(ranges)
+
+
+def _text(value: str) -> str:
+    """Non-empty, without NUL: a process's arguments, environment and paths cannot hold one."""
+    if not value or "\0" in value:
+        raise ValueError(value)
+    return value
+
+
+def _command(argv: list[str]) -> list[str]:
+    if not argv:
+        raise ValueError(argv)
+    return [_text(arg) for arg in argv]
+
+
+def _cwd(path: str) -> str:
+    if not _text(path).startswith("/"):
+        raise ValueError(path)
+    return path
+
+
+def _netns(name: str) -> str:
+    # The checks of netns.namespace_path (without importing pyroute2 here): a name under
+    # /run/netns, so no "/", and neither "." nor "..".
+    if not _text(name) or "/" in name or name in (".", ".."):
+        raise ValueError(name)
+    return name
+
+
+NETWORKS = Rule("a list of CIDR strings", _networks, toml=list[str])
+PORTS = Rule('a list of ports or ranges such as ["443", "8000-8100"]', _ports, toml=list)
+#: Names of applications, service instances and containers: the protocol's (names.py).
+NAMES = Names(
+    valid_name, "is not a valid name: letters, digits, '.', '_' and '-', starting with a letter or digit"
+)
+#: Environment variables: a name without "=" or NUL, a value without NUL.
+ENV = Names(lambda name: bool(name) and "=" not in name and "\0" not in name, 'is not NAME = "string"')
+ENV_VALUE = Rule("a string", lambda value: _text(value) if value else value)
+
+
+@dataclass(frozen=True)
+class ContainerTable:
+    """``[applications.A.service-instances.I.containers.C]`` (:class:`~supctl.enforcer.api.Container`).
+
+    Unknown keys are refused: a typo like ``cmd`` would leave a container silently not running.
+    """
+
+    command: Annotated[list[str] | None, Rule("a non-empty list of strings", _command)] = None
+    env: Annotated[dict[str, Annotated[str, ENV_VALUE]], ENV] = field(default_factory=dict)
+    cwd: Annotated[str | None, Rule("an absolute path", _cwd)] = None
+    user: Annotated[str | None, Rule("a non-empty string", _text)] = None
+
+
+@dataclass(frozen=True)
+class InstanceTable:
+    """``[applications.A.service-instances.I]`` (:class:`~supctl.enforcer.api.ServiceInstance`)."""
+
+    netns: Annotated[str | None, Rule("a namespace name", _netns)] = None
+    #: "" picks the default: ``netns`` with a namespace, else ``host``.
+    runtime: Annotated[str, Rule("a runtime name", _text)] = ""
+    containers: Annotated[dict[str, ContainerTable], NAMES] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApplicationTable:
+    service_instances: Annotated[dict[str, InstanceTable], NAMES] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class LocalPolicy:
-    """The inventory's ``[policy]`` table; None fields do not restrict."""
+    """The inventory's ``[policy]`` table, and its schema; None fields do not restrict."""
 
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
-    ports: tuple[tuple[int, int], ...] | None = None
-    exec_allowed: bool = True
+    networks: Annotated[tuple[Network, ...] | None, NETWORKS] = field(
+        default=None, metadata={"key": "allow-ip-addresses"}
+    )
+    ports: Annotated[tuple[tuple[int, int], ...] | None, PORTS] = field(
+        default=None, metadata={"key": "allow-ports"}
+    )
+    exec_allowed: bool = field(default=True, metadata={"key": "allow-exec"})
 
     def check(self, serves: Serves, request: OpenRequest) -> None:
         """Raise StreamError (DENIED) if the site's local policy refuses to serve
@@ -75,42 +167,6 @@ class LocalPolicy:
             refused = refused or not matches(self.networks, address)
         if refused:
             raise StreamError(f"the site's local policy refuses {request.target}", code=ErrorCode.DENIED)
-
-
-def _policy(raw: Any, source: str) -> LocalPolicy:
-    body = _table(raw, "policy")
-    unknown = set(body) - POLICY_KEYS
-    if unknown:
-        raise UsageError(f"{source}: policy has unknown key {sorted(unknown)[0]!r}")
-    networks = ports = None
-    if "allow-ip-addresses" in body:
-        values = body["allow-ip-addresses"]
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-            raise UsageError(f"{source}: policy allow-ip-addresses must be a list of CIDR strings")
-        try:
-            # A mapped network means the IPv4 one: targets are unmapped too.
-            networks = tuple(canonical_network(ipaddress.ip_network(v, strict=False)) for v in values)
-        except ValueError as exc:
-            raise UsageError(f"{source}: policy allow-ip-addresses: {exc}") from None
-    if "allow-ports" in body:
-        values = body["allow-ports"]
-        if not isinstance(values, list):
-            raise UsageError(f'{source}: policy allow-ports must be a list such as ["443", "8000-8100"]')
-        ranges = []
-        for value in values:
-            lo_text, sep, hi_text = str(value).partition("-")
-            try:
-                lo, hi = int(lo_text), int(hi_text if sep else lo_text)
-            except ValueError:
-                raise UsageError(f"{source}: policy allow-ports: bad port {value!r}") from None
-            if not 1 <= lo <= hi <= 65535:
-                raise UsageError(f"{source}: policy allow-ports: bad range {value!r}")
-            ranges.append((lo, hi))
-        ports = tuple(ranges)
-    exec_allowed = body.get("allow-exec", True)
-    if not isinstance(exec_allowed, bool):
-        raise UsageError(f"{source}: policy allow-exec must be true or false")
-    return LocalPolicy(networks, ports, exec_allowed)
 
 
 @dataclass(frozen=True)
@@ -160,66 +216,36 @@ class Inventory:
                 )
 
 
-def _table(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise UsageError(f"inventory: {where} must be a table")
-    return value
+@dataclass(frozen=True)
+class InventoryFile:
+    """The schema of the inventory (:mod:`supctl.schema`)."""
+
+    applications: Annotated[dict[str, ApplicationTable], NAMES] = field(default_factory=dict)
+    policy: LocalPolicy = LocalPolicy()
 
 
-def _container(name: str, raw: Any, where: str) -> Container:
-    body = _table(raw, f"container {name} of {where}")
-    unknown = set(body) - CONTAINER_KEYS
-    if unknown:
-        raise UsageError(f"inventory: container {name} of {where} has unknown key {sorted(unknown)[0]!r}")
-    command = body.get("command")
-    if command is not None and (
-        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
-    ):
-        raise UsageError(f"inventory: command of container {name} must be a non-empty list of strings")
-    env = _table(body.get("env", {}), f"env of container {name}")
-    for key, value in env.items():
-        if not isinstance(value, str) or not key or "=" in key:
-            raise UsageError(f'inventory: env {key!r} of container {name} must be NAME = "string"')
-    text: dict[str, str | None] = {}
-    for key in ("cwd", "user"):
-        value = body.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise UsageError(f"inventory: {key} of container {name} must be a non-empty string")
-        text[key] = value
-    if text["cwd"] is not None and not text["cwd"].startswith("/"):
-        raise UsageError(f"inventory: cwd of container {name} must be an absolute path")
-    return Container(name, command, dict(env), text["cwd"], text["user"])
-
-
-def parse_inventory(data: dict[str, Any], source: str = "inventory") -> Inventory:
+def parse_inventory(data: object, source: str = "inventory") -> Inventory:
+    """The inventory in ``data`` (parsed TOML) from ``source`` ("inventory PATH"); one-line
+    UsageErrors."""
+    where = Source(source)
+    parsed = load(InventoryFile, data, where)
     instances: dict[tuple[str, str], ServiceInstance] = {}
-    unknown = set(data) - {"applications", "policy"}
-    if unknown:
-        raise UsageError(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")
-    for app, app_body in _table(data.get("applications", {}), "applications").items():
-        sis = _table(app_body, f"applications.{app}").get("service-instances", {})
-        for name, raw in _table(sis, f"applications.{app}.service-instances").items():
-            body = _table(raw, f"service instance {name}")
-            netns = body.get("netns")
-            if netns is not None and (not isinstance(netns, str) or not netns or "/" in netns):
-                raise UsageError(f"{source}: netns of {name} must be a namespace name")
-            runtime = body.get("runtime", "")
-            if not isinstance(runtime, str) or (runtime == "" and "runtime" in body):
-                raise UsageError(f"{source}: runtime of {name} must be a runtime name")
-            if runtime == "netns" and netns is None:
-                raise UsageError(f"{source}: runtime 'netns' of {name} needs a netns")
-            containers = _table(body.get("containers", {}), f"containers of {name}")
-            instances[(app, name)] = ServiceInstance(
-                app, name, netns, {c: _container(c, v, name) for c, v in containers.items()}, runtime
-            )
-    return Inventory(instances, _policy(data.get("policy", {}), source))
+    for app, app_table in parsed.applications.items():
+        for name, body in app_table.service_instances.items():
+            path = ("applications", app, "service-instances", name)
+            if body.runtime == "netns" and body.netns is None:
+                raise where.refuse((*path, "runtime"), "is 'netns', which needs a netns")
+            containers = {
+                c: Container(c, t.command, dict(t.env), t.cwd, t.user) for c, t in body.containers.items()
+            }
+            instances[(app, name)] = ServiceInstance(app, name, body.netns, containers, body.runtime)
+    return Inventory(instances, parsed.policy)
 
 
 def load_inventory(path: Path) -> Inventory:
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read inventory {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"inventory {path} is not valid TOML: {exc}") from None
-    return parse_inventory(data, str(path))
+    source = f"inventory {path}"
+    return parse_inventory(parse_toml(raw, Source(source)), source)

@@ -1,4 +1,4 @@
-"""``tower.toml``: where the tower listens and where its certificates, tokens and audit log live.
+"""``tower.toml``: where the tower listens, where its certificates and store are, its limits.
 
 Relative paths are taken relative to the directory holding ``tower.toml``, so a
 tower directory can be moved or mounted elsewhere as a whole.
@@ -10,12 +10,14 @@ import ipaddress
 import json
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import parse_qsl, urlsplit
 
 from supctl.errors import UsageError
-from supctl.tower.limits import DEFAULT_KEEPALIVE, Limits, parse_keepalive
+from supctl.schema import DURATION, DURATION_TEXT, SECONDS_OR_OFF, Invalid, Rule, Source, load, parse_toml
+from supctl.tower.limits import DEFAULT_KEEPALIVE, Limits
 from supctl.tower.store import atomic_write
 
 CONFIG_NAME = "tower.toml"
@@ -28,29 +30,75 @@ DEFAULT_FILES = {
     "audit": "audit.jsonl",
     "users": "users.json",
     "policies": "policies.toml",
+    "database": "tower.db",
 }
+#: The stores ``[store] url`` may name (docs/store.md); ``+driver`` may follow the name.
+STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
+#: Where the store's password comes from when ``[store] password-file`` is not set.
+PASSWORD_ENV = "SUPCTL_STORE_PASSWORD"  # noqa: S105 - a variable name (supctl.tower.database.PASSWORD_ENV)
 
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 
 
+def _listen(text: str) -> str:
+    try:
+        parse_listen(text)
+    except UsageError:
+        raise ValueError(text) from None  # the schema's message names the key
+    return text
+
+
+def _store_url(text: str) -> str:
+    """A store URL as :func:`supctl.tower.database.locate` takes it, without a password: the
+    URL lives on disk, in a file mode 0644.  Checked here, without SQLAlchemy (start-up time)."""
+    parts = urlsplit(text)
+    backend = parts.scheme.partition("+")[0]
+    if backend not in STORE_SCHEMES or (backend == "sqlite" and not parts.path.strip("/")):
+        raise ValueError(text)
+    query = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if parts.password is not None or "password" in query:
+        raise Invalid(f"holds a password: put the password in [store] password-file or {PASSWORD_ENV}")
+    return text
+
+
+LISTEN = Rule("HOST:PORT, [IPV6]:PORT or :PORT", _listen)
+STORE_URL = Rule('a URL like "postgresql://USER@HOST/DB" or "sqlite:///PATH"', _store_url)
+
+
 @dataclass(frozen=True)
 class TowerConfig:
-    """A loaded ``tower.toml``; every path is absolute."""
+    """A loaded ``tower.toml``, and its schema (:mod:`supctl.schema`); every path is
+    absolute once loaded."""
 
-    cert: Path
-    key: Path
-    ca: Path
-    state: Path
-    audit: Path  # the append-only audit log (docs/audit.md)
-    users: Path  # users, password hashes and hashed login/API tokens
-    policies: Path  # named policies (docs/policies.md); a missing file defines none
-    listen: str = DEFAULT_LISTEN
+    cert: Path = field(default=Path(DEFAULT_FILES["cert"]))
+    key: Path = field(default=Path(DEFAULT_FILES["key"]))
+    ca: Path = field(default=Path(DEFAULT_FILES["ca"]))
+    # The JSON files of towers before the store; `control-tower migrate` imports them.
+    state: Path = field(default=Path(DEFAULT_FILES["state"]))
+    audit: Path = field(  # the append-only audit log (docs/audit.md)
+        default=Path(DEFAULT_FILES["audit"]), metadata={"key": "audit.file", "legacy": "audit"}
+    )
+    users: Path = field(
+        default=Path(DEFAULT_FILES["users"])
+    )  # users, password hashes and hashed login/API tokens
+    policies: Path = field(
+        default=Path(DEFAULT_FILES["policies"])
+    )  # named policies (docs/policies.md); optional
+    # The store (docs/store.md): the SQLite file, unless [store] url names another store.
+    database: Path = field(default=Path(DEFAULT_FILES["database"]))
+    store_url: Annotated[str | None, STORE_URL] = field(default=None, metadata={"key": "store.url"})
+    # The PostgreSQL password's file; without it, $SUPCTL_STORE_PASSWORD.
+    store_password_file: Path | None = field(default=None, metadata={"key": "store.password-file"})
+    audit_keep: Annotated[float | None, DURATION] = field(  # seconds; None: for ever
+        default=None, metadata={"key": "audit.keep"}
+    )
+    listen: Annotated[str, LISTEN] = DEFAULT_LISTEN
     insecure: bool = False  # serve plain ws:// (no TLS); the CLI's --insecure does the same
-    keepalive: float = DEFAULT_KEEPALIVE  # WebSocket ping interval and timeout; 0 = off
+    keepalive: Annotated[float, SECONDS_OR_OFF] = DEFAULT_KEEPALIVE  # WebSocket ping interval and timeout
     limits: Limits = field(default_factory=Limits)  # [limits] (docs/tower.md)
-    login_expiry: str = "8h"  # lifetime of a login token (and of each renewal)
+    login_expiry: Annotated[str, DURATION_TEXT] = "8h"  # lifetime of a login token (and of each renewal)
 
 
 def valid_hostname(name: str) -> bool:
@@ -88,49 +136,15 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
     """Read and check ``tower.toml``; every problem is a one-line :class:`UsageError`."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_bytes().decode("utf-8"))
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise UsageError(f"config file {p} not found (run control-tower init)") from None
     except OSError as e:
         raise UsageError(f"cannot read config file {p}: {e.strerror}") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise UsageError(f"bad config file {p}: {e}") from None
+    source = Source(f"config file {p}", p.absolute().parent)
 
     # Unknown keys are errors: a misspelt "insecure" must not be silently ignored.
-    known = {*DEFAULT_FILES, "listen", "insecure", "keepalive", "limits", "login-expiry"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UsageError(f"bad config file {p}: unknown key {unknown[0]!r}")
-    base = p.absolute().parent
-    files: dict[str, Path] = {}
-    for name, default in DEFAULT_FILES.items():
-        value = data.get(name, default)
-        if not isinstance(value, str) or not value:
-            raise UsageError(f"bad config file {p}: {name!r} must be a non-empty string")
-        files[name] = base / Path(value).expanduser()  # an absolute value wins over base
-    listen = data.get("listen", DEFAULT_LISTEN)
-    if not isinstance(listen, str):
-        raise UsageError(f"bad config file {p}: 'listen' must be a string")
-    try:
-        parse_listen(listen)
-    except UsageError as e:
-        raise UsageError(f"bad config file {p}: {e}") from None
-    insecure = data.get("insecure", False)
-    if not isinstance(insecure, bool):
-        raise UsageError(f"bad config file {p}: 'insecure' must be true or false")
-    keepalive = parse_keepalive(data.get("keepalive", DEFAULT_KEEPALIVE), str(p))
-    limits = Limits.parse(data.get("limits", {}), str(p))
-    login_expiry = data.get("login-expiry", "8h")
-    if not isinstance(login_expiry, str) or not re.fullmatch(r"[1-9][0-9]*[smhd]", login_expiry):
-        raise UsageError(f"bad config file {p}: 'login-expiry' must be like \"8h\" (s, m, h or d)")
-    return TowerConfig(
-        listen=listen,
-        insecure=insecure,
-        keepalive=keepalive,
-        limits=limits,
-        login_expiry=login_expiry,
-        **files,
-    )
+    return load(TowerConfig, parse_toml(raw, source), source)
 
 
 def toml_string(value: str) -> str:

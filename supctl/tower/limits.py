@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated
 
-from ..errors import UsageError
 from ..protocol import MAX_SITE_STREAMS, ErrorCode
+from ..schema import COUNT, SECONDS, SECONDS_OR_OFF, Invalid, Rule, Source, load
 
 if TYPE_CHECKING:
     from .server import Tower
@@ -31,90 +31,70 @@ SWEEP_INTERVAL = 0.5
 DEFAULT_KEEPALIVE = 10.0
 
 
+def _site_streams(value: int) -> int:
+    COUNT.convert(value)
+    if value > MAX_SITE_STREAMS:
+        raise Invalid(f"must be at most {MAX_SITE_STREAMS} (what an enforcer accepts)")
+    return value
+
+
+STREAMS_PER_SITE = Rule(COUNT.expected, _site_streams)
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Every limit of a tower; the TOML key is the field name with ``-`` for ``_``.
+    """Every limit of a tower, and the schema of ``[limits]`` (:mod:`supctl.schema`): the
+    TOML key is the field name with ``-`` for ``_``.
 
     Counts must be at least 1; durations are seconds, and 0 turns the optional
     timers (idle streams, session duration) off.
     """
 
-    streams_per_session: int = 100
-    streams_per_user: int = 1000
-    sessions_per_user: int = 100
-    stream_open_timeout: float = 30.0  # the site must ACCEPT a stream within this
-    stream_idle_timeout: float = 3600.0  # no DATA either way for this long; 0 = off
-    session_duration: float = 0.0  # a session is closed after this long; 0 = off
-    handshake_timeout: float = 10.0  # TLS + WebSocket opening handshake
+    streams_per_session: Annotated[int, COUNT] = 100
+    streams_per_user: Annotated[int, COUNT] = 1000
+    sessions_per_user: Annotated[int, COUNT] = 100
+    stream_open_timeout: Annotated[float, SECONDS] = 30.0  # the site must ACCEPT a stream within this
+    # No DATA either way for this long closes a stream; a session is closed after
+    # session-duration; 0 = off.
+    stream_idle_timeout: Annotated[float, SECONDS_OR_OFF] = 3600.0
+    session_duration: Annotated[float, SECONDS_OR_OFF] = 0.0
+    handshake_timeout: Annotated[float, SECONDS] = 10.0  # TLS + WebSocket opening handshake
     # Login attempts (failed or still being checked) within login-window seconds, then
     # 429 until they age out (tower/logins.py; docs/tower.md, "Limits"): per client
     # address and user name; per user name from every address (addresses it logged in
     # from lately are exempt); per client address for every name.
-    login_failures: int = 5
-    login_failures_per_user: int = 20
-    login_failures_per_address: int = 20
-    login_window: float = 60.0  # 0 = off
+    login_failures: Annotated[int, COUNT] = 5
+    login_failures_per_user: Annotated[int, COUNT] = 20
+    login_failures_per_address: Annotated[int, COUNT] = 20
+    login_window: Annotated[float, SECONDS_OR_OFF] = 60.0  # 0 = off
     # Connections not through their opening handshake yet, per client address and in all
     # (tower/preauth.py; docs/tower.md, "Deployment limits").  The total is lowered to
     # stay FD_HEADROOM below the open-file limit.
-    preauth_per_address: int = 64
-    preauth_total: int = 1024
+    preauth_per_address: Annotated[int, COUNT] = 64
+    preauth_total: Annotated[int, COUNT] = 1024
     # Concurrent streams on one site's link, all sessions and users together (at most
     # MAX_SITE_STREAMS, the enforcer's own bound).  Measured with idle connections: about
     # 3 KiB per stream at the tower, 10 at the enforcer, 8 at supctl, so 4096 streams cost
     # a site's enforcer about 40 MiB (docs/tower.md, "Limits").  A session beyond its
     # fair share of them is refused (tower/links.py, ClientLink._stream_limit).
-    streams_per_site: int = 4096
+    streams_per_site: Annotated[int, STREAMS_PER_SITE] = 4096
     # A session whose OPENs keep being refused is closed: more than refused-streams
     # refusals within refused-window seconds (tower/refusals.py); 0 s = off.  200 in 10 s:
     # a flood is cut after a few kB of OPENs, while a browser behind a forward whose
     # service restarts (every connection refused, retried at once) is not.
-    refused_streams: int = 200
-    refused_window: float = 10.0
+    refused_streams: Annotated[int, COUNT] = 200
+    refused_window: Annotated[float, SECONDS_OR_OFF] = 10.0
     # Live login tokens of one user; a new login beyond it revokes the user's oldest
     # login token (tower/users.py, UserStore.add_token).  API tokens are not counted.
-    tokens_per_user: int = 50
+    tokens_per_user: Annotated[int, COUNT] = 50
     # Renewals of login tokens per user and minute (a burst of that many, then
     # refilled evenly); more are refused with 429 and a retry time.
-    renewals_per_minute: int = 10
+    renewals_per_minute: Annotated[int, COUNT] = 10
 
     @classmethod
     def parse(cls, data: object, where: str) -> Limits:
-        """Read the ``[limits]`` table; every problem is a one-line :class:`UsageError`."""
-        if not isinstance(data, Mapping):
-            raise UsageError(f"bad config file {where}: 'limits' must be a table")
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            field = known.get(key)
-            if field is None:
-                raise UsageError(f"bad config file {where}: unknown key 'limits.{key}'")
-            name = field.name
-            if field.type == "int":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise UsageError(f"bad config file {where}: 'limits.{key}' must be an integer >= 1")
-                values[name] = value
-            else:
-                ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
-                positive = name in ("stream_open_timeout", "handshake_timeout")
-                if not ok or (positive and value == 0):
-                    bound = "> 0" if positive else ">= 0 (0: off)"
-                    raise UsageError(
-                        f"bad config file {where}: 'limits.{key}' must be a number of seconds {bound}"
-                    )
-                values[name] = float(value)
-        if values.get("streams_per_site", 0) > MAX_SITE_STREAMS:
-            raise UsageError(
-                f"bad config file {where}: 'limits.streams-per-site' must be at most {MAX_SITE_STREAMS}"
-                " (what an enforcer accepts)"
-            )
-        return cls(**values)
-
-
-def parse_keepalive(value: object, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise UsageError(f"bad config file {where}: 'keepalive' must be a number of seconds >= 0 (0: off)")
-    return float(value)
+        """Read the ``[limits]`` table of config file ``where``; problems are one-line UsageErrors."""
+        return load(cls, data, Source(f"config file {where}"), ("limits",))
 
 
 def seconds(value: float) -> str:
