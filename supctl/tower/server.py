@@ -33,9 +33,9 @@ from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
 from ..ratelimit import Buckets
 from ..ratelog import RateLimitedLog
-from . import audit
+from . import audit, show
 from .audit import AuditLog
-from .authorise import Principal, Refusal, Sites, authorise, visible_applications, visible_sites
+from .authorise import Principal, Refusal, Sites, authorise
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
 from .hub import Hub, sweep_forever
 from .limits import Limits
@@ -47,19 +47,16 @@ from .requests import (
     CONNECT_PATH,
     ENFORCER_PATH,
     EXEC_PATH,
-    INSTANCES_PATH,
     connect_access,
     exec_access,
     peer,
     peer_host,
     requested,
-    site_name,
     upgrading,
     url_name,
     users_change,
 )
 from .route import Access, Route, SiteClaim
-from .siteinfo import SiteInfo
 from .store import TowerStore, hash_token
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
@@ -274,7 +271,9 @@ class Tower:
                     raise account.rejection
                 assert account.body is not None
                 return json_response(account.body)
-            return json_response(self._show(url.path, query, self._authenticate(request)))
+            principal = self._authenticate(request)
+            body = show.answer(url.path, query, principal, self.store.sites(), self.policy, self._sites())
+            return json_response(body)
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
             raise Rejection(400, f"the client must offer the WebSocket subprotocol {SUBPROTOCOL}")
@@ -336,12 +335,9 @@ class Tower:
         return Sites(self.store.site_exists, functools.lru_cache(maxsize=None)(self.hub.site_info))
 
     def _grant(self, principal: Principal, access: Access) -> Route:
-        return self._verdict(authorise(principal, access, self.policy, self._sites()))
-
-    @staticmethod
-    def _verdict(verdict: Route | Refusal) -> Route:
+        verdict = authorise(principal, access, self.policy, self._sites())
         if isinstance(verdict, Refusal):
-            raise _rejection(verdict)
+            raise show.rejection(verdict)
         return verdict
 
     def token_refusal(self, who: str) -> str | None:
@@ -370,7 +366,9 @@ class Tower:
         else:
             policies = self.users.policies(user) if self.users is not None else None
             principal = Principal(user, accessor, policies)
-        verdict = authorise(principal, route.access, self.policy, self._sites(), again=True)
+        # again=True never looks at the sites (the link's business): no per-request view.
+        sites = Sites(self.store.site_exists, self.hub.site_info)
+        verdict = authorise(principal, route.access, self.policy, sites, again=True)
         return verdict.message if isinstance(verdict, Refusal) else None
 
     def site_refusal(self, site: str, token_hash: str) -> str | None:
@@ -435,37 +433,6 @@ class Tower:
 
         return renew
 
-    def _show(self, path: str, query: dict[str, list[str]], principal: Principal) -> dict[str, Any]:
-        """``GET /v1/state/...``: what the tower knows of sites, for ``supctl show``, as far
-        as ``principal`` may see it."""
-        sites = self._sites()
-        if path == "/v1/state/sites":
-            names = visible_sites(principal, self.store.sites(), self.policy, sites)
-            if isinstance(names, Refusal):
-                raise _rejection(names)
-            return {"sites": [_site_summary(name, sites.info(name)) for name in names]}
-        if path == "/v1/state/applications":
-            site = site_name(query)
-            apps = visible_applications(principal, site, self.policy, sites)
-            if isinstance(apps, Refusal):
-                raise _rejection(apps)
-            info = sites.info(site)
-            assert info is not None  # granted: connected
-            return {
-                "applications": [
-                    {"name": app, "service-instances": sorted(info.applications[app])} for app in apps
-                ]
-            }
-        if match := INSTANCES_PATH.match(path):
-            app = url_name(match[1], "application")
-            site = site_name(query)
-            self._verdict(authorise(principal, Access("show", site, app), self.policy, sites))
-            info = sites.info(site)
-            assert info is not None  # granted: connected, and the application is there
-            instances = info.applications[app]
-            return {"service-instances": [instances[name].show() for name in sorted(instances)]}
-        raise Rejection(404, f"no such endpoint: {path}")
-
     # --- after the upgrade ----------------------------------------------------
 
     async def handler(self, connection: ServerConnection) -> None:
@@ -490,18 +457,3 @@ class Tower:
         finally:
             self.hub.close_session(session)
         log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
-
-
-def _rejection(refusal: Refusal) -> Rejection:
-    if refusal.cause is not None:  # the policy file's error: for the operator, not the client
-        log.error("%s", refusal.cause)
-    return Rejection(refusal.status, refusal.message, refusal.info)
-
-
-def _site_summary(name: str, info: SiteInfo | None) -> dict[str, Any]:
-    return {
-        "name": name,
-        "connected": info is not None,
-        "version": info.version if info else None,
-        "applications": sorted(info.applications) if info else [],
-    }
