@@ -51,7 +51,7 @@ class Limits:
     # MAX_SITE_STREAMS, the enforcer's own bound).  Measured with idle connections: about
     # 3 KiB per stream at the tower, 10 at the enforcer, 8 at supctl, so 4096 streams cost
     # a site's enforcer about 40 MiB (docs/tower.md, "Limits").  A session beyond its
-    # fair share of them is refused (tower/links.py, ClientLink._stream_limit).
+    # fair share of them is refused (tower/hub.py, Hub.stream_refusal).
     streams_per_site: int = 4096
     # A session whose OPENs keep being refused is closed: more than refused-streams
     # refusals within refused-window seconds (tower/refusals.py); 0 s = off.  200 in 10 s:
