@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ..errors import UsageError
 from .policy import ALLOW_ALL, Rule, allowed
@@ -26,8 +26,7 @@ from .siteinfo import SiteInfo
 POLICY_INVALID = "the control tower's policy file is invalid"
 
 
-@dataclass(frozen=True)
-class Principal:
+class Principal(NamedTuple):
     """Who asks, once their token checked out: a user, the token's accessor and the names
     of the user's policies in force.  The admin token is user ``admin`` with ``allow-all``.
 
@@ -40,6 +39,9 @@ class Principal:
     accessor: str
     policies: tuple[str, ...] | None
     refusal: str | None = None
+
+    # A named tuple (cheap to build: one per upgrade, OPEN and sweep), so no "who" field:
+    # it is derived from user and accessor.
 
     @classmethod
     def admin(cls, accessor: str) -> Principal:

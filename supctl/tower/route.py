@@ -6,17 +6,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..protocol import OpenRequest
 from .policy import Request as PolicyRequest
 
 
-@dataclass(frozen=True)
-class Access:
+class Access(NamedTuple):
     """A request, parsed and canonical: what :func:`.authorise.authorise` judges.
 
     ``verb`` is ``connect``, ``exec`` or ``show``; a field the verb does not use is empty.
+    (A named tuple, not a frozen dataclass: one is built per upgrade, OPEN and sweep, and
+    a tuple is built in about half the time.)
     """
 
     verb: str

@@ -14,7 +14,6 @@ answered) is one audit record; a session whose record cannot be written is refus
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import secrets
@@ -57,6 +56,7 @@ from .requests import (
     users_change,
 )
 from .route import Access, Route, SiteClaim
+from .siteinfo import SiteInfo
 from .store import TowerStore, hash_token
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
@@ -332,7 +332,15 @@ class Tower:
         """The sites as :func:`.authorise.authorise` sees them, for one request: each site's
         link is looked up (and evicted if its token is stale) once, so the request is
         judged against one view."""
-        return Sites(self.store.site_exists, functools.lru_cache(maxsize=None)(self.hub.site_info))
+        seen: dict[str, SiteInfo | None] = {}
+        live = self.hub.site_info
+
+        def info(site: str) -> SiteInfo | None:
+            if site not in seen:
+                seen[site] = live(site)
+            return seen[site]
+
+        return Sites(self.store.site_exists, info)
 
     def _grant(self, principal: Principal, access: Access) -> Route:
         verdict = authorise(principal, access, self.policy, self._sites())
