@@ -200,11 +200,11 @@ def _connected(tower: server.Tower, site: str, apps: dict[str, list[str]]) -> No
         },
         handlers=["exec", "tcp"],
     )
-    # A live link whose token is valid (what Tower.site_link asks of it).
+    # A live link whose token is valid (what Hub.site_link asks of it).
     link = SimpleNamespace(
         info=info, conn=SimpleNamespace(closed=None), peer="?", evict_if_invalid=lambda: False
     )
-    tower.sites[site] = link  # type: ignore[assignment]
+    tower.hub.sites[site] = link
 
 
 @pytest.fixture

@@ -36,8 +36,10 @@ from websockets.http11 import Request as HttpRequest
 from supctl.errors import ExitCode, UsageError
 from supctl.protocol import SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened, StreamReset
 from supctl.tower import server
-from supctl.tower.limits import Limits, sweep_forever, sweep_sites
-from supctl.tower.links import ClientLink, Route, SiteClaim, SiteLink
+from supctl.tower.hub import sweep_forever
+from supctl.tower.limits import Limits
+from supctl.tower.links import ClientLink, SiteLink
+from supctl.tower.route import Route, SiteClaim
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
 from supctl.tower.store import TowerStore, hash_token
 
@@ -92,7 +94,7 @@ def connected(tower: server.Tower, token: str, peer: str = THIEF_PEER) -> SiteLi
     link.info = SiteInfo(
         applications={APP: {INST: InstanceInfo(INST, APP, containers={SHELL: {}})}}, handlers=["exec", "tcp"]
     )
-    tower.site_connected(link)
+    tower.hub.site_connected(link)
     return link
 
 
@@ -145,7 +147,7 @@ def test_a_new_token_takes_over_at_the_upgrade(tower: server.Tower, store: Tower
 
     def body() -> None:
         thief = connected(tower, stolen)
-        assert tower.sites[SITE] is thief
+        assert tower.hub.sites[SITE] is thief
         # While the thief's token is the site's, a second link is refused: the first one wins.
         assert enforcer_request(tower, stolen)[:2] == (
             409,
@@ -158,7 +160,7 @@ def test_a_new_token_takes_over_at_the_upgrade(tower: server.Tower, store: Tower
         assert (status, claim) == (101, SiteClaim(SITE, hash_token(new)))
         assert closed(thief) == (ErrorCode.DENIED, "site token rotated")
         real = connected(tower, new, "198.51.100.7:5555")
-        assert tower.sites[SITE] is real and closed(real) is None
+        assert tower.hub.sites[SITE] is real and closed(real) is None
 
     in_loop(body)
 
@@ -174,19 +176,19 @@ def test_raced_handshakes_follow_the_same_rule(tower: server.Tower, store: Tower
         # Two enforcers with the new token raced: the first HELLO takes over from the thief...
         real = connected(tower, new, "198.51.100.7:5555")
         assert closed(thief) == (ErrorCode.DENIED, "site token rotated")
-        assert tower.sites[SITE] is real
+        assert tower.hub.sites[SITE] is real
         # ...the second, with the same valid token, is refused: the first valid link wins.
         twin = connected(tower, new, "198.51.100.8:6666")
         assert closed(twin) == (ErrorCode.DENIED, f"site {SITE} is already connected from 198.51.100.7:5555")
         # A link whose token was rotated between its upgrade and its HELLO never serves.
         late = connected(tower, stolen, "203.0.113.9:7777")
         assert closed(late) == (ErrorCode.DENIED, "site token rotated")
-        assert tower.sites[SITE] is real and closed(real) is None
+        assert tower.hub.sites[SITE] is real and closed(real) is None
         # A site removed meanwhile: its link is refused at the HELLO too.
         store.remove_site(SITE)
         orphan = SiteLink(QuietWs(), tower, SiteClaim(SITE, hash_token(new)), "203.0.113.10:1")
         orphan.info = SiteInfo()
-        tower.site_connected(orphan)
+        tower.hub.site_connected(orphan)
         assert closed(orphan) == (ErrorCode.DENIED, "site removed")
 
     in_loop(body)
@@ -251,10 +253,10 @@ def test_the_sweep_closes_a_rotated_link_and_its_streams(tower: server.Tower, st
         thief = connected(tower, stolen)
         other = SiteLink(QuietWs(), tower, SiteClaim("site2", hash_token(other_token)), "198.51.100.2:2")
         other.info = SiteInfo()
-        tower.site_connected(other)
+        tower.hub.site_connected(other)
         session, supctl = _session(tower, store)
         _open(session, supctl, "cat")
-        sweep_sites(tower)  # nothing changed: nothing closed
+        tower.hub.sweep_sites()  # nothing changed: nothing closed
         assert closed(thief) is None and len(thief.relays) == 1
         store.rotate_site(SITE)
         sleeps: list[float] = []
@@ -265,13 +267,13 @@ def test_the_sweep_closes_a_rotated_link_and_its_streams(tower: server.Tower, st
                 raise SweepStopped
 
         with pytest.raises(SweepStopped):
-            await sweep_forever(tower, 0.5, clock=lambda: 1000.0, sleep=fake_sleep)
+            await sweep_forever(tower.hub, tower.route_refusal, interval=0.5, sleep=fake_sleep)
         assert closed(thief) == (ErrorCode.DENIED, "site token rotated")
         assert closed(other) is None  # another site's link is not touched
         assert _resets(session, supctl) == [(1, ErrorCode.DENIED, f"site {SITE}: site token rotated")]
         assert session.conn.closed is None  # the session lives on: a new link may serve it
         store.remove_site("site2")
-        sweep_sites(tower)
+        tower.hub.sweep_sites()
         assert closed(other) == (ErrorCode.DENIED, "site removed")
         return sleeps
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stack import Stack, do_args, one_line_error, program
@@ -646,8 +647,24 @@ def test_long_running_connect_renews_its_login_token(tmp_path: Path) -> None:
             ],
             env=env,
         )
-        proc.log.wait_for(r"Forwarding from \S+:(\d+) ->", proc=proc.popen)
-        time.sleep(8)  # longer than the 6 s lifetime: only a renewal keeps the token valid
+        port = int(proc.log.wait_for(r"Forwarding from \S+:(\d+) ->", proc=proc.popen)[1])
+        audit = stack.dir / "audit.jsonl"
+
+        def renewed_once() -> bool:
+            # Whole lines only: the tower may be appending one right now.
+            lines = audit.read_text().splitlines(keepends=True)
+            records = [json.loads(x) for x in lines if x.endswith("\n")]
+            return any(r["event"] == "renew" and r["accessor"] == stored["accessor"] for r in records)
+
+        # Conditions with deadlines, not a sleep: the renewal lands (at 2/3 of the 6 s
+        # lifetime), then the first expiry passes (wall-clock time: the tower's judgement
+        # of expiry itself is tested on a fake clock in test_hub.py).
+        wait_until(renewed_once, 10, "supctl to renew its login token")
+        first_expiry = datetime.datetime.fromisoformat(stored["expires"])
+        wait_until(lambda: datetime.datetime.now(datetime.UTC) > first_expiry, 10, "the first expiry")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"still")  # the session outlived the first expiry: the sweep let it be
+            assert sock.recv(5) == b"still"
         result = stack.supctl("show", "-o", "json", "sites", env=env)
         assert result.returncode == 0, result.stderr
         renewed = json.loads((Path(env["XDG_CONFIG_HOME"]) / "supctl" / "token").read_text())

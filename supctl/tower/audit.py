@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from supctl.errors import UsageError
 
 if TYPE_CHECKING:
-    from .links import Route
+    from .route import Route
 
 log = logging.getLogger("supctl.tower")
 

@@ -1,32 +1,19 @@
-"""The tower's limits (``[limits]`` in ``tower.toml``) and the sweep that enforces its timers.
+"""The tower's limits (``[limits]`` in ``tower.toml``).
 
 Counting limits (streams per session and per user, sessions per user) are checked
-where a stream or a session starts.  Timers (a stream the site does not accept in
-time, an idle stream, a session past its maximum duration) are checked by one
-periodic sweep per tower over its sessions and their relays, not by a timer per
-stream: the data path only stamps ``Relay.last_activity`` with a monotonic read.
-The same sweep re-checks every site link's token (:func:`sweep_sites`).
+by the hub where a stream or a session starts; timers (a stream the site does not
+accept in time, an idle stream, a session past its maximum duration) by the hub's
+periodic sweep (:mod:`.hub`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
-from ..protocol import MAX_SITE_STREAMS, ErrorCode
+from ..protocol import MAX_SITE_STREAMS
 from ..schema import COUNT, SECONDS, SECONDS_OR_OFF, Invalid, Rule, Source, load
 
-if TYPE_CHECKING:
-    from .server import Tower
-
-log = logging.getLogger("supctl.tower")
-
-#: Seconds between two sweeps: a timer fires at most this late.
-SWEEP_INTERVAL = 0.5
 #: Default WebSocket keepalive (ping interval and ping timeout), in seconds.
 DEFAULT_KEEPALIVE = 10.0
 
@@ -76,7 +63,7 @@ class Limits:
     # MAX_SITE_STREAMS, the enforcer's own bound).  Measured with idle connections: about
     # 3 KiB per stream at the tower, 10 at the enforcer, 8 at supctl, so 4096 streams cost
     # a site's enforcer about 40 MiB (docs/tower.md, "Limits").  A session beyond its
-    # fair share of them is refused (tower/links.py, ClientLink._stream_limit).
+    # fair share of them is refused (tower/hub.py, Hub.stream_refusal).
     streams_per_site: Annotated[int, STREAMS_PER_SITE] = 4096
     # A session whose OPENs keep being refused is closed: more than refused-streams
     # refusals within refused-window seconds (tower/refusals.py); 0 s = off.  200 in 10 s:
@@ -100,63 +87,3 @@ class Limits:
 def seconds(value: float) -> str:
     """``30`` for 30.0, ``0.5`` for 0.5: how a limit reads in a message."""
     return f"{value:g}"
-
-
-def sweep(tower: Tower, now: float) -> None:
-    """One pass over every session and relay of ``tower``, enforcing the timers."""
-    limits = tower.limits
-    open_timeout = limits.stream_open_timeout
-    idle = limits.stream_idle_timeout
-    duration = limits.session_duration
-    for session in list(tower.sessions):
-        if session.conn.closed is not None:
-            continue
-        # Authority is checked at the upgrade, at every OPEN and again here: revoking a
-        # token (or its expiry, unless a long-running supctl renewed it), removing its user
-        # or narrowing a policy ends the sessions it no longer allows.
-        if refusal := tower.route_refusal(session.route):
-            log.warning("closing session %s: %s", session.route.summary, refusal)
-            session.close(ErrorCode.DENIED, refusal)
-            continue
-        if duration and now - session.started >= duration:
-            reason = f"session exceeded {seconds(duration)} s"
-            log.warning("closing session %s: %s", session.route.summary, reason)
-            session.close(ErrorCode.LIMIT, reason)
-            continue
-        for relay in list(session.relays.values()):
-            if not relay.accepted:
-                if now - relay.started >= open_timeout:
-                    relay.abort(
-                        ErrorCode.TIMEOUT,
-                        f"the site did not answer within {seconds(open_timeout)} s",
-                        "timeout",
-                    )
-            elif idle and now - relay.last_activity >= idle:
-                relay.abort(ErrorCode.TIMEOUT, f"idle for {seconds(idle)} s", "timeout")
-
-
-def sweep_sites(tower: Tower) -> None:
-    """Close every site link whose token is no longer the site's (rotated, or the site
-    removed): a thief holding an old site token loses the link within a sweep."""
-    for link in list(tower.sites.values()):
-        link.evict_if_invalid()
-
-
-async def sweep_forever(
-    tower: Tower,
-    interval: float = SWEEP_INTERVAL,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-) -> None:
-    """Sweep ``tower`` every ``interval`` seconds, for ever (``clock`` and ``sleep``: for tests)."""
-    while True:
-        await sleep(interval)
-        try:
-            sweep(tower, clock())
-            tower.peer_log.flush()  # "N similar messages suppressed" once a flood has ended
-        except Exception:  # a bug here must not stop the timers for good
-            log.exception("internal error in the limits sweep")
-        try:
-            sweep_sites(tower)
-        except Exception:  # nor the site checks, nor one stop the other
-            log.exception("internal error in the sweep of site links")

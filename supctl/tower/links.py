@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import UsageError
 from ..link import Link, WebSocketLike
@@ -15,94 +13,43 @@ from ..protocol import (
     ErrorCode,
     Event,
     HelloReceived,
-    OpenRequest,
     StatusReceived,
     StreamOpened,
 )
 from . import audit
-from .policy import Request as PolicyRequest
+from .limits import Limits
 from .refusals import Refusals
-from .relay import Relay
+from .relay import Relay, Services
+from .route import Route, SiteClaim
 from .siteinfo import SiteInfo
 
-if TYPE_CHECKING:
-    from .server import Tower
+__all__ = ["ClientLink", "LinkServices", "Route", "SiteClaim", "SiteLink"]
 
 log = logging.getLogger("supctl.tower")
 
 
-@dataclass(frozen=True)
-class Route:
-    """What the tower authorised for a supctl session, from its URL."""
-
-    verb: str
-    site: str
-    application: str
-    service_instance: str
-    protocol: str = ""
-    port: int = 0
-    ip_address: str = ""
-    container: str = ""
-    who: str = ""
-    # connect: the address as the client spelled it, when that differs from the canonical
-    # ip_address (judged and dialled); for the audit record only.
-    requested_address: str = ""
-    # Set by the tower once the session is accepted, for its audit records.
-    peer: str = ""  # the client's address
-    session: str = ""  # a random id shared by the session's records
-
-    def request(self, args: dict[str, Any]) -> OpenRequest:
-        # Identity fields come from the authorised URL, never from the client's frame.
-        return OpenRequest(
-            verb=self.verb,
-            application=self.application,
-            service_instance=self.service_instance,
-            container=self.container,
-            protocol=self.protocol,
-            port=self.port,
-            ip_address=self.ip_address,
-            args=args,
-        )
-
-    def policy_request(self) -> PolicyRequest:
-        """What the policies judge: built from the route itself, so the request judged at
-        the upgrade, at every OPEN and by the sweep is the one :meth:`request` dispatches."""
-        if self.verb == "connect":
-            return PolicyRequest(
-                "connect",
-                self.site,
-                self.application,
-                self.service_instance,
-                "",
-                self.protocol,
-                self.port,
-                self.ip_address or None,
-            )
-        return PolicyRequest(self.verb, self.site, self.application, self.service_instance, self.container)
+class LinkServices(Services, Protocol):
+    """What a link asks of the tower (:class:`.server.Tower`): besides its relays' needs,
+    the limits and the two judgements that are re-made while a link lives."""
 
     @property
-    def summary(self) -> str:
-        target = f"{self.ip_address or '127.0.0.1'}:{self.port}" if self.protocol else self.container
-        return (
-            f"who={self.who} site={self.site} application={self.application} "
-            f"instance={self.service_instance} verb={self.verb} protocol={self.protocol} target={target}"
-        )
+    def limits(self) -> Limits: ...
+    def route_refusal(self, route: Route) -> str | None:
+        """Why an accepted session's route may no longer be used (token, policies), or None."""
 
-    @property
-    def user(self) -> str:
-        """Whom per-user limits count against: the user part of ``who``."""
-        return audit.split_who(self.who)[0] or self.who
+    def site_refusal(self, site: str, token_hash: str) -> str | None:
+        """Why a site link's token is no longer the site's (rotated, removed), or None."""
 
 
 class ClientLink(Link):
     """A supctl session: every stream it opens is relayed to its route's site."""
 
-    def __init__(self, ws: WebSocketLike, tower: Tower, route: Route) -> None:
+    def __init__(self, ws: WebSocketLike, tower: LinkServices, route: Route) -> None:
         super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name=f"session {route.who}")
         self.tower = tower
         self.route = route
         self.user = route.user
-        self.started = time.monotonic()  # for the session-duration limit
+        self.started = tower.hub.clock()  # for the session-duration limit, in the sweep's time
         self.relays: dict[int, Relay] = {}
         limits = tower.limits
         self.refusals = Refusals(limits.refused_streams, limits.refused_window, tower.clock)
@@ -130,53 +77,18 @@ class ClientLink(Link):
             self._refuse(event, ErrorCode.DENIED, refusal, "denied")
             self.close(ErrorCode.DENIED, refusal)
             return
-        site = self.tower.site_link(self.route.site)
+        site = self.tower.hub.site_link(self.route.site)
         args = event.request.args
-        if site is None or site.conn.closed is not None:  # closed: lost, on_lost not run yet
+        # Not a SiteLink: None (no valid link).  Closed: lost, its on_lost not run yet.
+        if not isinstance(site, SiteLink) or site.conn.closed is not None:
             self._refuse(event, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected", "site-lost")
             return
-        if (text := self._stream_limit(site)) is not None:
+        if (text := self.tower.hub.stream_refusal(self, site)) is not None:
             self._refuse(event, ErrorCode.LIMIT, text, "limit")
             return
         site_id = site.conn.open_stream(self.route.request(args))
         Relay(self, event.stream_id, site, site_id, self.route.summary, audit.exec_command(self.route, args))
         site.flush()
-
-    def _stream_limit(self, site: SiteLink) -> str | None:
-        """Why this session may not open one more stream now (naming the limit), or None.
-
-        A session's streams all go to its route's site.  Besides the fixed per-session
-        and per-user counts, the site's ``streams-per-site`` is shared: a session may
-        hold at most ``streams_per_site // (n + 1)`` of them, n being the sessions that
-        hold streams on the site, this one included.  The ``+ 1`` keeps a share free for
-        a session that comes next, so no session - nor a few - can take a site's whole
-        budget, while one alone may still use half of it.  Checked only when a stream
-        opens (nothing already open is cut): a session that took more while the site was
-        quiet opens no more until it is back under its share.
-        """
-        limits, tower = self.tower.limits, self.tower
-        held = len(self.relays)
-        if held >= limits.streams_per_session:
-            return f"more than {limits.streams_per_session} concurrent streams in this session (streams-per-session)"
-        if tower.user_streams[self.user] >= limits.streams_per_user:
-            return f"more than {limits.streams_per_user} concurrent streams for user {self.user} (streams-per-user)"
-        budget = limits.streams_per_site
-        if len(site.relays) >= budget:
-            return f"site {site.site} has {budget} concurrent streams, its limit (streams-per-site)"
-        # Counting the sessions on the site is O(sessions): only when the share can bind.
-        if held >= budget // (len(tower.sessions) + 2):
-            using = 1 + sum(
-                1
-                for other in tower.sessions
-                if other is not self and other.relays and other.route.site == site.site
-            )
-            share = budget // (using + 1)
-            if held >= share:
-                return (
-                    f"more than {share} concurrent streams in this session, its fair share of the"
-                    f" {budget} of site {site.site} with {using} sessions using it (streams-per-site)"
-                )
-        return None
 
     def _refuse(self, event: StreamOpened, code: ErrorCode, text: str, close: str) -> None:
         """Reset a stream the tower does not relay, and count it."""
@@ -229,22 +141,10 @@ class ClientLink(Link):
         self._write_refusals()
 
 
-@dataclass(frozen=True)
-class SiteClaim:
-    """An enforcer that authenticated as ``site``, and the hash of the token it showed.
-
-    The link keeps the hash so that the tower can tell, while the link lives, whether
-    that token is still the site's: a rotated or removed site token ends the link.
-    """
-
-    site: str
-    token_hash: str
-
-
 class SiteLink(Link):
     """An enforcer's link: the tower opens streams on it, the enforcer may not."""
 
-    def __init__(self, ws: WebSocketLike, tower: Tower, claim: SiteClaim, peer: str = "?") -> None:
+    def __init__(self, ws: WebSocketLike, tower: LinkServices, claim: SiteClaim, peer: str = "?") -> None:
         super().__init__(
             ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {claim.site}"
         )
@@ -258,7 +158,7 @@ class SiteLink(Link):
     def refusal(self) -> str | None:
         """Why this link may no longer serve its site (its token was rotated, the site
         removed), or None while its token is the site's."""
-        return self.tower.store.site_refusal(self.site, self.token_hash)
+        return self.tower.site_refusal(self.site, self.token_hash)
 
     def evict_if_invalid(self) -> bool:
         """Close this link if its token is no longer the site's; True if it is closed.
@@ -307,9 +207,9 @@ class SiteLink(Link):
             self.close(ErrorCode.PROTOCOL, f"bad {'HELLO' if first else 'STATUS'}: {exc}")
             return
         if first:
-            self.tower.site_connected(self)
+            self.tower.hub.site_connected(self)
 
     def on_lost(self, reason: str) -> None:
-        self.tower.site_lost(self, reason)
+        self.tower.hub.site_lost(self, reason)
         for relay in list(self.relays.values()):
             relay.abort(ErrorCode.LINK_LOST, f"lost the link to site {self.site}: {reason}", "site-lost")

@@ -13,11 +13,12 @@ status seen passing by): nothing is recorded per chunk.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..protocol import (
+    Connection,
     ControlReceived,
     DataReceived,
     EndOfStream,
@@ -27,12 +28,60 @@ from ..protocol import (
     StreamReset,
     WindowUpdated,
 )
+from ..ratelog import RateLimitedLog
 from . import audit
-
-if TYPE_CHECKING:
-    from .links import ClientLink, SiteLink
+from .hub import Hub
+from .route import Route
 
 log = logging.getLogger("supctl.tower")
+
+
+# What a relay uses of the links it joins and of the tower: protocols, so that this
+# module sits under .links (which builds relays) instead of importing it back.
+
+
+class AuditSink(Protocol):
+    """Where audit records go (:class:`.audit.AuditLog`): False = not written."""
+
+    def append(self, rec: dict[str, Any]) -> bool: ...
+
+
+class Services(Protocol):
+    """The parts of the tower a link and its relays use."""
+
+    @property
+    def hub(self) -> Hub: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+    @property
+    def peer_log(self) -> RateLimitedLog: ...
+    @property
+    def audit(self) -> AuditSink | None: ...
+
+
+class End(Protocol):
+    """Either link of a relay."""
+
+    @property
+    def conn(self) -> Connection: ...
+    @property
+    def relays(self) -> dict[int, Relay]: ...
+    def flush(self) -> None: ...
+
+
+class SiteEnd(End, Protocol):
+    @property
+    def site(self) -> str: ...
+
+
+class ClientEnd(End, Protocol):
+    @property
+    def route(self) -> Route: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def tower(self) -> Services: ...
+    def stream_refused(self, close: str, result: str) -> bool: ...
 
 
 class Direction:
@@ -51,9 +100,7 @@ class Direction:
         "total",
     )
 
-    def __init__(
-        self, src: ClientLink | SiteLink, src_id: int, dst: ClientLink | SiteLink, dst_id: int
-    ) -> None:
+    def __init__(self, src: End, src_id: int, dst: End, dst_id: int) -> None:
         self.src, self.src_id, self.dst, self.dst_id = src, src_id, dst, dst_id
         self.queue: deque[bytes | memoryview] = deque()
         self.queued = 0
@@ -108,6 +155,7 @@ class Relay:
         "accepted",
         "client",
         "client_id",
+        "clock",
         "command",
         "down",
         "exit",
@@ -122,9 +170,9 @@ class Relay:
 
     def __init__(
         self,
-        client: ClientLink,
+        client: ClientEnd,
         client_id: int,
-        site: SiteLink,
+        site: SiteEnd,
         site_id: int,
         summary: str,
         command: str | None = None,
@@ -132,7 +180,8 @@ class Relay:
         self.client, self.client_id, self.site, self.site_id = client, client_id, site, site_id
         self.up = Direction(client, client_id, site, site_id)
         self.down = Direction(site, site_id, client, client_id)
-        self.started = self.last_activity = time.monotonic()
+        self.clock = client.tower.hub.clock  # the sweep compares its stamps with this clock
+        self.started = self.last_activity = self.clock()
         # Read by the tower's limits sweep: not accepted in time, or idle for too long.
         self.accepted = False
         self.user = client.user
@@ -141,13 +190,13 @@ class Relay:
         self.exit: tuple[object, object] | None = None  # exec: (code, signal) seen passing by
         client.relays[client_id] = self
         site.relays[site_id] = self
-        client.tower.user_streams[self.user] += 1
+        client.tower.hub.open_stream(self.user)
 
     # --- events from the supctl side ----------------------------------------
 
     def from_client(self, event: Event) -> None:
         if isinstance(event, DataReceived):
-            self.last_activity = time.monotonic()
+            self.last_activity = self.clock()
             self.up.feed(event.data)
         elif isinstance(event, WindowUpdated):
             self.down.pump()
@@ -171,14 +220,14 @@ class Relay:
     def from_site(self, event: Event) -> None:
         if isinstance(event, StreamAccepted):
             self.accepted = True
-            self.last_activity = time.monotonic()
+            self.last_activity = self.clock()
             # The client's connection may be closing (its relays are aborted when
             # it is lost): accepting then would raise and take the site link down.
             if self.client.conn.is_open(self.client_id):
                 self.client.conn.accept_stream(self.client_id)
                 self.client.flush()
         elif isinstance(event, DataReceived):
-            self.last_activity = time.monotonic()
+            self.last_activity = self.clock()
             self.down.feed(event.data)
         elif isinstance(event, WindowUpdated):
             self.up.pump()
@@ -219,11 +268,8 @@ class Relay:
         if self.client.relays.pop(self.client_id, None) is None:
             return
         self.site.relays.pop(self.site_id, None)
-        counts = self.client.tower.user_streams
-        counts[self.user] -= 1
-        if counts[self.user] <= 0:
-            del counts[self.user]
-        seconds = time.monotonic() - self.started
+        self.client.tower.hub.close_stream(self.user)
+        seconds = self.clock() - self.started
         shown = {
             "client-reset": "reset by client: ",
             "site-reset": "reset by site: ",

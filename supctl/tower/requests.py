@@ -1,6 +1,8 @@
 """Reading the tower's HTTP requests: endpoints, names and sites from the URL, the
-client's address, and what a request asked for (for its audit record, read leniently:
-it may be invalid).  No state: the :class:`~.server.Tower` judges, this only reads."""
+client's address, what a session asks for (:func:`connect_access`, :func:`exec_access`:
+strict, canonical, 400 on anything else) and what a request asked for (for its audit
+record, read leniently: it may be invalid).  No state: :mod:`.authorise` judges, this
+only reads."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request
 
 from ..errors import UsageError
-from ..protocol.names import valid_name
+from ..protocol.names import parse_port, valid_name
+from ..protocol.targets import canonical_address
 from . import audit
 from .httpapi import Rejection, single
-from .siteinfo import InstanceInfo, SiteInfo
+from .route import Access
 from .store import valid_site_name
 from .users import TokenRefused, UnknownUser
 
@@ -77,22 +80,33 @@ def site_name(query: dict[str, list[str]]) -> str:
     return site
 
 
-def find_instance(site: str, info: SiteInfo, app: str, instance: str) -> InstanceInfo:
-    if app not in info.applications:
-        raise Rejection(404, f"application {app!r} not found at site {site!r}")
-    found = info.instance(app, instance)
-    if found is None:
-        raise Rejection(
-            404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
-        )
-    return found
+def connect_access(app: str, instance: str, query: dict[str, list[str]]) -> Access:
+    """A connect session's request: its site, protocol, port and target, checked (400)."""
+    site = site_name(query)
+    protocol = single(query, "protocol")
+    if not valid_name(protocol):
+        raise Rejection(400, f"invalid protocol {audit.cut(protocol, 40)!r}")
+    port_text = single(query, "port")
+    port = parse_port(port_text)
+    if port is None:
+        raise Rejection(400, f"port must be 1-65535 in ASCII digits, got {audit.cut(port_text, 40)!r}")
+    ip_text = single(query, "ip-address", required=False)
+    ip = ""
+    if ip_text:
+        # Canonical before it is judged: the address the policy sees is the one dialled.
+        try:
+            ip = canonical_address(ip_text)
+        except ValueError as exc:
+            raise Rejection(400, f"ip-address {audit.cut(ip_text, 70)!r}: {exc}") from None
+    return Access(
+        "connect", site, app, instance, protocol=protocol, port=port, ip_address=ip,
+        requested_address=ip_text if ip_text != ip else "",
+    )  # fmt: skip
 
 
-def require_handler(site: str, info: SiteInfo, name: str, what: str) -> None:
-    if name not in info.handlers:
-        raise Rejection(
-            400, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers}
-        )
+def exec_access(app: str, instance: str, container: str, query: dict[str, list[str]]) -> Access:
+    """An exec session's request (its site checked: 400)."""
+    return Access("exec", site_name(query), app, instance, container=container)
 
 
 def upgrading(request: Request) -> bool:

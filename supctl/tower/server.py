@@ -1,10 +1,14 @@
-"""The tower's WebSocket server: authorise before upgrading, then relay.
+"""The tower's WebSocket server: glue between websockets and the tower's parts.
 
-Every refusal happens in ``process_request``, before the WebSocket upgrade, as an
-HTTP status with the platform's JSON error body, so a client sees a one-line
-reason and no half-open session.  Every decision there (a session accepted or
-refused, a ``show`` answered) is one audit record; a session whose record cannot
-be written is refused (503), so nothing is let through unrecorded.
+Before the upgrade (websockets' ``process_request``) a request is read
+(:mod:`.requests`), its token authenticated into a :class:`~.authorise.Principal`
+and judged by :func:`~.authorise.authorise` against the policy set in force and a
+view of the sites; after it, the links run with the live state in the
+:class:`~.hub.Hub`.  Every refusal happens before the upgrade, as an HTTP status
+with the platform's JSON error body, so a client sees a one-line reason and no
+half-open session.  Every decision there (a session accepted or refused, a ``show``
+answered) is one audit record; a session whose record cannot be written is refused
+(503), so nothing is let through unrecorded.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import math
 import secrets
 import time
 import weakref
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -25,38 +28,34 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from ..errors import UsageError
 from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
-from ..protocol.names import parse_port, valid_name
-from ..protocol.targets import canonical_address
 from ..ratelimit import Buckets
 from ..ratelog import RateLimitedLog
-from . import audit
+from . import audit, show
 from .audit import AuditLog
+from .authorise import Principal, Refusal, Sites, authorise
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
+from .hub import Hub, sweep_forever
 from .limits import Limits
-from .links import ClientLink, Route, SiteClaim, SiteLink
+from .links import ClientLink, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
-from .policy import ALLOW_ALL, PolicyFile
-from .policy import Request as PolicyRequest
-from .policy import allowed as policy_allows
+from .policy import PolicyFile
 from .requests import (
     ACCOUNT_PATHS,
     CONNECT_PATH,
     ENFORCER_PATH,
     EXEC_PATH,
-    INSTANCES_PATH,
-    find_instance,
+    connect_access,
+    exec_access,
     peer,
     peer_host,
     requested,
-    require_handler,
-    site_name,
     upgrading,
     url_name,
     users_change,
 )
+from .route import Access, Route, SiteClaim
 from .siteinfo import SiteInfo
 from .store import TowerStore, hash_token
 from .users import (
@@ -98,22 +97,18 @@ class Tower:
         self._login_checker: LoginChecker | None = None
         self.policy: PolicyFile | None = None
         self.login_expiry = DEFAULT_LOGIN_EXPIRY
-        # The policies and identity of the request being authorised (set with _requester).
-        self._policies: tuple[str, ...] = ()
+        # The identity of the account request being judged (set with _requester).
         self._identity: Identity | None = None
         self.limits = limits or Limits()
         renewals = self.limits.renewals_per_minute
         self._renewals = Buckets(renewals, renewals / 60.0, clock)  # per user
         # users.json is written on this one thread: never on the event loop, one write at a time.
         self._users_writer: ThreadPoolExecutor | None = None
-        # Live supctl sessions, and per user their number and their concurrent streams.
-        self.sessions: set[ClientLink] = set()
-        self.user_sessions: Counter[str] = Counter()
-        self.user_streams: Counter[str] = Counter()
+        # Site links, supctl sessions and what they hold (:mod:`.hub`).
+        self.hub = Hub(self.limits, clock)
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
         # checked out: process_request is synchronous, so it never mixes two requests.
         self._requester = ""
-        self.sites: dict[str, SiteLink] = {}
         # Weak: a handshake that fails after process_request (no Upgrade header, client gone)
         # never reaches handler(), which pops the entry; it must not stay forever.
         self._routes: weakref.WeakKeyDictionary[ServerConnection, Route | SiteClaim] = (
@@ -225,9 +220,7 @@ class Tower:
             return outcome
         if isinstance(outcome, Route):
             outcome = replace(outcome, peer=peer(connection), session=secrets.token_hex(4))
-            most = self.limits.sessions_per_user
-            if self.user_sessions[outcome.user] >= most:
-                message = f"more than {most} sessions for user {outcome.user}"
+            if (message := self.hub.session_refusal(outcome.user)) is not None:
                 self._log_refused(connection, request, 429, message)
                 self._audit_refused(connection, request, 429, message)
                 return error_response(429, message)
@@ -278,7 +271,9 @@ class Tower:
                     raise account.rejection
                 assert account.body is not None
                 return json_response(account.body)
-            return json_response(self._show(url.path, query, self._admin(request)))
+            principal = self._authenticate(request)
+            body = show.answer(url.path, query, principal, self.store.sites(), self.policy, self._sites())
+            return json_response(body)
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
         if SUBPROTOCOL not in offered:
             raise Rejection(400, f"the client must offer the WebSocket subprotocol {SUBPROTOCOL}")
@@ -291,43 +286,67 @@ class Tower:
             # is alive and its token still valid (then both hold the same, current token);
             # keepalive drops a dead link, and then the site may connect again.  A link whose
             # token was rotated or removed is closed here, and the new token takes over.
-            if (existing := self.site_link(site)) is not None:
+            if (existing := self.hub.site_link(site)) is not None:
                 raise Rejection(409, f"site {site} is already connected from {existing.peer}")
             return SiteClaim(site, hash_token(token))
         if match := CONNECT_PATH.match(url.path):
-            who = self._admin(request)
+            principal = self._authenticate(request)
             app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
-            return self._connect_route(app, instance, query, who)
+            return self._grant(principal, connect_access(app, instance, query))
         if match := EXEC_PATH.match(url.path):
-            who = self._admin(request)
+            principal = self._authenticate(request)
             app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
-            return self._exec_route(app, instance, url_name(match[3], "container"), query, who)
+            return self._grant(principal, exec_access(app, instance, url_name(match[3], "container"), query))
         raise Rejection(404, f"no such endpoint: {url.path}")
 
     def _admin(self, request: Request) -> str:
-        """Who sends ``request`` ("USER:ACCESSOR"): the admin token (user "admin", allow-all
-        policy) or a user's login or API token (that user's policies)."""
+        """Who sends ``request`` ("USER:ACCESSOR"): :meth:`_authenticate`, for the account path."""
+        return self._authenticate(request).who
+
+    def _authenticate(self, request: Request) -> Principal:
+        """Who sends ``request``: the admin token (user "admin", allow-all policy) or a
+        user's login or API token (that user's policies); 401 for any other.  Sets
+        ``_requester`` for the request's audit record (and ``_identity``, for an account
+        request), also for a token refused as revoked or expired."""
         token = bearer_token(request)
         self._identity = None
-        self._policies = ()
         accessor = self.store.check_admin(token)
         if accessor is not None:
-            self._policies = (ALLOW_ALL,)
-            self._requester = f"admin:{accessor}"
-            return self._requester
-        identity = None
-        if self.users is not None:
-            try:
-                identity = self.users.check_token(token)
-            except TokenRefused as exc:
-                self._requester = f"{exc.user}:{exc.accessor}"
-                raise Rejection(401, str(exc)) from None
-        if identity is None:
-            raise Rejection(401, "invalid API token")
-        self._identity = identity
-        self._policies = identity.policies
-        self._requester = f"{identity.user}:{identity.accessor}"
-        return self._requester
+            principal = Principal.admin(accessor)
+        else:
+            identity = None
+            if self.users is not None:
+                try:
+                    identity = self.users.check_token(token)
+                except TokenRefused as exc:
+                    self._requester = f"{exc.user}:{exc.accessor}"
+                    raise Rejection(401, str(exc)) from None
+            if identity is None:
+                raise Rejection(401, "invalid API token")
+            self._identity = identity
+            principal = Principal(identity.user, identity.accessor, identity.policies)
+        self._requester = principal.who
+        return principal
+
+    def _sites(self) -> Sites:
+        """The sites as :func:`.authorise.authorise` sees them, for one request: each site's
+        link is looked up (and evicted if its token is stale) once, so the request is
+        judged against one view."""
+        seen: dict[str, SiteInfo | None] = {}
+        live = self.hub.site_info
+
+        def info(site: str) -> SiteInfo | None:
+            if site not in seen:
+                seen[site] = live(site)
+            return seen[site]
+
+        return Sites(self.store.site_exists, info)
+
+    def _grant(self, principal: Principal, access: Access) -> Route:
+        verdict = authorise(principal, access, self.policy, self._sites())
+        if isinstance(verdict, Refusal):
+            raise show.rejection(verdict)
+        return verdict
 
     def token_refusal(self, who: str) -> str | None:
         """Why the token behind ``who`` ("USER:ACCESSOR" of an accepted session) may no
@@ -342,47 +361,31 @@ class Tower:
     def route_refusal(self, route: Route) -> str | None:
         """Why an accepted session's ``route`` may no longer be used, or None while it may.
 
-        Judged at every OPEN and by the limits sweep: the token (revoked, expired, its user
-        removed) and the policies in force *now*, the same judgement as at the upgrade
-        (:meth:`judge` of :meth:`Route.policy_request`).
+        Judged at every OPEN and by the sweep: the token (revoked, expired, its user
+        removed) and the policies in force *now*, read anew into the principal, then
+        the same judgement as at the upgrade (:func:`.authorise.authorise`, ``again``).
         """
-        if refusal := self.token_refusal(route.who):
-            return refusal
-        user = route.user
-        if user == "admin":
-            return None  # the admin token's policy is allow-all, and it was just found valid
-        policies = self.users.policies(user) if self.users is not None else None
-        if policies is None:
-            return "token revoked (its user was removed)"
-        request = route.policy_request()
-        try:
-            if self.judge(policies, request):
-                return None
-        except UsageError:
-            return "the control tower's policy file is invalid"
-        return f"policy no longer allows {request.describe(user)}"
+        user, accessor = route.user, route.who.partition(":")[2]
+        refusal = self.token_refusal(route.who)
+        if refusal is not None:
+            principal = Principal(user, accessor, (), refusal)
+        elif user == "admin":
+            principal = Principal.admin(accessor)
+        else:
+            policies = self.users.policies(user) if self.users is not None else None
+            principal = Principal(user, accessor, policies)
+        # again=True never looks at the sites (the link's business): no per-request view.
+        sites = Sites(self.store.site_exists, self.hub.site_info)
+        verdict = authorise(principal, route.access, self.policy, sites, again=True)
+        return verdict.message if isinstance(verdict, Refusal) else None
 
-    def judge(self, policies: tuple[str, ...], request: PolicyRequest) -> bool:
-        """Whether ``policies`` allow ``request`` under the policy set in force: the one
-        decision behind every upgrade, OPEN, sweep and ``show``.  UsageError if the policy
-        file is invalid (the caller refuses: no valid policy, nothing allowed)."""
-        if ALLOW_ALL in policies:
-            return True
-        rules = self.policy.rules(policies) if self.policy is not None else []
-        return policy_allows(rules, request)
+    def site_refusal(self, site: str, token_hash: str) -> str | None:
+        """Why a site link's token is no longer the site's (rotated, removed), or None."""
+        return self.store.site_refusal(site, token_hash)
 
-    def _allowed(self, request: PolicyRequest) -> bool:
-        try:
-            return self.judge(self._policies, request)
-        except UsageError as exc:
-            log.error("%s", exc)
-            raise Rejection(500, "the control tower's policy file is invalid (see its log)") from None
-
-    def _check(self, request: PolicyRequest) -> None:
-        """Refuse (403, one line naming what) unless the requester's policies allow ``request``."""
-        if not self._allowed(request):
-            user = audit.split_who(self._requester)[0] or "?"
-            raise Rejection(403, f"policy refuses {request.describe(user)}")
+    async def sweep_forever(self) -> None:
+        """The periodic sweep of the hub (timers, authority, site tokens), for ever."""
+        await sweep_forever(self.hub, self.route_refusal, after=self.peer_log.flush)
 
     def _account(
         self, path: str, request: Request, login: LoginCheck | None = None
@@ -438,102 +441,6 @@ class Tower:
 
         return renew
 
-    def _visible(self, site: str) -> bool:
-        """Whether the requester may learn that ``site`` exists (and whether it is connected):
-        a ``show`` rule for the site or for an application at it."""
-        if self._allowed(PolicyRequest("show", site)):
-            return True
-        link = self.site_link(site)
-        info = link.info if link is not None else None
-        apps = info.applications if info is not None else {}
-        return any(self._allowed(PolicyRequest("show", site, app)) for app in apps)
-
-    def _site(self, query: dict[str, list[str]], *, show: bool = False) -> tuple[str, SiteInfo]:
-        """The site a request names, connected.  ``show``: the requester may only learn of a
-        site it may see; any other site is answered as if it did not exist (404)."""
-        site = site_name(query)
-        if not self.store.site_exists(site) or (show and not self._visible(site)):
-            raise Rejection(404, f"unknown site {site!r}")
-        link = self.site_link(site)
-        if link is None or link.info is None:
-            raise Rejection(503, f"site {site!r} is not connected to the control tower")
-        return site, link.info
-
-    def _connect_route(self, app: str, instance: str, query: dict[str, list[str]], who: str) -> Route:
-        site = site_name(query)
-        protocol = single(query, "protocol")
-        if not valid_name(protocol):
-            raise Rejection(400, f"invalid protocol {audit.cut(protocol, 40)!r}")
-        port_text = single(query, "port")
-        port = parse_port(port_text)
-        if port is None:
-            raise Rejection(400, f"port must be 1-65535 in ASCII digits, got {audit.cut(port_text, 40)!r}")
-        ip_text = single(query, "ip-address", required=False)
-        ip = ""
-        if ip_text:
-            # Canonical before it is judged: the address the policy sees is the one dialled.
-            try:
-                ip = canonical_address(ip_text)
-            except ValueError as exc:
-                raise Rejection(400, f"ip-address {audit.cut(ip_text, 70)!r}: {exc}") from None
-        route = Route(
-            "connect", site, app, instance, protocol, port, ip, who=who,
-            requested_address=ip_text if ip_text != ip else "",
-        )  # fmt: skip
-        self._check(route.policy_request())
-        site, info = self._site(query)
-        find_instance(site, info, app, instance)
-        require_handler(site, info, protocol, "protocol")
-        return route
-
-    def _exec_route(
-        self, app: str, instance: str, container: str, query: dict[str, list[str]], who: str
-    ) -> Route:
-        route = Route("exec", site_name(query), app, instance, container=container, who=who)
-        self._check(route.policy_request())
-        site, info = self._site(query)
-        found = find_instance(site, info, app, instance)
-        if container not in found.containers:
-            raise Rejection(
-                404, f"container {container!r} not found in service instance {instance!r} at site {site!r}"
-            )
-        require_handler(site, info, "exec", "verb")
-        return route
-
-    def _show(self, path: str, query: dict[str, list[str]], who: str) -> dict[str, Any]:
-        """``GET /v1/state/...``: what the tower knows of sites, for ``supctl show``."""
-        if path == "/v1/state/sites":
-            names = [name for name in self.store.sites() if self._visible(name)]
-            return {"sites": [self._site_summary(name) for name in names]}
-        if path == "/v1/state/applications":
-            site, info = self._site(query, show=True)
-            return {
-                "applications": [
-                    {"name": app, "service-instances": sorted(instances)}
-                    for app, instances in sorted(info.applications.items())
-                    if self._allowed(PolicyRequest("show", site, app))
-                ]
-            }
-        if match := INSTANCES_PATH.match(path):
-            app = url_name(match[1], "application")
-            site, info = self._site(query, show=True)
-            # Not allowed to see it, or not there: the same answer, so a refusal tells nothing.
-            if app not in info.applications or not self._allowed(PolicyRequest("show", site, app)):
-                raise Rejection(404, f"application {app!r} not found at site {site!r}")
-            instances = info.applications[app]
-            return {"service-instances": [instances[name].show() for name in sorted(instances)]}
-        raise Rejection(404, f"no such endpoint: {path}")
-
-    def _site_summary(self, name: str) -> dict[str, Any]:
-        link = self.site_link(name)
-        info = link.info if link is not None else None
-        return {
-            "name": name,
-            "connected": info is not None,
-            "version": info.version if info else None,
-            "applications": sorted(info.applications) if info else [],
-        }
-
     # --- after the upgrade ----------------------------------------------------
 
     async def handler(self, connection: ServerConnection) -> None:
@@ -545,57 +452,16 @@ class Tower:
             site = SiteLink(connection, self, route, peer(connection))
             await site.run()
             return
-        user, most = route.user, self.limits.sessions_per_user
-        if self.user_sessions[user] >= most:  # several handshakes raced past process_request
-            reason = f"more than {most} sessions for user {user}"
+        reason = self.hub.session_refusal(route.user)
+        if reason is not None:  # several handshakes raced past process_request
             log.warning("closing session %s: %s", route.summary, reason)
             await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
         log.info("session opened %s from %s", route.summary, peer(connection))
         session = ClientLink(connection, self, route)
-        self.sessions.add(session)
-        self.user_sessions[user] += 1
+        self.hub.open_session(session)
         try:
             await session.run()
         finally:
-            self.sessions.discard(session)
-            self.user_sessions[user] -= 1
-            if self.user_sessions[user] <= 0:
-                del self.user_sessions[user]
+            self.hub.close_session(session)
         log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
-
-    def site_link(self, site: str) -> SiteLink | None:
-        """The link serving ``site``: only one that is live and whose token is still the
-        site's.  A link whose token was rotated or removed is closed on the spot, so no
-        stream goes to it even before the sweep (:func:`.limits.sweep_sites`) gets there."""
-        link = self.sites.get(site)
-        if link is None or link.evict_if_invalid():
-            return None
-        return link
-
-    def site_connected(self, link: SiteLink) -> None:
-        # The same rule as process_request's, for two handshakes that raced past it (or a
-        # token rotated between the upgrade and the HELLO): a link holding a valid token
-        # takes over from one that no longer does; the first link wins while both are valid.
-        if link.evict_if_invalid():
-            return
-        old = self.site_link(link.site)
-        if old is not None and old is not link:
-            reason = f"site {link.site} is already connected from {old.peer}"
-            log.warning("refused a second link of site %s from %s: %s", link.site, link.peer, reason)
-            link.close(ErrorCode.DENIED, reason)
-            return
-        self.sites[link.site] = link
-        info = link.info
-        assert info is not None
-        log.info(
-            "site %s connected (%d applications, handlers %s)",
-            link.site,
-            len(info.applications),
-            ",".join(info.handlers),
-        )
-
-    def site_lost(self, link: SiteLink, reason: str) -> None:
-        if self.sites.get(link.site) is link:
-            del self.sites[link.site]
-            log.warning("site %s disconnected: %s", link.site, reason)

@@ -15,7 +15,6 @@ from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from .audit import AuditLog
 from .config import TowerConfig
-from .limits import sweep_forever
 from .policy import PolicyFile
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .server import Tower
@@ -80,7 +79,7 @@ async def run_tower(
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        sweeper = asyncio.create_task(sweep_forever(tower), name="limits-sweep")
+        sweeper = asyncio.create_task(tower.sweep_forever(), name="limits-sweep")
         await stop.wait()
         sweeper.cancel()
         log.warning("control-tower stopping")

@@ -1,0 +1,266 @@
+"""The tower's live state: one link per site, the supctl sessions, and what they hold.
+
+Everything that counts what a user or a session holds lives here and is changed
+here only: a session is acquired (:meth:`Hub.open_session`) and released
+(:meth:`Hub.close_session`), a stream likewise (:meth:`Hub.open_stream`,
+:meth:`Hub.close_stream`), and the limits on them are judged against these counts
+(:meth:`Hub.session_refusal`, :meth:`Hub.stream_refusal`).
+
+Timers (a stream the site does not accept in time, an idle stream, a session past its
+maximum duration) are enforced by one periodic sweep (:meth:`Hub.sweep`), not a timer
+per stream: the data path only stamps ``last_activity``.  The sweep takes the time as
+an argument and the authority check as a callable, so a test drives it with a fake
+clock.  The hub knows links, sessions and relays only through the small protocols
+below: it sits under :mod:`.links` and :mod:`.relay`, which import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+from ..protocol import Connection, ErrorCode
+from .limits import Limits, seconds
+from .route import Route
+from .siteinfo import SiteInfo
+
+log = logging.getLogger("supctl.tower")
+
+#: Seconds between two sweeps: a timer fires at most this late.
+SWEEP_INTERVAL = 0.5
+
+#: Why an accepted session may no longer be used (its token, the policies in force), or None.
+Authority = Callable[[Route], str | None]
+
+
+class Stream(Protocol):
+    """A relayed stream (:class:`.relay.Relay`), as the sweep sees it."""
+
+    @property
+    def accepted(self) -> bool: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def last_activity(self) -> float: ...
+    def abort(self, code: ErrorCode, text: str, close: str) -> None: ...
+
+
+class Session(Protocol):
+    """A supctl session (:class:`.links.ClientLink`)."""
+
+    @property
+    def conn(self) -> Connection: ...
+    @property
+    def route(self) -> Route: ...
+    @property
+    def user(self) -> str: ...
+    @property
+    def started(self) -> float: ...
+    @property
+    def relays(self) -> Mapping[int, Stream]: ...
+    def close(self, code: ErrorCode = ..., reason: str = ...) -> None: ...
+
+
+class Site(Protocol):
+    """A site's enforcer link (:class:`.links.SiteLink`)."""
+
+    @property
+    def site(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def info(self) -> SiteInfo | None: ...
+    @property
+    def relays(self) -> Mapping[int, Stream]: ...
+    def evict_if_invalid(self) -> bool: ...
+    def close(self, code: ErrorCode = ..., reason: str = ...) -> None: ...
+
+
+class Hub:
+    def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits
+        self.clock = clock  # monotonic seconds: sessions' and streams' stamps (fake in tests)
+        self.sites: dict[str, Site] = {}
+        self.sessions: set[Session] = set()
+        # Per user: live sessions, and concurrent streams over all of them.
+        self.user_sessions: Counter[str] = Counter()
+        self.user_streams: Counter[str] = Counter()
+
+    # --- site links: one per site -------------------------------------------------------
+
+    def site_link(self, site: str) -> Site | None:
+        """The link serving ``site``: only one that is live and whose token is still the
+        site's.  A link whose token was rotated or removed is closed on the spot, so no
+        stream goes to it even before the sweep (:meth:`sweep_sites`) gets there."""
+        link = self.sites.get(site)
+        if link is None or link.evict_if_invalid():
+            return None
+        return link
+
+    def site_info(self, site: str) -> SiteInfo | None:
+        """What ``site`` reported, if a valid link serves it (for :class:`.authorise.Sites`)."""
+        link = self.site_link(site)
+        return link.info if link is not None else None
+
+    def site_connected(self, link: Site) -> None:
+        # The same rule as the upgrade's, for two handshakes that raced past it (or a
+        # token rotated between the upgrade and the HELLO): a link holding a valid token
+        # takes over from one that no longer does; the first link wins while both are valid.
+        if link.evict_if_invalid():
+            return
+        old = self.site_link(link.site)
+        if old is not None and old is not link:
+            reason = f"site {link.site} is already connected from {old.peer}"
+            log.warning("refused a second link of site %s from %s: %s", link.site, link.peer, reason)
+            link.close(ErrorCode.DENIED, reason)
+            return
+        self.sites[link.site] = link
+        info = link.info
+        assert info is not None
+        log.info(
+            "site %s connected (%d applications, handlers %s)",
+            link.site,
+            len(info.applications),
+            ",".join(info.handlers),
+        )
+
+    def site_lost(self, link: Site, reason: str) -> None:
+        if self.sites.get(link.site) is link:
+            del self.sites[link.site]
+            log.warning("site %s disconnected: %s", link.site, reason)
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def session_refusal(self, user: str) -> str | None:
+        """Why ``user`` may not open one more session now (sessions-per-user), or None."""
+        most = self.limits.sessions_per_user
+        if self.user_sessions[user] >= most:
+            return f"more than {most} sessions for user {user}"
+        return None
+
+    def open_session(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.user_sessions[session.user] += 1
+
+    def close_session(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        _release(self.user_sessions, session.user)
+
+    # --- streams --------------------------------------------------------------------------
+
+    def stream_refusal(self, session: Session, site: Site) -> str | None:
+        """Why ``session`` may not open one more stream to ``site`` now (naming the limit), or None.
+
+        A session's streams all go to its route's site.  Besides the fixed per-session
+        and per-user counts, the site's ``streams-per-site`` is shared: a session may
+        hold at most ``streams_per_site // (n + 1)`` of them, n being the sessions that
+        hold streams on the site, this one included.  The ``+ 1`` keeps a share free for
+        a session that comes next, so no session - nor a few - can take a site's whole
+        budget, while one alone may still use half of it.  Checked only when a stream
+        opens (nothing already open is cut): a session that took more while the site was
+        quiet opens no more until it is back under its share.
+        """
+        limits = self.limits
+        held = len(session.relays)
+        if held >= limits.streams_per_session:
+            return f"more than {limits.streams_per_session} concurrent streams in this session (streams-per-session)"
+        if self.user_streams[session.user] >= limits.streams_per_user:
+            return f"more than {limits.streams_per_user} concurrent streams for user {session.user} (streams-per-user)"
+        budget = limits.streams_per_site
+        if len(site.relays) >= budget:
+            return f"site {site.site} has {budget} concurrent streams, its limit (streams-per-site)"
+        # Counting the sessions on the site is O(sessions): only when the share can bind.
+        if held >= budget // (len(self.sessions) + 2):
+            using = 1 + sum(
+                1
+                for other in self.sessions
+                if other is not session and other.relays and other.route.site == site.site
+            )
+            share = budget // (using + 1)
+            if held >= share:
+                return (
+                    f"more than {share} concurrent streams in this session, its fair share of the"
+                    f" {budget} of site {site.site} with {using} sessions using it (streams-per-site)"
+                )
+        return None
+
+    def open_stream(self, user: str) -> None:
+        self.user_streams[user] += 1
+
+    def close_stream(self, user: str) -> None:
+        _release(self.user_streams, user)
+
+    # --- the sweep ------------------------------------------------------------------------
+
+    def sweep(self, now: float, authority: Authority) -> None:
+        """One pass over every session and stream at time ``now``, enforcing the timers."""
+        limits = self.limits
+        open_timeout = limits.stream_open_timeout
+        idle = limits.stream_idle_timeout
+        duration = limits.session_duration
+        for session in list(self.sessions):
+            if session.conn.closed is not None:
+                continue
+            # Authority is checked at the upgrade, at every OPEN and again here: revoking a
+            # token (or its expiry, unless a long-running supctl renewed it), removing its user
+            # or narrowing a policy ends the sessions it no longer allows.
+            if refusal := authority(session.route):
+                log.warning("closing session %s: %s", session.route.summary, refusal)
+                session.close(ErrorCode.DENIED, refusal)
+                continue
+            if duration and now - session.started >= duration:
+                reason = f"session exceeded {seconds(duration)} s"
+                log.warning("closing session %s: %s", session.route.summary, reason)
+                session.close(ErrorCode.LIMIT, reason)
+                continue
+            for relay in list(session.relays.values()):
+                if not relay.accepted:
+                    if now - relay.started >= open_timeout:
+                        relay.abort(
+                            ErrorCode.TIMEOUT,
+                            f"the site did not answer within {seconds(open_timeout)} s",
+                            "timeout",
+                        )
+                elif idle and now - relay.last_activity >= idle:
+                    relay.abort(ErrorCode.TIMEOUT, f"idle for {seconds(idle)} s", "timeout")
+
+    def sweep_sites(self) -> None:
+        """Close every site link whose token is no longer the site's (rotated, or the site
+        removed): a thief holding an old site token loses the link within a sweep."""
+        for link in list(self.sites.values()):
+            link.evict_if_invalid()
+
+
+def _release(counts: Counter[str], user: str) -> None:
+    counts[user] -= 1
+    if counts[user] <= 0:
+        del counts[user]  # a user with nothing left holds no entry
+
+
+async def sweep_forever(
+    hub: Hub,
+    authority: Authority,
+    *,
+    after: Callable[[], object] = lambda: None,
+    interval: float = SWEEP_INTERVAL,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """Sweep ``hub`` every ``interval`` seconds at its clock's time, for ever; ``after`` each
+    sweep (the tower flushes its rate-limited log).  ``sleep``: for tests."""
+    while True:
+        await sleep(interval)
+        try:
+            hub.sweep(hub.clock(), authority)
+            after()  # "N similar messages suppressed" once a flood has ended
+        except Exception:  # a bug here must not stop the timers for good
+            log.exception("internal error in the limits sweep")
+        try:
+            hub.sweep_sites()
+        except Exception:  # nor the site checks, nor one stop the other
+            log.exception("internal error in the sweep of site links")

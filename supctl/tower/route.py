@@ -1,0 +1,143 @@
+"""What a request asks of the tower (:class:`Access`), and what the tower grants (:class:`Route`,
+:class:`SiteClaim`): plain data, at the bottom of the tower's modules so that every part
+(authorise, hub, links, relay, audit) can name them without importing another part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ..protocol import OpenRequest
+from .policy import Request as PolicyRequest
+
+
+class Access(NamedTuple):
+    """A request, parsed and canonical: what :func:`.authorise.authorise` judges.
+
+    ``verb`` is ``connect``, ``exec`` or ``show``; a field the verb does not use is empty.
+    (A named tuple, not a frozen dataclass: one is built per upgrade, OPEN and sweep, and
+    a tuple is built in about half the time.)
+    """
+
+    verb: str
+    site: str
+    application: str = ""
+    service_instance: str = ""
+    container: str = ""
+    protocol: str = ""
+    port: int = 0
+    # connect: the *canonical* target address ("" = the service itself), judged and dialled.
+    ip_address: str = ""
+    # connect: the address as the client spelled it, when that differs; for the audit only.
+    requested_address: str = ""
+
+    def policy_request(self) -> PolicyRequest:
+        """What the policies judge, built from these fields only, so the request judged at
+        the upgrade, at every OPEN and by the sweep is the one :meth:`Route.request` dispatches."""
+        if self.verb == "connect":
+            return PolicyRequest(
+                "connect",
+                self.site,
+                self.application,
+                self.service_instance,
+                "",
+                self.protocol,
+                self.port,
+                self.ip_address or None,
+            )
+        if self.verb == "show":
+            return PolicyRequest("show", self.site, self.application or None)
+        return PolicyRequest(self.verb, self.site, self.application, self.service_instance, self.container)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the tower authorised for a supctl session, from its URL."""
+
+    verb: str
+    site: str
+    application: str
+    service_instance: str
+    protocol: str = ""
+    port: int = 0
+    ip_address: str = ""
+    container: str = ""
+    who: str = ""
+    # connect: the address as the client spelled it, when that differs from the canonical
+    # ip_address (judged and dialled); for the audit record only.
+    requested_address: str = ""
+    # Set by the tower once the session is accepted, for its audit records.
+    peer: str = ""  # the client's address
+    session: str = ""  # a random id shared by the session's records
+
+    @classmethod
+    def grant(cls, access: Access, who: str) -> Route:
+        return cls(
+            access.verb,
+            access.site,
+            access.application,
+            access.service_instance,
+            access.protocol,
+            access.port,
+            access.ip_address,
+            access.container,
+            who=who,
+            requested_address=access.requested_address,
+        )
+
+    @property
+    def access(self) -> Access:
+        """What this route was granted for: judged again at every OPEN and sweep."""
+        return Access(
+            self.verb,
+            self.site,
+            self.application,
+            self.service_instance,
+            self.container,
+            self.protocol,
+            self.port,
+            self.ip_address,
+            self.requested_address,
+        )
+
+    def request(self, args: dict[str, Any]) -> OpenRequest:
+        # Identity fields come from the authorised URL, never from the client's frame.
+        return OpenRequest(
+            verb=self.verb,
+            application=self.application,
+            service_instance=self.service_instance,
+            container=self.container,
+            protocol=self.protocol,
+            port=self.port,
+            ip_address=self.ip_address,
+            args=args,
+        )
+
+    def policy_request(self) -> PolicyRequest:
+        return self.access.policy_request()
+
+    @property
+    def summary(self) -> str:
+        target = f"{self.ip_address or '127.0.0.1'}:{self.port}" if self.protocol else self.container
+        return (
+            f"who={self.who} site={self.site} application={self.application} "
+            f"instance={self.service_instance} verb={self.verb} protocol={self.protocol} target={target}"
+        )
+
+    @property
+    def user(self) -> str:
+        """Whom per-user limits count against: the user part of ``who`` ("USER:ACCESSOR")."""
+        return self.who.partition(":")[0] or self.who
+
+
+@dataclass(frozen=True)
+class SiteClaim:
+    """An enforcer that authenticated as ``site``, and the hash of the token it showed.
+
+    The link keeps the hash so that the tower can tell, while the link lives, whether
+    that token is still the site's: a rotated or removed site token ends the link.
+    """
+
+    site: str
+    token_hash: str

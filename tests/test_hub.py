@@ -1,0 +1,298 @@
+"""The tower's live state (:mod:`supctl.tower.hub`) on a fake clock: the sweep's timers
+(a site that does not accept, an idle stream, a session past its duration), the
+authority re-check that ends a session whose token expired unless it was renewed, and
+the per-user and per-session counts, acquired and released in the hub only.
+
+Real links, relays and protocol connections, driven in process by their frames: no
+socket, no sleep.  Time is whatever the test says it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from supctl.protocol import (
+    Connection,
+    DataReceived,
+    ErrorCode,
+    OpenRequest,
+    StreamOpened,
+    StreamReset,
+)
+from supctl.tower.hub import Hub
+from supctl.tower.limits import Limits
+from supctl.tower.links import ClientLink, SiteLink
+from supctl.tower.route import Route, SiteClaim
+from supctl.tower.server import Tower
+from supctl.tower.siteinfo import InstanceInfo, SiteInfo
+from supctl.tower.store import TowerStore, hash_token
+
+SITE, APP, INST, SHELL = "site1", "app", "inst", "shell"
+T = TypeVar("T")
+
+
+class Clock:
+    """Monotonic seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class QuietWs:
+    """A WebSocket never driven: the tests move the frames themselves."""
+
+    async def send(self, message: bytes) -> None:
+        pass
+
+    async def recv(self) -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        pass
+
+
+def in_loop(body: Callable[[], T]) -> T:
+    """Links need a running loop (they schedule their writers); the test body is synchronous."""
+
+    async def main() -> T:
+        return body()
+
+    return asyncio.run(main())
+
+
+class Rig:
+    """A tower on a fake clock with one connected site, its enforcer's end, and sessions."""
+
+    def __init__(self, tmp_path: Path, **limits: float) -> None:
+        self.clock = Clock()
+        self.store = TowerStore.create(tmp_path / "state.json")
+        self.token = token = self.store.add_site(SITE)
+        self.tower = Tower(self.store, None, Limits(**limits), clock=self.clock)  # type: ignore[arg-type]
+        self.hub: Hub = self.tower.hub
+        self.site = SiteLink(QuietWs(), self.tower, SiteClaim(SITE, hash_token(token)), "192.0.2.1:1")
+        self.site.info = SiteInfo(
+            applications={APP: {INST: InstanceInfo(INST, APP, containers={SHELL: {}})}}, handlers=["exec"]
+        )
+        self.hub.site_connected(self.site)
+        self.enforcer = Connection(odd_ids=False, accept_streams=True)
+        self.enforcer_streams: list[int] = []
+        self.admin = self.store.add_admin_token()
+
+    def session(self, user: str = "admin") -> tuple[ClientLink, Connection]:
+        who = f"admin:{hash_token(self.admin)[:8]}" if user == "admin" else f"{user}:0123abcd"
+        session = ClientLink(QuietWs(), self.tower, Route("exec", SITE, APP, INST, container=SHELL, who=who))
+        self.hub.open_session(session)
+        return session, Connection(odd_ids=True, accept_streams=False)
+
+    def open(self, session: ClientLink, supctl: Connection) -> int:
+        """supctl opens an exec stream; the tower relays it to the site (or refuses it)."""
+        stream_id = supctl.open_stream(OpenRequest(verb="exec", args={"command": "cat"}))
+        for event in session.conn.receive_data(supctl.data_to_send()):
+            assert isinstance(event, StreamOpened)
+            session.handle_event(event)
+        return stream_id
+
+    def accept_all(self) -> None:
+        """The enforcer accepts every stream the tower opened on its link."""
+        for event in self.enforcer.receive_data(self.site.conn.data_to_send()):
+            if isinstance(event, StreamOpened):
+                self.enforcer.accept_stream(event.stream_id)
+                self.enforcer_streams.append(event.stream_id)
+        for event in self.site.conn.receive_data(self.enforcer.data_to_send()):
+            self.site.handle_event(event)
+
+    def site_sends(self, data: bytes) -> None:
+        """The enforcer sends DATA on each of its streams: activity, from the site."""
+        for stream_id in self.enforcer_streams:
+            self.enforcer.send_data(stream_id, data)
+        for event in self.site.conn.receive_data(self.enforcer.data_to_send()):
+            assert isinstance(event, DataReceived), event
+            self.site.handle_event(event)
+
+    def sweep(self) -> None:
+        self.hub.sweep(self.clock.now, self.tower.route_refusal)
+
+
+def resets(session: ClientLink, supctl: Connection) -> list[tuple[ErrorCode, str]]:
+    data = session.conn.data_to_send()
+    events = supctl.receive_data(data) if data else []  # an empty message is a protocol error
+    return [(e.code, e.text) for e in events if isinstance(e, StreamReset)]
+
+
+def closed(link: ClientLink | SiteLink) -> tuple[ErrorCode, str] | None:
+    return None if link.conn.closed is None else (link.conn.closed.code, link.conn.closed.reason)
+
+
+def test_a_site_that_does_not_accept_in_time(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path, stream_open_timeout=30)
+        session, supctl = rig.session()
+        rig.open(session, supctl)
+        rig.clock.now += 29.9
+        rig.sweep()
+        assert len(session.relays) == 1 and resets(session, supctl) == []
+        rig.clock.now += 0.1
+        rig.sweep()
+        assert session.relays == {} and rig.site.relays == {}
+        assert resets(session, supctl) == [(ErrorCode.TIMEOUT, "the site did not answer within 30 s")]
+        assert closed(session) is None  # the session lives on
+
+    in_loop(body)
+
+
+def test_an_idle_stream_is_reset_and_activity_keeps_one_alive(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path, stream_idle_timeout=60)
+        session, supctl = rig.session()
+        rig.open(session, supctl)
+        rig.accept_all()
+        for _ in range(5):  # talks every 50 s: never idle for 60
+            rig.clock.now += 50
+            rig.site_sends(b"tick")
+            rig.sweep()
+        assert len(session.relays) == 1
+        rig.clock.now += 59.9
+        rig.sweep()
+        assert len(session.relays) == 1
+        rig.clock.now += 0.1
+        rig.sweep()
+        assert session.relays == {}
+        assert resets(session, supctl) == [(ErrorCode.TIMEOUT, "idle for 60 s")]
+
+    in_loop(body)
+
+
+def test_a_session_past_its_duration_is_closed(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path, session_duration=3600)
+        session, supctl = rig.session()
+        rig.open(session, supctl)
+        rig.accept_all()
+        rig.clock.now += 100
+        later, _ = rig.session()  # opened later: its own hour
+        rig.clock.now += 3499.9
+        rig.sweep()
+        assert closed(session) is None
+        rig.clock.now += 0.1
+        rig.sweep()
+        assert closed(session) == (ErrorCode.LIMIT, "session exceeded 3600 s")
+        assert closed(later) is None
+        rig.clock.now += 100
+        rig.sweep()
+        assert closed(later) == (ErrorCode.LIMIT, "session exceeded 3600 s")
+
+    in_loop(body)
+
+
+def test_expiry_ends_a_session_unless_its_token_was_renewed(tmp_path: Path) -> None:
+    """The sweep re-judges every session at the time it is given: a token past its expiry
+    ends its sessions, a renewal (a later expiry) keeps them."""
+
+    def body() -> None:
+        rig = Rig(tmp_path)
+        clock = rig.clock
+        expires = {"alice:0123abcd": clock.now + 6}
+
+        def authority(route: Route) -> str | None:
+            return "token expired" if expires[route.who] <= clock.now else None
+
+        session, _ = rig.session("alice")
+        clock.now += 4
+        rig.hub.sweep(clock.now, authority)
+        expires[session.route.who] = clock.now + 6  # renewed at 2/3 of its life
+        clock.now += 4  # past the first expiry
+        rig.hub.sweep(clock.now, authority)
+        assert closed(session) is None
+        clock.now += 2  # the renewed expiry
+        rig.hub.sweep(clock.now, authority)
+        assert closed(session) == (ErrorCode.DENIED, "token expired")
+        # The tower's own authority: alice has no token at all here.
+        other, _ = rig.session("alice")
+        rig.sweep()
+        assert closed(other) == (ErrorCode.DENIED, "token revoked")
+
+    in_loop(body)
+
+
+def test_sessions_per_user_are_counted_in_the_hub(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path, sessions_per_user=2)
+        first, _ = rig.session("alice")
+        assert rig.hub.session_refusal("alice") is None
+        second, _ = rig.session("alice")
+        assert rig.hub.session_refusal("alice") == "more than 2 sessions for user alice"
+        assert rig.hub.session_refusal("bob") is None
+        rig.hub.close_session(first)
+        rig.hub.close_session(first)  # released once, however often it is told
+        assert rig.hub.session_refusal("alice") is None and rig.hub.user_sessions == {"alice": 1}
+        rig.hub.close_session(second)
+        assert rig.hub.user_sessions == {} and rig.hub.sessions == set()
+
+    in_loop(body)
+
+
+def test_streams_are_acquired_and_released_in_the_hub(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path, streams_per_session=2, streams_per_user=3)
+        one, supctl_one = rig.session()
+        two, supctl_two = rig.session()
+        for _ in range(2):
+            rig.open(one, supctl_one)
+        rig.open(one, supctl_one)  # a third in one session
+        assert resets(one, supctl_one) == [
+            (ErrorCode.LIMIT, "more than 2 concurrent streams in this session (streams-per-session)")
+        ]
+        rig.open(two, supctl_two)
+        rig.open(two, supctl_two)  # the user's fourth
+        assert resets(two, supctl_two) == [
+            (ErrorCode.LIMIT, "more than 3 concurrent streams for user admin (streams-per-user)")
+        ]
+        assert rig.hub.user_streams == {"admin": 3}
+        rig.clock.now += 30  # the default open timeout: the sweep ends them all
+        rig.sweep()
+        assert rig.hub.user_streams == {} and one.relays == two.relays == rig.site.relays == {}
+
+    in_loop(body)
+
+
+def test_a_rotated_site_token_is_evicted_by_the_sweep(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path)
+        rig.hub.sweep_sites()
+        assert rig.hub.site_link(SITE) is rig.site
+        rig.store.rotate_site(SITE)
+        rig.hub.sweep_sites()
+        assert closed(rig.site) == (ErrorCode.DENIED, "site token rotated")
+        assert rig.hub.site_link(SITE) is None
+
+    in_loop(body)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_one_link_per_site(tmp_path: Path, rotated: bool) -> None:
+    """A second link with the site's token is refused while the first one's is valid; once
+    the first one's token was rotated, the link with the new token takes over."""
+
+    def body() -> None:
+        rig = Rig(tmp_path)
+        token = rig.store.rotate_site(SITE) if rotated else rig.token
+        second = SiteLink(QuietWs(), rig.tower, SiteClaim(SITE, hash_token(token)), "192.0.2.2:2")
+        second.info = SiteInfo()
+        rig.hub.site_connected(second)
+        if rotated:
+            assert rig.hub.sites[SITE] is second and closed(second) is None
+            assert closed(rig.site) == (ErrorCode.DENIED, "site token rotated")
+        else:
+            assert rig.hub.sites[SITE] is rig.site and closed(rig.site) is None
+            assert closed(second) == (ErrorCode.DENIED, f"site {SITE} is already connected from 192.0.2.1:1")
+
+    in_loop(body)
