@@ -28,6 +28,7 @@ DEFAULT_FILES = {
     "audit": "audit.jsonl",
     "users": "users.json",
     "policies": "policies.toml",
+    "database": "tower.db",  # the SQLite store (the audit log) when [store] has no url
 }
 
 _HOSTNAME_RE = re.compile(
@@ -46,11 +47,16 @@ class TowerConfig:
     audit: Path  # the append-only audit log (docs/audit.md)
     users: Path  # users, password hashes and hashed login/API tokens
     policies: Path  # named policies (docs/policies.md); a missing file defines none
+    database: Path  # the SQLite store, when store_url is None (docs/store.md)
     listen: str = DEFAULT_LISTEN
     insecure: bool = False  # serve plain ws:// (no TLS); the CLI's --insecure does the same
     keepalive: float = DEFAULT_KEEPALIVE  # WebSocket ping interval and timeout; 0 = off
     limits: Limits = field(default_factory=Limits)  # [limits] (docs/tower.md)
     login_expiry: str = "8h"  # lifetime of a login token (and of each renewal)
+    # Minimal stand-ins (issue 9: the config branch owns their parsing).
+    store_url: str | None = None  # [store] url: postgresql://USER@HOST/DB; None = database
+    store_password_file: Path | None = None  # [store] password-file
+    audit_keep: float | None = None  # [audit] keep = "90d", in seconds; None = for ever
 
 
 def valid_hostname(name: str) -> bool:
@@ -97,11 +103,14 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
         raise UsageError(f"bad config file {p}: {e}") from None
 
     # Unknown keys are errors: a misspelt "insecure" must not be silently ignored.
-    known = {*DEFAULT_FILES, "listen", "insecure", "keepalive", "limits", "login-expiry"}
+    known = {*DEFAULT_FILES, "listen", "insecure", "keepalive", "limits", "login-expiry", "store"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"bad config file {p}: unknown key {unknown[0]!r}")
     base = p.absolute().parent
+    audit_table = data.pop("audit") if isinstance(data.get("audit"), dict) else None
+    audit_keep = _parse_audit(audit_table, p) if audit_table is not None else None
+    store_url, store_password_file = _parse_store(data.get("store", {}), p, base)
     files: dict[str, Path] = {}
     for name, default in DEFAULT_FILES.items():
         value = data.get(name, default)
@@ -129,8 +138,39 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
         keepalive=keepalive,
         limits=limits,
         login_expiry=login_expiry,
+        store_url=store_url,
+        store_password_file=store_password_file,
+        audit_keep=audit_keep,
         **files,
     )
+
+
+_DURATION = re.compile(r"([1-9][0-9]*)([smhd])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _parse_audit(table: dict[str, object], p: Path) -> float | None:
+    """``[audit] keep = "90d"``: the retention in seconds (stand-in; the config branch owns it)."""
+    unknown = sorted(set(table) - {"keep"})
+    if unknown:
+        raise UsageError(f"bad config file {p}: unknown key 'audit.{unknown[0]}'")
+    keep = table.get("keep")
+    if keep is None:
+        return None
+    match = _DURATION.fullmatch(keep) if isinstance(keep, str) else None
+    if match is None:
+        raise UsageError(f"bad config file {p}: 'audit.keep' must be like \"90d\" (s, m, h or d)")
+    return float(int(match[1]) * _SECONDS[match[2]])
+
+
+def _parse_store(table: object, p: Path, base: Path) -> tuple[str | None, Path | None]:
+    """``[store] url`` and ``password-file`` (stand-in; the config branch owns them)."""
+    if not isinstance(table, dict) or set(table) - {"url", "password-file"}:
+        raise UsageError(f"bad config file {p}: [store] takes url and password-file")
+    url, password_file = table.get("url"), table.get("password-file")
+    if not isinstance(url, str | None) or not isinstance(password_file, str | None):
+        raise UsageError(f"bad config file {p}: [store] url and password-file must be strings")
+    return url, base / password_file if password_file else None
 
 
 def toml_string(value: str) -> str:
@@ -158,8 +198,8 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "# Hashed admin and site tokens; re-read by a running tower whenever it changes.",
         f"state = {toml_string(DEFAULT_FILES['state'])}",
         "",
-        "# Append-only JSON-lines audit log (mode 0600), one record per session and stream (docs/audit.md).",
-        f"audit = {toml_string(DEFAULT_FILES['audit'])}",
+        "# The store (SQLite, mode 0600): the audit log, one record per session and stream (docs/audit.md).",
+        f"database = {toml_string(DEFAULT_FILES['database'])}",
         "",
         "# Users with hashed passwords and hashed login/API tokens (control-tower user/token).",
         f"users = {toml_string(DEFAULT_FILES['users'])}",
@@ -172,6 +212,10 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "",
         "# true serves plain ws:// without TLS (e.g. behind a TLS-terminating proxy).",
         "insecure = false",
+        "",
+        "# How long the audit log keeps a record (s, m, h or d); without keep, for ever.",
+        "# [audit]",
+        '# keep = "90d"',
         "",
     ]
     path = Path(directory) / CONFIG_NAME
