@@ -48,8 +48,8 @@ ADMISSION_EVENTS = frozenset({"session-accepted", "show", "login", "logout", "re
 REFUSAL_EVENTS = frozenset({"session-refused"})
 
 #: Most records waiting (queued or being written).  A queued row is its JSON line (about
-#: 700 bytes) and four short column values: about 1.5 KiB, so 10,000 cost about 15 MiB at
-#: worst.  The writer drains 10,000 in about a second on SQLite (bench/audit_bench.py); a
+#: 700 bytes) and four short column values: about 1 KiB (measured), so 10,000 cost about 10 MiB at
+#: worst.  The writer drains 10,000 in about a second on SQLite, 1-2 on PostgreSQL (bench/audit_bench.py); a
 #: longer backlog means the store cannot keep up, and refusing new sessions is the answer.
 CAPACITY = 10_000
 #: Admissions (and refusals) are taken only while fewer than this many records wait: the
