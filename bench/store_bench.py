@@ -13,7 +13,7 @@ For each backend, in a process of its own (so that RSS is the backend's alone):
 
 PostgreSQL runs in a throwaway cluster (tests/pg_cluster.py) with fsync on, as deployed,
 on a Unix socket; its server processes are not in the RSS.  The ``json`` backend is
-today's UserStore (users.json) and AuditLog (audit.jsonl), for comparison.  A benchmark,
+today's UserStore (users.json) and the former audit.jsonl writer, for comparison.  A benchmark,
 not a test: nothing is asserted, figures vary with the machine's load.
 """
 
@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from supctl.tower.audit import AuditLog, record  # noqa: E402
+from supctl.tower.audit import record  # noqa: E402
+from supctl.tower.database.auditlog import encode  # noqa: E402
 from supctl.tower.users import UserStore, hash_password  # noqa: E402
 
 USERS = 1000
@@ -127,7 +129,7 @@ async def bench_store(target: str, password_file: Path | None, checks: int, appe
 
 
 def bench_json(directory: Path, checks: int, appends: int) -> dict[str, Any]:
-    """Today's files: users.json read by UserStore, audit.jsonl written by AuditLog."""
+    """Today's files: users.json read by UserStore, audit.jsonl written as the file-based tower did."""
     result: dict[str, Any] = {"rss_start_kib": rss_kib()}
     now = datetime.datetime.now(datetime.UTC)
     hashed = hash_password("benchmark")
@@ -147,17 +149,18 @@ def bench_json(directory: Path, checks: int, appends: int) -> dict[str, Any]:
         samples.append(time.perf_counter() - start)
         assert identity is not None
     result["token_check"] = micros(samples)
-    log = AuditLog(directory / "audit.jsonl")
+    # As the file-based tower wrote audit.jsonl: one write() of one line, O_APPEND, unbuffered.
+    fd = os.open(directory / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     records = audit_records(appends)
     start = time.perf_counter()
     for rec in records:
-        log.write(rec)
+        os.write(fd, (encode(rec) + "\n").encode("ascii"))
     elapsed = time.perf_counter() - start
     result["audit_single"] = {"records": appends, "per_record_ms": round(elapsed / appends * 1e3, 4)}
     for i in range(appends, AUDIT_ROWS, 1000):
         for rec in audit_records(min(1000, AUDIT_ROWS - i), i):
-            log.write(rec)
-    log.close()
+            os.write(fd, (encode(rec) + "\n").encode("ascii"))
+    os.close(fd)
     result["rss_loaded_kib"] = rss_kib()
     return result
 

@@ -8,14 +8,16 @@ Readiness is awaited by reading the processes' own log lines with a deadline.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,32 @@ class Stack:
             SUPCTL_CA_FILE=str(self.dir / "ca.pem"),
         )
         return int(match[2])
+
+    def audit_lines(self) -> list[str]:
+        """The audit records the tower has written so far, as the JSON lines it stored, read
+        from its store (tower.db, read-only) as ``control-tower audit --output jsonl`` prints
+        them.  Records reach the store a few milliseconds after the tower makes them: to
+        look for one, use :meth:`wait_audit`."""
+        db = sqlite3.connect(f"file:{self.dir / 'tower.db'}?mode=ro", uri=True, timeout=20)
+        try:
+            return [line for (line,) in db.execute("SELECT record FROM audit ORDER BY id")]
+        finally:
+            db.close()
+
+    def audit_records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.audit_lines()]
+
+    def wait_audit(
+        self, predicate: Callable[[dict[str, Any]], bool], what: str, deadline: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """Every record so far, once one matches ``predicate`` (AssertionError after ``deadline``)."""
+        end = time.monotonic() + deadline
+        while True:
+            records = self.audit_records()
+            if any(predicate(r) for r in records):
+                return records
+            assert time.monotonic() < end, f"timed out waiting for {what} in the audit log"
+            time.sleep(0.02)  # polling the store; the deadline above is the bound
 
     def add_site(self, site: str, inventory: str, *, wait: bool = True) -> Proc:
         token = subprocess.run(

@@ -2,38 +2,37 @@
 
 One real stack for the module: a tower and site ``audit-site`` (host network, a
 ``shell`` container).  A connect session moves known byte counts each way, an exec
-session runs ``printf abc; exit 3``, refused requests are tried; the audit file
-then holds exactly those facts, never a token, and ``control-tower audit``
-filters it.
+session runs ``printf abc; exit 3``, refused requests are tried; the store (tower.db)
+then holds exactly those facts, never a token, and ``control-tower audit`` filters
+it.  Last, the store is locked under the running tower: new sessions are refused,
+running ones relay on.  The writer itself, on SQLite and PostgreSQL: test_auditsink.py.
 """
 
 from __future__ import annotations
 
 import datetime
+import http.client
 import json
 import os
 import socket
+import sqlite3
+import ssl
 import stat
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from e2e_support import start_server, wait_until
 from exec_support import exec_args
 from stack import LogFile, Stack, do_args, one_line_error, program
-from websockets.datastructures import Headers
-from websockets.http11 import Request
 
 from supctl.errors import ExitCode
 from supctl.tower import audit
-from supctl.tower.audit import FIELDS, AuditLog, parse_since
-from supctl.tower.server import Tower
-from supctl.tower.store import TowerStore
+from supctl.tower.audit import FIELDS, parse_since
+from supctl.tower.config import load_config
 
 SITE = "audit-site"
 APP = "app"
@@ -61,11 +60,10 @@ class Env:
 
     @property
     def path(self) -> Path:
-        return self.stack.dir / "audit.jsonl"
+        return self.stack.dir / "tower.db"
 
     def records(self) -> list[Record]:
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines]
+        return self.stack.audit_records()
 
     def wait_record(self, predicate: Callable[[Record], bool], what: str) -> Record:
         def found() -> Record | None:
@@ -218,7 +216,9 @@ def test_no_token_anywhere(env: Env, tmp_path: Path) -> None:
     assert env.stack.supctl("show", "sites", env=dict(env.stack.env, SUPCTL_TOKEN_FILE=str(bad))).returncode
     assert env.stack.supctl(*exec_args(SITE, APP, INST, SHELL, "true")).returncode == 0
     env.wait_record(lambda r: r["verb"] == "exec" and r["command"] == "true", "the exec stream's record")
-    text = env.path.read_text()
+    # Every byte of the store, its write-ahead log included.
+    files = [env.path, env.path.with_name("tower.db-wal")]
+    text = b"".join(p.read_bytes() for p in files if p.exists()).decode("latin-1")
     assert '"status":401' in text
     for secret in (env.admin_token, env.site_token, BAD_TOKEN):
         assert secret not in text
@@ -248,17 +248,71 @@ def test_cli_filters(env: Env) -> None:
     assert env.audit_cli("--since", "-10m", "--site", SITE) == mine
     future = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).isoformat()
     assert env.audit_cli("--since", future) == []
+    assert env.audit_cli("--output", "jsonl", "--site", SITE) == mine  # --output jsonl: the default
+    shipped = env.stack.control_tower("audit", "--config", env.config, "-o", "jsonl", "--site", SITE)
+    assert shipped.splitlines() == [
+        line for line in env.stack.audit_lines() if json.loads(line)["site"] == SITE
+    ]
     table = env.stack.control_tower("audit", "--config", env.config, "--table", "--site", SITE)
     assert "closed" in table and COMMAND in table and other_site not in table
     assert table.count("\n") >= len(mine)
+    assert env.stack.control_tower("audit", "--config", env.config, "-o", "table", "--site", SITE) == table
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--since", "yesterday"], "bad --since 'yesterday'"),
+        (["--table", "--output", "jsonl"], "--table and --output jsonl contradict each other"),
+        (["--config", "/nonexistent/tower.toml"], "config file /nonexistent/tower.toml not found"),
+    ],
+)
+def test_cli_bad_input_is_one_line(env: Env, args: list[str], message: str) -> None:
     bad = subprocess.run(
-        [program("control-tower"), "audit", "--config", env.config, "--since", "yesterday"],
+        [program("control-tower"), "audit", "--config", env.config, *args],
         capture_output=True,
         text=True,
         env=env.stack.env,
     )
     assert bad.returncode == ExitCode.USAGE
-    assert "bad --since 'yesterday'" in one_line_error(bad.stderr.encode())
+    assert message in one_line_error(bad.stderr.encode())
+
+
+def test_cli_without_a_store_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "tower.toml"
+    config.write_text("")
+    bad = subprocess.run(
+        [program("control-tower"), "audit", "--config", str(config)], capture_output=True, text=True
+    )
+    assert bad.returncode == ExitCode.USAGE
+    assert f"store {tmp_path / 'tower.db'} not found" in one_line_error(bad.stderr.encode())
+
+
+def test_hostile_values_are_cut(env: Env) -> None:
+    """Hostile: a request with kilobytes of garbage (a NUL, bytes that are not UTF-8) in its
+    site and path: refused as usual, recorded with the values cut as the file had them, and
+    the store's filter columns bounded and without NUL."""
+    garbage = "%00%ff" + "x" * 3000
+    host, _, port = env.stack.url.removeprefix("wss://").rpartition(":")
+    context = ssl.create_default_context(cafile=str(env.stack.dir / "ca.pem"))
+    conn = http.client.HTTPSConnection(host, int(port), context=context, timeout=20)
+    conn.request(
+        "GET", f"/v1/state/{'y' * 3000}?site={garbage}", headers={"Authorization": f"Bearer {BAD_TOKEN}"}
+    )
+    assert conn.getresponse().status == 401
+    conn.close()
+    site = ("\x00\ufffd" + "x" * 3000)[: audit.MAX_REQUESTED] + "..."
+    env.wait_record(lambda r: r["site"] == site, "the garbage request's record")
+    line = env.stack.audit_lines()[-1]
+    assert line.isascii() and "\n" not in line and len(line) < 2000
+    rec = json.loads(line)
+    assert rec["path"] == ("/v1/state/" + "y" * 3000)[: audit.MAX_REQUESTED] + "..."
+    db = sqlite3.connect(f"file:{env.path}?mode=ro", uri=True)
+    try:
+        [(column,)] = db.execute("SELECT site FROM audit ORDER BY id DESC LIMIT 1")
+    finally:
+        db.close()
+    assert len(column) == 256 and "\x00" not in column
 
 
 def test_cli_follow(env: Env) -> None:
@@ -278,6 +332,45 @@ def test_cli_follow(env: Env) -> None:
     assert proc.stop() in (0, -15)
 
 
+def test_store_locked_refuses_new_sessions_while_streams_relay(env: Env) -> None:
+    """Hostile: the store stops taking writes under a running tower (here another process
+    holds SQLite's write lock).  New sessions are refused with 503 once a write has hung
+    for 2 s (fail closed), the reason is logged once however many are refused, a session
+    accepted before relays on, and no record is lost: all are written once the lock goes.
+    Last in the module: it leaves the tower refusing for a while."""
+    forward, port = env.stack.forward(
+        *do_args(SITE, APP, INST, "connect", "tcp", str(env.sink_port), "--bind", "0")
+    )
+    assert env.stack.tower is not None
+    tower_log = env.stack.tower.log
+    lock = sqlite3.connect(env.path, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # the tower's next write waits (busy timeout: 10 s)
+
+        def refused() -> bool:
+            result = env.stack.supctl("show", "sites")
+            return result.returncode != 0 and "cannot write its audit log" in one_line_error(result.stderr)
+
+        wait_until(refused, 30.0, "a session refused (503)")
+        # The running session opens a stream and relays every byte.
+        assert _connect_stream(port, b"up" * 1000) == DOWN
+        # The write gives up after the busy timeout: the store is down, said once.
+        tower_log.wait_for(r"audit log: cannot write to the store: .*database is locked", 30.0)
+        assert all(refused() for _ in range(5))
+        assert tower_log.count(r"audit log: cannot write to the store") == 1
+        assert tower_log.count(r"refusing new sessions") == 1
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    wait_until(lambda: env.stack.supctl("show", "sites").returncode == 0, 30.0, "sessions accepted again")
+    tower_log.wait_for(r"audit log: the store works again", 10.0)
+    env.wait_record(
+        lambda r: r["event"] == "stream-closed" and r["bytes-up"] == 2000 and r["bytes-down"] == DOWN,
+        "the record of the stream relayed while the store was locked",
+    )
+    forward.stop()
+
+
 # --- units ---------------------------------------------------------------------------
 
 
@@ -290,67 +383,31 @@ def test_since_forms() -> None:
     assert parse_since("2026-01-31T11:00") == now - datetime.timedelta(hours=1)  # naive is UTC
 
 
-def test_log_is_append_only_and_survives_rotation(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    path.write_text('{"old": 1}\n')
-    os.chmod(path, 0o640)
-    trail = AuditLog(path)
-    trail.write(audit.record("show", verb="show"))
-    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # an existing file keeps its mode
-    lines = path.read_text().splitlines()
-    assert lines[0] == '{"old": 1}' and json.loads(lines[1])["verb"] == "show"
-    path.rename(tmp_path / "audit.jsonl.1")  # an external rotation
-    trail.write(audit.record("show", verb="show"))
-    assert len(path.read_text().splitlines()) == 1
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+def test_record_has_only_known_fields() -> None:
+    assert tuple(audit.record("show", verb="show")) == FIELDS
     with pytest.raises(KeyError):
         audit.record("show", bytes_sideways=1)
-    trail.close()
 
 
-def test_follow_lines_reads_partial_lines_and_rotations(tmp_path: Path) -> None:
-    path = tmp_path / "audit.jsonl"
-    code = (
-        "import sys; from pathlib import Path; from supctl.tower.audit import follow_lines\n"
-        "for line in follow_lines(Path(sys.argv[1]), poll=0.02):\n"
-        "    print(line, flush=True)\n"
-    )
-    out = tmp_path / "out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=sink)
-    try:
-        log = LogFile(out)
-        with path.open("a") as f:  # created after the follower started
-            f.write("one\ntw")
-            f.flush()
-            wait_until(lambda: log.text() == "one\n", 10.0, "the first line")
-            f.write("o\n")
-            f.flush()
-            wait_until(lambda: log.text() == "one\ntwo\n", 10.0, "the completed line")
-        path.rename(tmp_path / "old")
-        path.write_text("three\n")
-        wait_until(lambda: log.text() == "one\ntwo\nthree\n", 10.0, "the rotated file's line")
-    finally:
-        proc.kill()
-        proc.wait()
+@pytest.mark.parametrize(
+    ("table", "keep", "error"),
+    [
+        ('[audit]\nkeep = "90d"\n', 90 * 86400.0, None),
+        ('[audit]\nkeep = "12h"\n', 12 * 3600.0, None),
+        ("", None, None),
+        ('[audit]\nkeep = "90 days"\n', None, "'audit.keep' must be like \"90d\""),
+        ("[audit]\nkeep = 90\n", None, "'audit.keep' must be like \"90d\""),
+        ('[audit]\nkeepp = "90d"\n', None, "unknown key 'audit.keepp'"),
+    ],
+)
+def test_retention_setting(tmp_path: Path, table: str, keep: float | None, error: str | None) -> None:
+    path = tmp_path / "tower.toml"
+    path.write_text(table)
+    if error is None:
+        config = load_config(path)
+        assert (config.audit_keep, config.database) == (keep, tmp_path / "tower.db")
+        return
+    from supctl.errors import UsageError
 
-
-def test_unrecordable_session_is_refused(tmp_path: Path) -> None:
-    """With an audit log that cannot be written (a full disk: /dev/full), nothing is let through
-    unrecorded (503), refusals still carry their own status, and the tower logs why."""
-    store = TowerStore.create(tmp_path / "state.json")
-    token = store.add_admin_token()
-    trail = AuditLog("/dev/full")
-    tower = Tower(store, trail)
-    peer: Any = SimpleNamespace(remote_address=("127.0.0.1", 5555))
-
-    def get(authorization: str) -> int:
-        request = Request("/v1/state/sites", Headers([("Authorization", authorization)]))
-        response = tower.process_request(peer, request)
-        assert response is not None
-        return response.status_code
-
-    assert get(f"Bearer {token}") == 503
-    assert get("Bearer nope") == 401
-    assert trail.failures == 2
-    trail.close()
+    with pytest.raises(UsageError, match=f"^bad config file {path}: {error}"):
+        load_config(path)

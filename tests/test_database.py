@@ -36,7 +36,7 @@ from sqlalchemy import text
 
 from supctl.errors import UsageError
 from supctl.tower import database
-from supctl.tower.audit import AuditLog, record
+from supctl.tower.audit import record
 from supctl.tower.database import schema
 from supctl.tower.database.auditlog import encode
 from supctl.tower.database.engine import Database, make_engine
@@ -655,10 +655,9 @@ def make_json_tower(directory: Path) -> dict[str, Any]:
     made["revoked"] = users.add_token("alice", "api", datetime.timedelta(days=1))
     users.revoke(made["revoked"][1])
     (directory / "policies.toml").write_text(POLICIES)
-    log = AuditLog(directory / "audit.jsonl")
-    for rec in (record("login", user="alice", accessor=made["login"][1]), record("show", user="admin")):
-        log.write(rec)
-    log.close()
+    # As towers before the store wrote it: one encoded record per line.
+    old_records = (record("login", user="alice", accessor=made["login"][1]), record("show", user="admin"))
+    (directory / "audit.jsonl").write_text("".join(encode(rec) + "\n" for rec in old_records))
     with open(directory / "audit.jsonl", "a") as f:
         f.write('{"time": "cut by a full di\n{"event": "no time"}\n')
     made["audit"] = (directory / "audit.jsonl").read_text().splitlines()[:2]

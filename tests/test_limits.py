@@ -358,8 +358,7 @@ def test_second_enforcer_is_refused_until_the_first_dies(tmp_path: Path) -> None
         result = stack.supctl(*do_args(SITE, APP, INST, "connect", "tcp", str(echo_port)), input=payload)
         assert (result.returncode, result.stdout) == (0, payload), result.stderr
         assert f"site {SITE} disconnected" not in tower_log(stack)
-        records = [json.loads(line) for line in (stack.dir / "audit.jsonl").read_text().splitlines()]
-        assert any(r.get("status") == 409 and r.get("site") == SITE for r in records)
+        stack.wait_audit(lambda r: r.get("status") == 409 and r.get("site") == SITE, "the 409 record")
         # The first one dies without a word: the tower sees its TCP connection close,
         # and the second one takes over at its next attempt.
         before = tower_log(stack).count(f"site {SITE} connected")

@@ -348,7 +348,7 @@ def test_rotation_evicts_the_thief_and_the_real_enforcer_takes_over(stack: Stack
     # Nothing went to the thief after the rotation, and it keeps being refused.
     thief.log.wait_for(r"(?s)HTTP 401.*HTTP 401", 30.0, thief.popen)
     assert thief.log.count(r"stream closed ") == thief_streams
-    records = [json.loads(line) for line in (stack.dir / "audit.jsonl").read_text().splitlines()]
+    records = stack.wait_audit(lambda r: r["event"] == "site-evicted", "the eviction record")
     cut = [r for r in records if r["event"] == "stream-closed" and r["close-reason"] == "denied"]
     assert [(r["command"], r["result"]) for r in cut] == [("cat", f"site {SITE}: site token rotated")]
     evicted = [r for r in records if r["event"] == "site-evicted"]

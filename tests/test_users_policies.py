@@ -485,10 +485,9 @@ def test_policy_refusals(stack: Stack, args: list[str], message: str) -> None:
     assert result.returncode == ExitCode.DENIED, line
     assert line.endswith(message), line
     # The refusal is in the audit log, with the user and the accessor, never the token.
-    records = [json.loads(x) for x in (stack.dir / "audit.jsonl").read_text().splitlines()]
-    assert any(
-        r["event"] == "session-refused" and r["user"] == "alice" and message in (r["result"] or "")
-        for r in records
+    stack.wait_audit(
+        lambda r: r["event"] == "session-refused" and r["user"] == "alice" and message in (r["result"] or ""),
+        "the refusal's record",
     )
 
 
@@ -506,13 +505,14 @@ def test_site_local_policy_refuses_what_the_tower_allowed(stack: Stack) -> None:
     line = one_line_error(result.stderr)
     assert result.returncode == ExitCode.STREAM, line
     assert "the site's local policy refuses 127.0.0.1:443" in line
-    records = [json.loads(x) for x in (stack.dir / "audit.jsonl").read_text().splitlines()]
-    assert any(
-        r["event"] == "stream-closed"
-        and r["site"] == OTHER_SITE
-        and r["close-reason"] == "site-reset"
-        and "local policy refuses 127.0.0.1:443" in (r["result"] or "")
-        for r in records
+    stack.wait_audit(
+        lambda r: (
+            r["event"] == "stream-closed"
+            and r["site"] == OTHER_SITE
+            and r["close-reason"] == "site-reset"
+            and "local policy refuses 127.0.0.1:443" in (r["result"] or "")
+        ),
+        "the stream's record",
     )
     echo = Echo()
     result = stack.supctl(*do_args(OTHER_SITE, APP, INSTANCE, "connect", "tcp", str(echo.port)), input=b"hi")
@@ -604,7 +604,8 @@ def test_secrets_never_logged(stack: Stack) -> None:
     env, stored = login(stack, "alice")
     stack.supctl("show", "sites", env=env)
     admin_token = (stack.dir / "admin.token").read_text().strip()
-    texts = [(stack.dir / "audit.jsonl").read_text(), (stack.dir / "users.json").read_text()]
+    stack.wait_audit(lambda r: r["event"] == "login" and r["accessor"] == stored["accessor"], "the login")
+    texts = ["\n".join(stack.audit_lines()), (stack.dir / "users.json").read_text()]
     texts += [p.read_text(errors="replace") for p in stack.root.glob("*.log")]
     for text in texts:
         for secret in (stored["token"], PASSWORD, admin_token):
@@ -669,6 +670,7 @@ def test_long_running_connect_renews_its_login_token(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         renewed = json.loads((Path(env["XDG_CONFIG_HOME"]) / "supctl" / "token").read_text())
         assert renewed["token"] == stored["token"] and renewed["expires"] > stored["expires"]
-        records = [json.loads(x) for x in (stack.dir / "audit.jsonl").read_text().splitlines()]
-        assert any(r["event"] == "renew" and r["accessor"] == stored["accessor"] for r in records)
+        stack.wait_audit(
+            lambda r: r["event"] == "renew" and r["accessor"] == stored["accessor"], "the renewal"
+        )
         assert stored["token"] not in proc.log.text()

@@ -1,11 +1,10 @@
-"""The tower's audit log: one JSON line per session decision and per finished stream.
+"""The tower's audit records: one per session decision and per finished stream.
 
-Writing (:class:`AuditLog`) happens on the tower's event loop, so it is kept
-cheap: nothing per chunk of data, one ``write()`` of one line per record, on a
-descriptor opened with ``O_APPEND`` (so records are never interleaved or
-overwritten), unbuffered (the line is in the kernel when ``write`` returns).
-Reading (:func:`read_records`, :func:`follow_lines`, :func:`matches`) serves
-``control-tower audit``.  Every field is documented in docs/audit.md.
+This module makes records (plain dicts with every field of :data:`FIELDS`) and
+formats them for ``control-tower audit``; it does no I/O.  The tower hands them
+to an :class:`AuditLog` (:mod:`.auditsink`, which writes them to the store off
+the event loop); :mod:`.auditcli` reads them back.  Every field is documented in
+docs/audit.md.
 
 A token never reaches this module: records name a token by its *accessor*
 (the first 8 hex digits of its SHA-256, see :mod:`supctl.tower.store`).
@@ -14,21 +13,13 @@ A token never reaches this module: records name a token by its *accessor*
 from __future__ import annotations
 
 import datetime
-import json
-import logging
-import os
 import re
-import time
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from supctl.errors import UsageError
 
 if TYPE_CHECKING:
     from .route import Route
-
-log = logging.getLogger("supctl.tower")
 
 EVENTS = (
     "session-accepted",
@@ -90,9 +81,6 @@ CLOSE_REASONS = (
     "timeout",
     "denied",
 )
-
-#: At most one error line per this many seconds when the log cannot be written.
-ERROR_INTERVAL = 10.0
 
 
 def now_iso() -> str:
@@ -197,71 +185,19 @@ def exit_fields(payload: object) -> tuple[Any, Any] | None:
     )
 
 
-class AuditLog:
-    """The append-only JSON-lines file the tower writes.
+class AuditLog(Protocol):
+    """What the tower writes its records to (:class:`supctl.tower.auditsink.AuditSink`).
 
-    The file is created with mode 0600 (an existing file keeps its mode) and is
-    never rotated or truncated by the tower.  If it is renamed or removed (an
-    external rotation), the next record goes to a new file at the configured
-    path; ``copytruncate`` rotation works too, thanks to ``O_APPEND``.
+    ``append`` never blocks and never raises: False means the record was not taken
+    (the store is down or the queue full), and a session must then be refused.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self.fd = -1
-        self.identity: tuple[int, int] = (0, 0)
-        self.failures = 0
-        self._last_error = 0.0
-        self._open()
+    def append(self, rec: dict[str, Any]) -> bool: ...
 
-    def _open(self) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        st = os.fstat(fd)
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = fd
-        self.identity = (st.st_dev, st.st_ino)
-
-    def write(self, rec: dict[str, Any]) -> None:
-        """Append one record as one line; OSError when it cannot be written."""
-        # ensure_ascii: whatever a client put in a URL, the line is valid UTF-8 and one line.
-        data = (json.dumps(rec, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
-        try:
-            st = os.stat(self.path)
-            moved = (st.st_dev, st.st_ino) != self.identity
-        except FileNotFoundError:
-            moved = True
-        if moved:
-            self._open()
-        written = os.write(self.fd, data)
-        while written < len(data):  # a regular file writes short only when nearly full
-            written += os.write(self.fd, data[written:])
-
-    def append(self, rec: dict[str, Any]) -> bool:
-        """:meth:`write`, logging (at most every ERROR_INTERVAL s) instead of raising."""
-        try:
-            self.write(rec)
-        except OSError as exc:
-            self.failures += 1
-            moment = time.monotonic()
-            if moment - self._last_error >= ERROR_INTERVAL:
-                self._last_error = moment
-                log.error(
-                    "cannot write the audit log %s: %s (%d records lost so far)",
-                    self.path,
-                    exc.strerror or exc,
-                    self.failures,
-                )
-            return False
-        return True
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    def close(self) -> None: ...
 
 
-# --- reading: control-tower audit ----------------------------------------------------
+# --- control-tower audit ------------------------------------------------------------
 
 _RELATIVE = re.compile(r"-(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -286,99 +222,6 @@ def parse_since(text: str, now: datetime.datetime | None = None) -> datetime.dat
         raise UsageError(
             f"bad --since {text!r}: use an ISO 8601 time (2026-01-31T12:00:00Z) or -10m, -2h, -1d"
         ) from None
-
-
-def matches(
-    rec: dict[str, Any],
-    *,
-    user: str | None = None,
-    site: str | None = None,
-    event: str | None = None,
-    since: datetime.datetime | None = None,
-) -> bool:
-    if user is not None and rec.get("user") != user:
-        return False
-    if site is not None and rec.get("site") != site:
-        return False
-    if event is not None and rec.get("event") != event:
-        return False
-    if since is not None:
-        try:
-            if parse_time(str(rec.get("time"))) < since:
-                return False
-        except ValueError:
-            return False
-    return True
-
-
-def parse_line(line: str) -> dict[str, Any] | None:
-    """A record, or None for a line that is not a JSON object (e.g. cut by a full disk)."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def read_lines(path: Path) -> Iterator[str]:
-    """The complete lines of the log (a last line without newline is still being written)."""
-    with path.open("r", encoding="utf-8", errors="replace", newline="\n") as f:
-        for line in f:
-            if line.endswith("\n"):
-                yield line.rstrip("\n")
-
-
-def follow_lines(path: Path, poll: float = 0.25) -> Iterator[str]:
-    """Every complete line of the log, then new ones as they are appended, for ever.
-
-    Follows the path, not the descriptor: after a rename or removal (rotation)
-    it reads the new file from its start; after truncation, from the start.
-    """
-    f = None
-    pending = ""
-    identity: tuple[int, int] | None = None
-    try:
-        while True:
-            if f is None:
-                try:
-                    f = path.open("r", encoding="utf-8", errors="replace", newline="\n")
-                except FileNotFoundError:
-                    time.sleep(poll)  # not created yet: the tower creates it when it serves
-                    continue
-                st = os.fstat(f.fileno())
-                identity = (st.st_dev, st.st_ino)
-                pending = ""
-            chunk = f.read()
-            if chunk:
-                pending += chunk
-                *lines, pending = pending.split("\n")
-                yield from lines
-                continue
-            try:
-                st = os.stat(path)
-                replaced = (st.st_dev, st.st_ino) != identity
-                truncated = st.st_size < f.tell()
-            except FileNotFoundError:
-                replaced, truncated = True, False
-            if replaced:  # first: a new, shorter file is not a truncated old one
-                f.close()
-                f = None
-            elif truncated:
-                f.seek(0)
-                pending = ""
-            else:
-                time.sleep(poll)
-    finally:
-        if f is not None:
-            f.close()
-
-
-def filtered(lines: Iterable[str], **criteria: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(line, record) pairs of the lines that are records matching ``criteria``."""
-    for line in lines:
-        rec = parse_line(line)
-        if rec is not None and matches(rec, **criteria):
-            yield line, rec
 
 
 #: ``control-tower audit --table``: (header, width when following, narrowest width).

@@ -23,9 +23,16 @@ from rich.markup import escape
 
 from supctl.errors import ExitCode, SupctlError, UsageError
 from supctl.output import make_console
-from supctl.tower.audit import EVENTS
+from supctl.tower.auditcli import add_audit_command
 from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs
-from supctl.tower.config import CONFIG_NAME, TowerConfig, load_config, parse_listen, write_default_config
+from supctl.tower.config import (
+    CONFIG_NAME,
+    DEFAULT_FILES,
+    TowerConfig,
+    load_config,
+    parse_listen,
+    write_default_config,
+)
 from supctl.tower.store import TowerStore, atomic_write
 
 PROG = "control-tower"
@@ -104,6 +111,7 @@ def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[st
         directory / CONFIG_NAME,
         directory / STATE_NAME,
         directory / ADMIN_TOKEN_NAME,
+        directory / DEFAULT_FILES["database"],
         certs.ca,
         certs.ca_key,
         certs.cert,
@@ -121,9 +129,19 @@ def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[st
     store = TowerStore.create(directory / STATE_NAME)
     token = store.add_admin_token()
     atomic_write(directory / ADMIN_TOKEN_NAME, (token + "\n").encode(), 0o600)
+    create_store(directory / DEFAULT_FILES["database"], replace=force)  # the audit log's store
     # Last, so that a tower.toml only exists next to a complete set of files.
     write_default_config(directory)
     return token
+
+
+def create_store(path: Path, *, replace: bool = False) -> None:
+    """A new SQLite store at ``path`` (``init``; ``serve`` creates a missing one too)."""
+    import asyncio
+
+    from supctl.tower import database
+
+    asyncio.run(database.create(path, replace=replace))
 
 
 def _print_init_summary(directory: Path) -> None:
@@ -136,6 +154,7 @@ def _print_init_summary(directory: Path) -> None:
         ("server certificate", f"{certs.cert}  sha256 {fingerprint(certs.cert)}"),
         ("private keys", f"{certs.ca_key}, {certs.key}  (mode 0600)"),
         ("token hashes", f"{directory / STATE_NAME}  (mode 0600)"),
+        ("store (audit log)", f"{directory / DEFAULT_FILES['database']}  (mode 0600)"),
         ("admin token", f"{directory / ADMIN_TOKEN_NAME}  (mode 0600)"),
     ]
     console.print(f"[bold green]Control tower created in {escape(str(directory))}[/]")
@@ -164,72 +183,6 @@ def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None
     from supctl.tower import serving
 
     serving.serve(config, host, port, insecure)
-
-
-def show_audit(
-    path: Path,
-    *,
-    follow: bool = False,
-    table: bool = False,
-    user: str | None = None,
-    site: str | None = None,
-    event: str | None = None,
-    since: str | None = None,
-) -> None:
-    """Print the audit log's records that match, as JSON lines (exactly as stored) or a table."""
-    from rich.table import Table
-
-    from supctl.tower import audit
-
-    if not follow and not path.is_file():
-        raise UsageError(f"audit log {path} not found (control-tower serve creates it)")
-    criteria = {
-        "user": user,
-        "site": site,
-        "event": event,
-        "since": audit.parse_since(since) if since is not None else None,
-    }
-    lines = audit.follow_lines(path) if follow else audit.read_lines(path)
-    records = audit.filtered(lines, **criteria)
-    out = make_console(stderr=False, soft_wrap=False)
-    if not out.is_terminal:
-        out.width = max(out.width, 200)  # a file or a pipe: room for every column
-
-    def new_table(header: bool) -> Table:
-        t = Table(show_header=header, box=None, pad_edge=False)
-        for name, width, narrowest in audit.TABLE_COLUMNS:
-            t.add_column(
-                name,
-                justify="right" if name in audit.NUMERIC_COLUMNS else "left",
-                width=width if follow else None,  # following: one-row tables whose columns line up
-                min_width=narrowest,
-                overflow="fold",
-            )
-        return t
-
-    try:
-        if not table:
-            for line, _ in records:
-                sys.stdout.write(line + "\n")
-                if follow:
-                    sys.stdout.flush()
-        elif not follow:
-            whole = new_table(header=True)
-            for _, rec in records:
-                whole.add_row(*audit.table_row(rec))
-            out.print(whole)
-        else:
-            out.print(new_table(header=True))
-            for _, rec in records:
-                row = new_table(header=False)
-                row.add_row(*audit.table_row(rec))
-                out.print(row)
-        sys.stdout.flush()
-    except KeyboardInterrupt:  # the way to stop --follow
-        pass
-    except BrokenPipeError:  # `control-tower audit | head`: the reader has all it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush stays quiet
 
 
 def read_password(*, confirm: bool = False) -> str:
@@ -401,42 +354,7 @@ def make_cli() -> click.Group:
         """Run the tower."""
         serve_tower(load_config(config_path), listen, insecure)
 
-    @cli.command("audit")
-    @_config_option
-    @click.option("--follow", "-f", is_flag=True, help="Keep printing records as the tower appends them.")
-    @click.option("--user", metavar="USER", help="Only records of this user.")
-    @click.option("--site", metavar="SITE", help="Only records of this site.")
-    @click.option(
-        "--event",
-        type=click.Choice(EVENTS),
-        help="Only records of this event.",
-    )
-    @click.option(
-        "--since",
-        metavar="ISO|-10m",
-        help="Only records from this time on (ISO 8601, or -30s, -10m, -2h, -1d).",
-    )
-    @click.option("--table", is_flag=True, help="A table for people instead of JSON lines.")
-    def audit_cmd(
-        config_path: Path,
-        follow: bool,
-        user: str | None,
-        site: str | None,
-        event: str | None,
-        since: str | None,
-        table: bool,
-    ) -> None:
-        """Print the audit log (JSON lines as stored; fields: docs/audit.md)."""
-        show_audit(
-            load_config(config_path).audit,
-            follow=follow,
-            table=table,
-            user=user,
-            site=site,
-            event=event,
-            since=since,
-        )
-
+    add_audit_command(cli)
     return cli
 
 

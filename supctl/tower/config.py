@@ -172,8 +172,8 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "# Hashed admin and site tokens; re-read by a running tower whenever it changes.",
         f"state = {toml_string(DEFAULT_FILES['state'])}",
         "",
-        "# Append-only JSON-lines audit log (mode 0600), one record per session and stream (docs/audit.md).",
-        f"audit = {toml_string(DEFAULT_FILES['audit'])}",
+        "# The store (SQLite, mode 0600): the audit log, one record per session and stream (docs/audit.md).",
+        f"database = {toml_string(DEFAULT_FILES['database'])}",
         "",
         "# Users with hashed passwords and hashed login/API tokens (control-tower user/token).",
         f"users = {toml_string(DEFAULT_FILES['users'])}",
@@ -186,6 +186,10 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "",
         "# true serves plain ws:// without TLS (e.g. behind a TLS-terminating proxy).",
         "insecure = false",
+        "",
+        "# How long the audit log keeps a record (s, m, h or d); without keep, for ever.",
+        "# [audit]",
+        '# keep = "90d"',
         "",
     ]
     path = Path(directory) / CONFIG_NAME

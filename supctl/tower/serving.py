@@ -13,7 +13,7 @@ from websockets.asyncio.server import serve as ws_serve
 from .. import aio
 from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
-from .audit import AuditLog
+from .auditsink import AuditSink, open_store
 from .config import TowerConfig
 from .policy import PolicyFile
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
@@ -34,7 +34,9 @@ def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
 async def run_tower(
     config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
 ) -> None:
-    audit_log = AuditLog(config.audit)
+    store = await open_store(config)
+    audit_log = AuditSink(store.audit, keep=config.audit_keep)
+    audit_log.start()
     tower = Tower(TowerStore(config.state), audit_log, config.limits)
     tower.users = UserStore(config.users)
     tower.policy = PolicyFile(config.policies)
@@ -83,7 +85,8 @@ async def run_tower(
         await stop.wait()
         sweeper.cancel()
         log.warning("control-tower stopping")
-    audit_log.close()
+    await audit_log.stop()  # writes what is queued; says how many records were lost, if any
+    await store.close()
 
 
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:

@@ -28,7 +28,7 @@ MAX_QUERY = 10_000
 
 
 def encode(rec: Mapping[str, Any]) -> str:
-    """A record's line, exactly as :class:`supctl.tower.audit.AuditLog` writes it."""
+    """A record's line, exactly as ``audit.jsonl`` had it (and ``--output jsonl`` prints it)."""
     return json.dumps(rec, ensure_ascii=True, separators=(",", ":"))
 
 
@@ -123,12 +123,18 @@ class AuditRecords:
         at most ``batch`` rows, so that appends are never held up for long."""
         deleted = 0
         while True:
-            oldest = select(audit.c.id).where(audit.c.time < cutoff).order_by(audit.c.id).limit(batch)
-            async with self.db.write() as conn:
-                result = await conn.execute(delete(audit).where(audit.c.id.in_(oldest)))
-            deleted += result.rowcount
-            if result.rowcount < batch:
+            done = await self.delete_batch(cutoff, batch=batch)
+            deleted += done
+            if done < batch:
                 return deleted
+
+    async def delete_batch(self, cutoff: datetime.datetime, *, batch: int = 10_000) -> int:
+        """Delete at most ``batch`` of the oldest records older than ``cutoff``, in one
+        transaction; how many (fewer than ``batch``: none are left)."""
+        oldest = select(audit.c.id).where(audit.c.time < cutoff).order_by(audit.c.id).limit(batch)
+        async with self.db.write() as conn:
+            result = await conn.execute(delete(audit).where(audit.c.id.in_(oldest)))
+        return int(result.rowcount)
 
 
 def lines_to_rows(lines: Iterable[str]) -> tuple[list[dict[str, Any]], int]:
