@@ -395,8 +395,8 @@ def test_record_has_only_known_fields() -> None:
         ('[audit]\nkeep = "90d"\n', 90 * 86400.0, None),
         ('[audit]\nkeep = "12h"\n', 12 * 3600.0, None),
         ("", None, None),
-        ('[audit]\nkeep = "90 days"\n', None, "'audit.keep' must be like \"90d\""),
-        ("[audit]\nkeep = 90\n", None, "'audit.keep' must be like \"90d\""),
+        ('[audit]\nkeep = "90 days"\n', None, "'audit.keep' must be a duration like \"90d\""),
+        ("[audit]\nkeep = 90\n", None, "'audit.keep' must be a duration like \"90d\""),
         ('[audit]\nkeepp = "90d"\n', None, "unknown key 'audit.keepp'"),
     ],
 )
