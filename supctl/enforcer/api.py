@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,9 +13,8 @@ from ..protocol.names import valid_name
 if TYPE_CHECKING:
     from ..link import Channel
     from ..protocol import OpenRequest
-    from .cgroups import CgroupTree
+    from .cgroups import Cgroup, CgroupTree
     from .netns import NamespaceSockets
-    from .runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,55 @@ class Handler(Protocol):
 
 RegisterHandler = Callable[[Serves, Handler], None]
 """``register(Serves(verb, protocol), handler)``: the hook ``supctl_add_handlers`` gets one."""
+
+
+#: PATH of every process the enforcer starts, unless its container sets one.  The
+#: enforcer's own environment (its token file path, say) is never passed on.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """What to run.  ``env`` is the whole environment; stdio are
+    ``asyncio.subprocess.PIPE``, ``DEVNULL`` or (stderr) ``STDOUT``.  ``cgroup``:
+    the cgroup the process must be in before it runs anything (None: none)."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    stdin: int = asyncio.subprocess.DEVNULL
+    stdout: int = asyncio.subprocess.DEVNULL
+    stderr: int = asyncio.subprocess.DEVNULL
+    cgroup: Cgroup | None = None
+
+    @classmethod
+    def for_container(
+        cls,
+        container: Container,
+        argv: list[str],
+        *,
+        stdin: int = asyncio.subprocess.DEVNULL,
+        stdout: int = asyncio.subprocess.DEVNULL,
+        stderr: int = asyncio.subprocess.DEVNULL,
+    ) -> ProcessSpec:
+        """A process of ``container``: its env (PATH defaulted), cwd ("/" by default) and user."""
+        env = {"PATH": DEFAULT_PATH, **container.env}
+        return cls(argv, env, container.cwd or "/", container.user, stdin, stdout, stderr)
+
+
+class Runtime(Protocol):
+    """Starts processes inside a service instance."""
+
+    async def spawn(self, instance: ServiceInstance, spec: ProcessSpec) -> asyncio.subprocess.Process:
+        """Start ``spec`` in ``instance``, as the leader of a new process group, in
+        ``spec.cgroup`` if it has one.
+
+        Raise :class:`StreamError` with a one-line message (``NOT_FOUND`` for a
+        missing namespace, directory, user or command; ``INTERNAL`` otherwise)
+        when it cannot start.  :func:`start_process` does the common part.
+        """
+        ...
+
+
+RegisterRuntime = Callable[[str, Runtime], None]

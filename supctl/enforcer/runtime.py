@@ -24,65 +24,31 @@ import os
 import pwd
 import shutil
 import signal
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import cast
 
 from ..errors import StreamError
 from ..protocol import ErrorCode
-from .api import Container, ServiceInstance
-from .cgroups import Cgroup, enter_argv
 
-#: PATH of every process the enforcer starts, unless its container sets one.  The
-#: enforcer's own environment (its token file path, say) is never passed on.
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# ProcessSpec and Runtime live in .api (what plugins implement, and what the enforcer's
+# services name without importing this module) and are re-exported here, where plugins
+# have always imported them from.
+from .api import DEFAULT_PATH, ProcessSpec, RegisterRuntime, Runtime
+from .cgroups import enter_argv
 
-
-@dataclass(frozen=True)
-class ProcessSpec:
-    """What to run.  ``env`` is the whole environment; stdio are
-    ``asyncio.subprocess.PIPE``, ``DEVNULL`` or (stderr) ``STDOUT``.  ``cgroup``:
-    the cgroup the process must be in before it runs anything (None: none)."""
-
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    user: str | None = None
-    stdin: int = asyncio.subprocess.DEVNULL
-    stdout: int = asyncio.subprocess.DEVNULL
-    stderr: int = asyncio.subprocess.DEVNULL
-    cgroup: Cgroup | None = None
-
-    @classmethod
-    def for_container(
-        cls,
-        container: Container,
-        argv: list[str],
-        *,
-        stdin: int = asyncio.subprocess.DEVNULL,
-        stdout: int = asyncio.subprocess.DEVNULL,
-        stderr: int = asyncio.subprocess.DEVNULL,
-    ) -> ProcessSpec:
-        """A process of ``container``: its env (PATH defaulted), cwd ("/" by default) and user."""
-        env = {"PATH": DEFAULT_PATH, **container.env}
-        return cls(argv, env, container.cwd or "/", container.user, stdin, stdout, stderr)
-
-
-class Runtime(Protocol):
-    """Starts processes inside a service instance."""
-
-    async def spawn(self, instance: ServiceInstance, spec: ProcessSpec) -> asyncio.subprocess.Process:
-        """Start ``spec`` in ``instance``, as the leader of a new process group, in
-        ``spec.cgroup`` if it has one.
-
-        Raise :class:`StreamError` with a one-line message (``NOT_FOUND`` for a
-        missing namespace, directory, user or command; ``INTERNAL`` otherwise)
-        when it cannot start.  :func:`start_process` does the common part.
-        """
-        ...
-
-
-RegisterRuntime = Callable[[str, Runtime], None]
+__all__ = [
+    "DEFAULT_PATH",
+    "ProcessSpec",
+    "RegisterRuntime",
+    "Runtime",
+    "close_pipes",
+    "exit_status",
+    "find_tool",
+    "kill_group",
+    "reap",
+    "start_process",
+    "user_prefix",
+    "wait_exited",
+]
 
 
 def find_tool(name: str) -> str:
