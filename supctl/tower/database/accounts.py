@@ -67,7 +67,7 @@ class Users:
         """Create a user from a stored hash (imports, benchmarks)."""
         check_user_name(name)
         try:
-            async with self.db.write() as conn:
+            async with self.db.write(bump=True) as conn:
                 await conn.execute(
                     insert(users).values(
                         name=name, password=password_hash, policies=list(policies), created=now
@@ -78,7 +78,7 @@ class Users:
 
     async def remove(self, name: str, *, now: datetime.datetime) -> int:
         """Remove a user and revoke their tokens (how many) in the same transaction."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             gone = await conn.execute(delete(users).where(users.c.name == name))
             if gone.rowcount == 0:
                 raise UsageError(f"unknown user {name!r}")
@@ -148,7 +148,7 @@ class UserTokens:
         token = KINDS[kind] + secrets.token_urlsafe(32)  # 256 random bits
         digest = hash_token(token)
         expires = now + lifetime
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             # PostgreSQL: lock the user's row, so that concurrent adds count each other's tokens
             # for the cap and a concurrent removal waits (SQLite: the write lock already does).
             owner = await conn.scalar(select(users.c.name).where(users.c.name == user).with_for_update())
@@ -255,7 +255,7 @@ class UserTokens:
         """Push a valid login token's expiry to ``now + lifetime``; the new expiry, or None
         when the token is not a live login token (API tokens are not renewed)."""
         expires = now + lifetime
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(
                 update(user_tokens)
                 .where(
@@ -271,7 +271,7 @@ class UserTokens:
 
     async def revoke(self, accessor: str, *, now: datetime.datetime) -> str:
         """Revoke the token with this accessor; the user it belonged to."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             found = (
                 await conn.execute(
                     select(user_tokens.c.id, user_tokens.c.user_name).where(
@@ -292,7 +292,7 @@ class UserTokens:
 
     async def revoke_token(self, token: str, *, now: datetime.datetime) -> bool:
         """Revoke a token given itself (``supctl do logout``); False if it is none."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(
                 update(user_tokens)
                 .where(user_tokens.c.hash == hash_token(token), user_tokens.c.revoked.is_(None))
