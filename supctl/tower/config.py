@@ -28,6 +28,7 @@ DEFAULT_FILES = {
     "audit": "audit.jsonl",
     "users": "users.json",
     "policies": "policies.toml",
+    "database": "tower.db",
 }
 
 _HOSTNAME_RE = re.compile(
@@ -42,15 +43,18 @@ class TowerConfig:
     cert: Path
     key: Path
     ca: Path
-    state: Path
+    state: Path  # before the store: admin and site tokens (control-tower migrate imports it)
     audit: Path  # the append-only audit log (docs/audit.md)
-    users: Path  # users, password hashes and hashed login/API tokens
-    policies: Path  # named policies (docs/policies.md); a missing file defines none
+    users: Path  # before the store: users and their tokens (control-tower migrate imports it)
+    policies: Path  # watched by a running tower and applied to the store (docs/policies.md)
+    database: Path  # the store, SQLite, when store_url is None (docs/store.md)
     listen: str = DEFAULT_LISTEN
     insecure: bool = False  # serve plain ws:// (no TLS); the CLI's --insecure does the same
     keepalive: float = DEFAULT_KEEPALIVE  # WebSocket ping interval and timeout; 0 = off
     limits: Limits = field(default_factory=Limits)  # [limits] (docs/tower.md)
     login_expiry: str = "8h"  # lifetime of a login token (and of each renewal)
+    store_url: str | None = None  # [store] url: postgresql://USER@HOST/DB (or sqlite:///PATH)
+    store_password_file: Path | None = None  # [store] password-file; else $SUPCTL_STORE_PASSWORD
 
 
 def valid_hostname(name: str) -> bool:
@@ -97,7 +101,7 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
         raise UsageError(f"bad config file {p}: {e}") from None
 
     # Unknown keys are errors: a misspelt "insecure" must not be silently ignored.
-    known = {*DEFAULT_FILES, "listen", "insecure", "keepalive", "limits", "login-expiry"}
+    known = {*DEFAULT_FILES, "listen", "insecure", "keepalive", "limits", "login-expiry", "store"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UsageError(f"bad config file {p}: unknown key {unknown[0]!r}")
@@ -123,7 +127,10 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
     login_expiry = data.get("login-expiry", "8h")
     if not isinstance(login_expiry, str) or not re.fullmatch(r"[1-9][0-9]*[smhd]", login_expiry):
         raise UsageError(f"bad config file {p}: 'login-expiry' must be like \"8h\" (s, m, h or d)")
+    store_url, store_password_file = _parse_store(data.get("store", {}), p, base)
     return TowerConfig(
+        store_url=store_url,
+        store_password_file=store_password_file,
         listen=listen,
         insecure=insecure,
         keepalive=keepalive,
@@ -131,6 +138,29 @@ def load_config(path: str | os.PathLike[str]) -> TowerConfig:
         login_expiry=login_expiry,
         **files,
     )
+
+
+def _parse_store(raw: object, p: Path, base: Path) -> tuple[str | None, Path | None]:
+    """``[store]``: ``url`` (never with a password) and ``password-file``."""
+    if not isinstance(raw, dict):
+        raise UsageError(f"bad config file {p}: 'store' must be a table")
+    unknown = sorted(set(raw) - {"url", "password-file"})
+    if unknown:
+        raise UsageError(f"bad config file {p}: unknown key 'store.{unknown[0]}'")
+    url = raw.get("url")
+    if url is not None and (not isinstance(url, str) or not url):
+        raise UsageError(f"bad config file {p}: 'store.url' must be a non-empty string")
+    if url is not None:
+        scheme, sep, rest = url.partition("://")
+        if sep and ":" in rest.split("/", 1)[0].rpartition("@")[0]:
+            raise UsageError(
+                f"bad config file {p}: 'store.url' must not contain a password:"
+                " use store.password-file or the environment (SUPCTL_STORE_PASSWORD)"
+            )
+    password_file = raw.get("password-file")
+    if password_file is not None and (not isinstance(password_file, str) or not password_file):
+        raise UsageError(f"bad config file {p}: 'store.password-file' must be a non-empty string")
+    return url, base / Path(password_file).expanduser() if password_file is not None else None
 
 
 def toml_string(value: str) -> str:
@@ -155,16 +185,15 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "# TLS server certificate and key, and the CA clients use to verify them.",
         *(f"{name} = {toml_string(DEFAULT_FILES[name])}" for name in ("cert", "key", "ca")),
         "",
-        "# Hashed admin and site tokens; re-read by a running tower whenever it changes.",
-        f"state = {toml_string(DEFAULT_FILES['state'])}",
+        "# The store (SQLite): admin, site, login and API tokens (hashed), users, policy sets.",
+        "# [store] url = \"postgresql://USER@HOST/DB\" uses PostgreSQL instead (docs/store.md).",
+        f"database = {toml_string(DEFAULT_FILES['database'])}",
         "",
         "# Append-only JSON-lines audit log (mode 0600), one record per session and stream (docs/audit.md).",
         f"audit = {toml_string(DEFAULT_FILES['audit'])}",
         "",
-        "# Users with hashed passwords and hashed login/API tokens (control-tower user/token).",
-        f"users = {toml_string(DEFAULT_FILES['users'])}",
-        "",
-        "# Named policies, default deny (docs/policies.md); the file is optional.",
+        "# Named policies, default deny (docs/policies.md); optional: a running tower applies",
+        "# it to the store when it changes (or use control-tower policy apply).",
         f"policies = {toml_string(DEFAULT_FILES['policies'])}",
         "",
         "# Lifetime of a login token; a long-running supctl renews it before it ends.",

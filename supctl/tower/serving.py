@@ -16,11 +16,12 @@ from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from .audit import AuditLog
 from .config import TowerConfig
 from .limits import sweep_forever
-from .policy import PolicyFile
+from .directory import Directory
+from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .server import Tower
-from .store import TowerStore
-from .users import UserStore, parse_duration
+from .storeconfig import open_store
+from .users import parse_duration
 
 log = logging.getLogger("supctl.tower")
 
@@ -35,10 +36,14 @@ def server_ssl_context(config: TowerConfig) -> ssl.SSLContext:
 async def run_tower(
     config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
 ) -> None:
+    store = await open_store(config)
+    try:
+        directory = await Directory.load(store, watch=PolicyWatch(config.policies))
+    except BaseException:
+        await store.close()
+        raise
     audit_log = AuditLog(config.audit)
-    tower = Tower(TowerStore(config.state), audit_log, config.limits)
-    tower.users = UserStore(config.users)
-    tower.policy = PolicyFile(config.policies)
+    tower = Tower(directory, audit_log, config.limits)
     tower.login_expiry = parse_duration(config.login_expiry)
     keepalive = config.keepalive or None
     handshake = config.limits.handshake_timeout
@@ -81,10 +86,13 @@ async def run_tower(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         sweeper = asyncio.create_task(sweep_forever(tower), name="limits-sweep")
+        poller = asyncio.create_task(directory.poll_forever(), name="store-poll")
         await stop.wait()
         sweeper.cancel()
+        poller.cancel()
         log.warning("control-tower stopping")
     audit_log.close()
+    await store.close()
 
 
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:

@@ -107,6 +107,8 @@ class Identity:
     accessor: str
     policies: tuple[str, ...]
     kind: str  # "admin", "login" or "api"
+    #: The token's SHA-256: names it exactly where accessors (32 bits) may collide.
+    token_hash: str = ""
 
 
 class TokenRefused(Exception):
