@@ -40,14 +40,14 @@ class Kit:
         directory: Path,
         limits: Limits | None = None,
         *,
-        clock: Callable[[], datetime.datetime] = utc_now,
+        wall_clock: Callable[[], datetime.datetime] = utc_now,
         **tower: Any,
     ) -> None:
         self.path = directory / "tower.db"
         self.policies = directory / "policies.toml"
         run(database.create(self.path))
         self.store: SQLStore = run(database.open(self.path))
-        self.directory: Directory = run(Directory.load(self.store, watch=PolicyWatch(self.policies), clock=clock))
+        self.directory: Directory = run(Directory.load(self.store, watch=PolicyWatch(self.policies), clock=wall_clock))
         self.tower = Tower(self.directory, None, limits or Limits(), **tower)
 
     def other_store(self) -> SQLStore:

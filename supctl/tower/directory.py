@@ -279,6 +279,8 @@ class Directory:
             gone = set(issued.revoked)
             for other in self._by_accessor_of(user, gone):
                 self._set(other, revoked=now)
+            for old in issued.forgotten:
+                self._forget(old)
             self._tokens[digest] = TokenRow(user, issued.accessor, "login", issued.expires, None)
             self._by_accessor.setdefault(issued.accessor, []).append(digest)
         return issued
@@ -300,6 +302,15 @@ class Directory:
         if self._own_write(seen) and expires is not None and digest in self._tokens:
             self._set(digest, expires=expires)
         return expires
+
+    def _forget(self, digest: str) -> None:
+        row = self._tokens.pop(digest, None)
+        if row is not None:
+            same = self._by_accessor.get(row.accessor, [])
+            if digest in same:
+                same.remove(digest)
+            if not same:
+                self._by_accessor.pop(row.accessor, None)
 
     def _by_accessor_of(self, user: str, accessors: set[str]) -> list[str]:
         return [

@@ -36,6 +36,10 @@ from .schema import admin_tokens, user_tokens, users
 KINDS = {"login": LOGIN_PREFIX, "api": API_PREFIX}
 #: How long a token is remembered after its expiry (then "invalid token" instead of "expired").
 FORGET_AFTER = datetime.timedelta(days=7)
+#: A user's revoked login tokens are remembered (so that using one says "token revoked") up
+#: to this many times the cap; the earliest revoked are forgotten first, so that logging
+#: in again and again grows neither the table nor a tower's copy of it.
+REVOKED_REMEMBERED = 4
 #: Hashes per query when re-checking many sessions' tokens at once.
 _CHUNK = 500
 
@@ -166,6 +170,7 @@ class UserTokens:
                 )
             )
             revoked: tuple[str, ...] = ()
+            forgotten: tuple[str, ...] = ()
             if kind == "login" and cap is not None:
                 beyond = await conn.execute(
                     select(user_tokens.c.id, user_tokens.c.accessor)
@@ -186,7 +191,26 @@ class UserTokens:
                         .values(revoked=now)
                     )
                     revoked = tuple(row.accessor for row in oldest)
-        return IssuedToken(token, digest[:8], expires, revoked)
+                forgotten = await self._forget_revoked(conn, user, REVOKED_REMEMBERED * cap)
+        return IssuedToken(token, digest[:8], expires, revoked, forgotten)
+
+    @staticmethod
+    async def _forget_revoked(conn: Any, user: str, keep: int) -> tuple[str, ...]:
+        """Forget ``user``'s revoked login tokens beyond the ``keep`` last revoked; their hashes."""
+        beyond = await conn.execute(
+            select(user_tokens.c.id, user_tokens.c.hash)
+            .where(
+                user_tokens.c.user_name == user,
+                user_tokens.c.kind == "login",
+                user_tokens.c.revoked.is_not(None),
+            )
+            .order_by(user_tokens.c.revoked.desc(), user_tokens.c.id.desc())
+            .offset(keep)
+        )
+        rows = beyond.all()
+        if rows:
+            await conn.execute(delete(user_tokens).where(user_tokens.c.id.in_([row.id for row in rows])))
+        return tuple(row.hash for row in rows)
 
     async def check(self, token: str, *, now: datetime.datetime) -> Identity | None:
         """The identity of a valid token; None if it is no user token; :class:`TokenRefused`
