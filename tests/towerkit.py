@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +30,24 @@ def utc_now() -> datetime.datetime:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run ``coro`` to completion on an event loop of its own, in a thread of its own: it
+    works from a test's plain code and from inside a running loop alike (which waits:
+    nothing else runs meanwhile, as when the tower awaits the store)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # handed to the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 class Kit:
@@ -55,7 +73,32 @@ class Kit:
         return run(database.open(self.path))
 
     def fresh(self) -> None:
+        """What the tower does before each request, and its poll every 0.25 s."""
         run(self.directory.fresh())
+
+    def admin(self, change: Callable[[SQLStore], Coroutine[Any, Any, T]]) -> T:
+        """A change made by ``control-tower`` in another process (its own connection to
+        the store), then seen by the tower's next poll."""
+
+        async def command() -> T:
+            other = await database.open(self.path)
+            try:
+                return await change(other)
+            finally:
+                await other.close()
+
+        done = run(command())
+        self.fresh()
+        return done
+
+    def rotate_site(self, name: str) -> str:
+        return self.admin(lambda store: store.sites.rotate(name, now=utc_now()))
+
+    def remove_site(self, name: str) -> None:
+        self.admin(lambda store: store.sites.remove(name))
+
+    def add_admin_token(self) -> str:
+        return self.admin(lambda store: store.admins.add(now=utc_now()))
 
     def add_site(self, name: str) -> str:
         token = run(self.store.sites.add(name, now=utc_now()))
