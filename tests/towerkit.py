@@ -116,3 +116,12 @@ class Kit:
 
     def close(self) -> None:
         run(self.store.close())
+
+
+def open_directory(path: Path) -> Directory:
+    """A serving tower's copy of the store at ``path`` (left open until the process ends)."""
+
+    async def load() -> Directory:
+        return await Directory.load(await database.open(path))
+
+    return run(load())
