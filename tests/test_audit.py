@@ -26,6 +26,7 @@ import pytest
 from e2e_support import start_server, wait_until
 from exec_support import exec_args
 from stack import LogFile, Stack, do_args, one_line_error, program
+from towerkit import Kit
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
@@ -33,7 +34,7 @@ from supctl.errors import ExitCode
 from supctl.tower import audit
 from supctl.tower.audit import FIELDS, AuditLog, parse_since
 from supctl.tower.server import Tower
-from supctl.tower.store import TowerStore
+from supctl.tower.store import hash_token
 
 SITE = "audit-site"
 APP = "app"
@@ -90,13 +91,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             f"[applications.{APP}.service-instances.{INST}.containers.{SHELL}]\n",
         )
         _, sink_port = start_server(stack, "sink-source", "--seed", "7", "--size", str(DOWN))
-        state = json.loads((stack.dir / "state.json").read_text())
+        admin_token = (stack.dir / "admin.token").read_text().strip()
         yield Env(
             stack=stack,
             sink_port=sink_port,
             admin_token=(stack.dir / "admin.token").read_text().strip(),
             site_token=(stack.root / f"{SITE}.token").read_text().strip(),
-            accessor=state["admins"][0]["accessor"],
+            accessor=hash_token(admin_token)[:8],
         )
 
 
@@ -338,10 +339,10 @@ def test_follow_lines_reads_partial_lines_and_rotations(tmp_path: Path) -> None:
 def test_unrecordable_session_is_refused(tmp_path: Path) -> None:
     """With an audit log that cannot be written (a full disk: /dev/full), nothing is let through
     unrecorded (503), refusals still carry their own status, and the tower logs why."""
-    store = TowerStore.create(tmp_path / "state.json")
-    token = store.add_admin_token()
+    kit = Kit(tmp_path)
+    token = kit.add_admin_token()
     trail = AuditLog("/dev/full")
-    tower = Tower(store, trail)
+    tower = Tower(kit.directory, trail)
     peer: Any = SimpleNamespace(remote_address=("127.0.0.1", 5555))
 
     def get(authorization: str) -> int:

@@ -22,7 +22,9 @@ from types import SimpleNamespace
 from urllib.parse import quote, urlencode
 
 import pytest
+from sqlalchemy import update
 from stack import Stack, do_args, one_line_error, program
+from towerkit import Kit, run
 from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest
 
@@ -32,14 +34,11 @@ from supctl.protocol import SUBPROTOCOL
 from supctl.protocol.names import parse_port, valid_name
 from supctl.protocol.targets import canonical_address, is_self
 from supctl.tower import server
+from supctl.tower.database.schema import users
 from supctl.tower.limits import Limits
 from supctl.tower.links import Route
 from supctl.tower.policy import Request, allowed, parse_policies
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
-from sqlalchemy import update
-from towerkit import Kit, run
-
-from supctl.tower.database.schema import users
 
 SITE, APP, INSTANCE = "stockholm-sergel", "popcorn-controller", "popcorn-controller-service-1"
 HIDDEN_SITE = "oslo-local"  # exists, connected, but alice may not see it
@@ -175,7 +174,8 @@ class Client:
             headers["Connection"] = "Upgrade"
             headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
         # As websockets calls it: the directory is brought up to date first (policies.toml).
-        response = run(self.tower.handshake_request(self.peer, HttpRequest(f"{path}?{urlencode(query)}", headers)))  # type: ignore[arg-type]
+        request = HttpRequest(f"{path}?{urlencode(query)}", headers)
+        response = run(self.tower.handshake_request(self.peer, request))  # type: ignore[arg-type]
         if response is None:
             return 101, ""
         body = json.loads(response.body)

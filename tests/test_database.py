@@ -807,4 +807,8 @@ def test_every_package_is_listed_in_setup_cfg() -> None:
     }
     assert found <= listed, sorted(found - listed)
     versions = REPO / "supctl/tower/database/migrations/versions"
-    assert sorted(p.name for p in versions.glob("0*.py")) == ["0001_initial.py", "0002_site_rotation.py", "0003_generation.py"]
+    assert sorted(p.name for p in versions.glob("0*.py")) == [
+        "0001_initial.py",
+        "0002_site_rotation.py",
+        "0003_generation.py",
+    ]

@@ -36,11 +36,10 @@ from websockets.http11 import Request as HttpRequest
 
 from supctl.errors import ExitCode, UsageError
 from supctl.protocol import SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened, StreamReset
-from supctl.tower import server
+from supctl.tower import database, server
 from supctl.tower.limits import Limits, sweep_forever, sweep_sites
 from supctl.tower.links import ClientLink, Route, SiteClaim, SiteLink
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
-from supctl.tower import database
 from supctl.tower.store import hash_token
 
 SITE, APP, INST, SHELL = "site1", "app", "inst", "shell"
@@ -222,9 +221,7 @@ def _resets(session: ClientLink, supctl: Connection) -> list[tuple[int, ErrorCod
     return [(e.stream_id, e.code, e.text) for e in events if isinstance(e, StreamReset)]
 
 
-def test_no_stream_goes_to_a_rotated_link_even_before_the_sweep(
-    tower: server.Tower, store: Kit
-) -> None:
+def test_no_stream_goes_to_a_rotated_link_even_before_the_sweep(tower: server.Tower, store: Kit) -> None:
     stolen = store.add_site(SITE)
 
     def body() -> None:

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from towerkit import open_directory, run
 
 from supctl.errors import UsageError
-from supctl.tower.directory import Directory
 from supctl.tower.certs import fingerprint
 from supctl.tower.config import load_config, parse_listen, toml_string, write_default_config
+from supctl.tower.directory import Directory
 from supctl.tower.store import hash_token
-from towerkit import open_directory, run
 
 ROOT = Path(__file__).resolve().parent.parent
 

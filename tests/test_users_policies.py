@@ -6,7 +6,6 @@ local policy); tokens and passwords never show up in stderr, logs or the audit l
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import ipaddress
 import json
@@ -24,6 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stack import Stack, do_args, one_line_error, program
+from towerkit import Kit
 
 from supctl.enforcer.api import Serves
 from supctl.enforcer.inventory import parse_inventory
@@ -31,7 +31,6 @@ from supctl.errors import ExitCode, StreamError, UsageError
 from supctl.protocol import OpenRequest
 from supctl.tower.policy import Request, Rule, decide, parse_policies
 from supctl.tower.users import check_password, hash_password
-from towerkit import Kit
 
 APP, INSTANCE, SITE = "popcorn-controller", "popcorn-controller-service-1", "stockholm-sergel"
 OTHER_SITE = "oslo-local"

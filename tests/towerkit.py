@@ -65,7 +65,9 @@ class Kit:
         self.policies = directory / "policies.toml"
         run(database.create(self.path))
         self.store: SQLStore = run(database.open(self.path))
-        self.directory: Directory = run(Directory.load(self.store, watch=PolicyWatch(self.policies), clock=wall_clock))
+        self.directory: Directory = run(
+            Directory.load(self.store, watch=PolicyWatch(self.policies), clock=wall_clock)
+        )
         self.tower = Tower(self.directory, None, limits or Limits(), **tower)
 
     def other_store(self) -> SQLStore:
@@ -110,7 +112,9 @@ class Kit:
         self.fresh()
 
     def add_token(self, user: str, kind: str = "login", lifetime: datetime.timedelta | None = None) -> str:
-        issued = run(self.store.tokens.add(user, kind, lifetime or datetime.timedelta(hours=1), now=utc_now()))
+        issued = run(
+            self.store.tokens.add(user, kind, lifetime or datetime.timedelta(hours=1), now=utc_now())
+        )
         self.fresh()
         return issued.token
 

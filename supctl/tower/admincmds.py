@@ -150,7 +150,9 @@ def migrate(config: TowerConfig) -> list[str]:
         store = await database.open(target, password_file=password_file)
         try:
             if await _holds_credentials(store):
-                done.append(f"{config.state.name} and {config.users.name} not imported: the store holds data already")
+                done.append(
+                    f"{config.state.name} and {config.users.name} not imported: the store holds data already"
+                )
                 return done
             summary = await database.import_files(store, *old, now=now())
         finally:

@@ -151,7 +151,7 @@ def _parse_store(raw: object, p: Path, base: Path) -> tuple[str | None, Path | N
     if url is not None and (not isinstance(url, str) or not url):
         raise UsageError(f"bad config file {p}: 'store.url' must be a non-empty string")
     if url is not None:
-        scheme, sep, rest = url.partition("://")
+        _scheme, sep, rest = url.partition("://")
         if sep and ":" in rest.split("/", 1)[0].rpartition("@")[0]:
             raise UsageError(
                 f"bad config file {p}: 'store.url' must not contain a password:"
@@ -186,7 +186,7 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         *(f"{name} = {toml_string(DEFAULT_FILES[name])}" for name in ("cert", "key", "ca")),
         "",
         "# The store (SQLite): admin, site, login and API tokens (hashed), users, policy sets.",
-        "# [store] url = \"postgresql://USER@HOST/DB\" uses PostgreSQL instead (docs/store.md).",
+        '# [store] url = "postgresql://USER@HOST/DB" uses PostgreSQL instead (docs/store.md).',
         f"database = {toml_string(DEFAULT_FILES['database'])}",
         "",
         "# Append-only JSON-lines audit log (mode 0600), one record per session and stream (docs/audit.md).",

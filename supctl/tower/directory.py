@@ -32,7 +32,15 @@ from .database.snapshot import Snapshot, TokenRow, load
 from .policy import ALLOW_ALL, ALLOW_EVERYTHING, Rule
 from .policywatch import PolicyWatch, parse_policy_text
 from .store import hash_token
-from .users import API_PREFIX, LOGIN_PREFIX, MAX_PASSWORD, Identity, TokenRefused, check_password, hash_password
+from .users import (
+    API_PREFIX,
+    LOGIN_PREFIX,
+    MAX_PASSWORD,
+    Identity,
+    TokenRefused,
+    check_password,
+    hash_password,
+)
 
 log = logging.getLogger("supctl.tower")
 

@@ -60,10 +60,10 @@ from .siteinfo import SiteInfo
 from .store import hash_token
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
-    iso,
     USER_NAME_RE,
     Identity,
     TokenRefused,
+    iso,
 )
 
 log = logging.getLogger("supctl.tower")
@@ -181,7 +181,9 @@ class Tower:
             return AccountDone(requester, rejection=exc)
         except StoreUnavailable as exc:
             self.peer_log.warning("store unavailable", "%s", exc)
-            return AccountDone(requester, rejection=Rejection(503, "the control tower cannot reach its store"))
+            return AccountDone(
+                requester, rejection=Rejection(503, "the control tower cannot reach its store")
+            )
         except Exception:
             log.exception("internal error writing to the store for %s", path)
             return AccountDone(requester, rejection=Rejection(500, "internal error in the control tower"))

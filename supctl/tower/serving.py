@@ -15,8 +15,8 @@ from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from .audit import AuditLog
 from .config import TowerConfig
-from .limits import sweep_forever
 from .directory import Directory
+from .limits import sweep_forever
 from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .server import Tower

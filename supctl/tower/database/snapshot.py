@@ -43,7 +43,10 @@ class Snapshot:
 async def load(store: SQLStore) -> Snapshot:
     generation = await store.generation()
     async with store.db.read() as conn:
-        admins = {row.hash: row.accessor for row in await conn.execute(select(admin_tokens.c.hash, admin_tokens.c.accessor))}
+        admins = {
+            row.hash: row.accessor
+            for row in await conn.execute(select(admin_tokens.c.hash, admin_tokens.c.accessor))
+        }
         site_rows = await conn.execute(select(sites.c.name, sites.c.token_hash))
         site_map = {row.name: row.token_hash for row in site_rows}
         user_rows = await conn.execute(select(users.c.name, users.c.password, users.c.policies))
@@ -55,4 +58,3 @@ async def load(store: SQLStore) -> Snapshot:
             for row in token_rows
         }
     return Snapshot(generation, admins, site_map, user_map, tokens, await store.policies.current())
-
