@@ -17,12 +17,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from oldformats import OldTower
 from stack import Stack, do_args, program, write_secret
 from towerkit import Kit, run, utc_now
 
 from supctl.tower import database
-from supctl.tower.store import TowerStore, hash_token
-from supctl.tower.users import TokenRefused, UserStore
+from supctl.tower.store import hash_token
+from supctl.tower.users import TokenRefused
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "correct horse battery staple"
@@ -202,10 +203,9 @@ def test_migrate_imports_an_older_towers_files_and_their_tokens_keep_working(tmp
         # The directory as the code before the store made it: state.json, users.json, policies.toml.
         for path in stack.dir.glob("tower.db*"):
             path.unlink()
-        state = TowerStore.create(stack.dir / "state.json")
+        state = users = OldTower(stack.dir)
         write_secret(stack.dir / "admin.token", state.add_admin_token() + "\n")
         write_secret(stack.root / f"{SITE}.token", state.add_site(SITE) + "\n")
-        users = UserStore(stack.dir / "users.json")
         users.add_user("alice", PASSWORD, ["ops"])
         api_token = users.add_token("alice", "api", datetime.timedelta(days=1))[0]
         (stack.dir / "policies.toml").write_text(POLICY)
