@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
 import socket
 import sqlite3
@@ -255,3 +256,35 @@ def test_migrate_imports_an_older_towers_files_and_their_tokens_keep_working(tmp
         # The imported policy set is the one in force: it allows connect, nothing else.
         denied = stack.supctl("show", "sites", env=env)
         assert denied.returncode == 0 and SITE not in denied.stdout.decode(), denied.stderr
+
+
+def test_lists_are_tables_for_people_and_json_for_scripts(tmp_path: Path) -> None:
+    assert control_tower("init", tmp_path / "t").returncode == 0
+    config = tmp_path / "t" / "tower.toml"
+    assert (
+        control_tower(
+            "user", "add", "--config", config, "alice", "--policy", "ops", stdin=PASSWORD + "\n"
+        ).returncode
+        == 0
+    )
+    token = control_tower("token", "add", "--config", config, "--user", "alice").stdout.strip()
+    users = json.loads(control_tower("user", "list", "--config", config, "-o", "json").stdout)
+    assert [sorted(row) for row in users] == [["created", "name", "policies"]]
+    assert (users[0]["name"], users[0]["policies"]) == ("alice", ["ops"])
+    table = control_tower("user", "list", "--config", config).stdout.splitlines()
+    assert [line.split()[:2] for line in table] == [["NAME", "POLICIES"], ["alice", "ops"]]
+    tokens = json.loads(control_tower("token", "list", "--config", config, "-o", "json").stdout)
+    assert [sorted(row) for row in tokens] == [
+        ["accessor", "created", "expires", "kind", "revoked", "state", "user"]
+    ]
+    assert tokens[0]["accessor"] == hash_token(token)[:8]
+    assert (tokens[0]["user"], tokens[0]["kind"], tokens[0]["revoked"], tokens[0]["state"]) == (
+        "alice",
+        "api",
+        None,
+        "valid",
+    )
+    listing = control_tower("token", "list", "--config", config).stdout
+    assert listing.split()[:5] == ["ACCESSOR", "USER", "KIND", "EXPIRES", "STATE"] and token not in listing
+    bad = control_tower("token", "list", "--config", config, "-o", "yaml")
+    assert bad.returncode == 2 and "'yaml' is not one of 'table', 'json'" in bad.stderr  # click's usage error

@@ -170,7 +170,13 @@ def test_site_add_prints_only_the_token(tower: Path) -> None:
 
     proc = run_tower("site", "add", "--config", tower / "tower.toml", "a0")
     assert proc.returncode == 0
-    assert run_tower("site", "list", "--config", tower / "tower.toml").stdout == "a0\nparis-1\n"
+    listed = run_tower("site", "list", "--config", tower / "tower.toml").stdout.splitlines()
+    assert [line.split()[0] for line in listed] == ["NAME", "a0", "paris-1"]
+    assert listed[0].split() == ["NAME", "ACCESSOR", "CREATED", "ROTATED"]
+    rows = json.loads(run_tower("site", "list", "--config", tower / "tower.toml", "-o", "json").stdout)
+    assert [sorted(row) for row in rows] == [["accessor", "created", "name", "rotated"]] * 2
+    assert [row["name"] for row in rows] == ["a0", "paris-1"]
+    assert rows[1]["accessor"] == hash_token(token)[:8] and rows[1]["rotated"] is None
 
 
 def test_site_add_refuses_duplicates(tower: Path) -> None:

@@ -68,6 +68,18 @@ def _output_option(f: F) -> F:
     )(f)
 
 
+def _format_option(f: F) -> F:
+    return click.option(
+        "-o",
+        "--output",
+        "fmt",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="A table with headers, or JSON (an array of objects) for scripts.",
+    )(f)
+
+
 def _check_output(output: Path | None) -> None:
     """Refuse an --output that cannot be written *before* a token is made, so that a typo
     does not leave a site with a token nobody has."""
@@ -261,7 +273,7 @@ def _who() -> str | None:
 
 def make_cli() -> click.Group:
     """Build the ``control-tower`` command tree."""
-    from supctl.tower import admincmds
+    from supctl.tower import admincmds, listings
 
     @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
     def cli() -> None:
@@ -323,10 +335,11 @@ def make_cli() -> click.Group:
 
     @site.command("list")
     @_config_option
-    def site_list(config_path: Path) -> None:
-        """Print the registered site names, one per line."""
-        for entry in admincmds.sites(load_config(config_path)):
-            click.echo(entry.name)
+    @_format_option
+    def site_list(config_path: Path, fmt: str) -> None:
+        """Print the registered sites: name, token accessor, created, rotated."""
+        rows = listings.sites(admincmds.sites(load_config(config_path)))
+        listings.show(rows, ("name", "accessor", "created", "rotated"), fmt)
 
     @cli.group()
     def user() -> None:
@@ -358,10 +371,11 @@ def make_cli() -> click.Group:
 
     @user.command("list")
     @_config_option
-    def user_list(config_path: Path) -> None:
-        """Print the users and their policies, one per line."""
-        for entry in admincmds.users(load_config(config_path)):
-            click.echo(f"{entry.name}\t{','.join(entry.policies) or '-'}")
+    @_format_option
+    def user_list(config_path: Path, fmt: str) -> None:
+        """Print the users: name, policies, created."""
+        rows = listings.users(admincmds.users(load_config(config_path)))
+        listings.show(rows, ("name", "policies", "created"), fmt)
 
     @cli.group()
     def token() -> None:
@@ -386,14 +400,11 @@ def make_cli() -> click.Group:
 
     @token.command("list")
     @_config_option
-    def token_list(config_path: Path) -> None:
+    @_format_option
+    def token_list(config_path: Path, fmt: str) -> None:
         """Print accessor, user, kind, expiry and state of every token (never the token)."""
-        from supctl.tower.users import iso
-
-        now = admincmds.now()
-        for entry in admincmds.tokens(load_config(config_path)):
-            fields = [entry.accessor, entry.user, entry.kind, iso(entry.expires), entry.state(now)]
-            click.echo("\t".join(fields))
+        rows = listings.tokens(admincmds.tokens(load_config(config_path)), admincmds.now())
+        listings.show(rows, ("accessor", "user", "kind", "expires", "state"), fmt)
 
     @token.command("revoke")
     @_config_option
