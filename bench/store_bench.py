@@ -1,6 +1,6 @@
 """The tower's store (supctl.tower.database) on SQLite and PostgreSQL, beside the JSON files.
 
-    python bench/store_bench.py [--backend sqlite|postgresql|json]... [--checks N] [--audit N]
+    python bench/store_bench.py [--backend sqlite|postgresql]... [--checks N] [--audit N]
 
 For each backend, in a process of its own (so that RSS is the backend's alone):
 
@@ -12,9 +12,9 @@ For each backend, in a process of its own (so that RSS is the backend's alone):
   then querying the newest 1,000 rows of one user.
 
 PostgreSQL runs in a throwaway cluster (tests/pg_cluster.py) with fsync on, as deployed,
-on a Unix socket; its server processes are not in the RSS.  The ``json`` backend is
-today's UserStore (users.json) and the former audit.jsonl writer, for comparison.  A benchmark,
-not a test: nothing is asserted, figures vary with the machine's load.
+on a Unix socket; its server processes are not in the RSS.  (The JSON files it was
+compared with are gone: their figures are in docs/store.md.)  A benchmark, not a test:
+nothing is asserted, figures vary with the machine's load.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,8 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from supctl.tower.audit import record  # noqa: E402
-from supctl.tower.database.auditlog import encode  # noqa: E402
-from supctl.tower.users import UserStore, hash_password  # noqa: E402
+from supctl.tower.users import hash_password  # noqa: E402
 
 USERS = 1000
 AUDIT_ROWS = 100_000
@@ -128,48 +126,9 @@ async def bench_store(target: str, password_file: Path | None, checks: int, appe
     return result
 
 
-def bench_json(directory: Path, checks: int, appends: int) -> dict[str, Any]:
-    """Today's files: users.json read by UserStore, audit.jsonl written as the file-based tower did."""
-    result: dict[str, Any] = {"rss_start_kib": rss_kib()}
-    now = datetime.datetime.now(datetime.UTC)
-    hashed = hash_password("benchmark")
-    users = {
-        f"user{i}": {"password": hashed, "policies": ["ops"], "created": now.isoformat()}
-        for i in range(USERS)
-    }
-    store = UserStore(directory / "users.json")
-    with store._locked() as data:  # 1,000 add_user calls would rewrite the file 1,000 times
-        data["users"] = users
-    tokens = [store.add_token(f"user{i}", "login", datetime.timedelta(hours=8))[0] for i in range(USERS)]
-    token = tokens[USERS // 2]
-    samples = []
-    for _ in range(checks):
-        start = time.perf_counter()
-        identity = store.check_token(token)
-        samples.append(time.perf_counter() - start)
-        assert identity is not None
-    result["token_check"] = micros(samples)
-    # As the file-based tower wrote audit.jsonl: one write() of one line, O_APPEND, unbuffered.
-    fd = os.open(directory / "audit.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    records = audit_records(appends)
-    start = time.perf_counter()
-    for rec in records:
-        os.write(fd, (encode(rec) + "\n").encode("ascii"))
-    elapsed = time.perf_counter() - start
-    result["audit_single"] = {"records": appends, "per_record_ms": round(elapsed / appends * 1e3, 4)}
-    for i in range(appends, AUDIT_ROWS, 1000):
-        for rec in audit_records(min(1000, AUDIT_ROWS - i), i):
-            os.write(fd, (encode(rec) + "\n").encode("ascii"))
-    os.close(fd)
-    result["rss_loaded_kib"] = rss_kib()
-    return result
-
-
 def run_one(backend: str, checks: int, appends: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="supctl-store-bench-") as tmp:
         directory = Path(tmp)
-        if backend == "json":
-            return bench_json(directory, checks, appends)
         if backend == "sqlite":
             return asyncio.run(bench_store(str(directory / "tower.db"), None, checks, appends))
         from pg_cluster import PostgresCluster, find_bindir
@@ -185,7 +144,7 @@ def run_one(backend: str, checks: int, appends: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--backend", action="append", choices=("sqlite", "postgresql", "json"))
+    parser.add_argument("--backend", action="append", choices=("sqlite", "postgresql"))
     parser.add_argument("--checks", type=int, default=1000)
     parser.add_argument("--audit", type=int, default=1000, help="records appended in batches of 50")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -194,7 +153,7 @@ def main() -> int:
         print(json.dumps(run_one(args.child, args.checks, args.audit)))
         return 0
     results: dict[str, dict[str, Any]] = {}
-    for backend in args.backend or ["json", "sqlite", "postgresql"]:
+    for backend in args.backend or ["sqlite", "postgresql"]:
         command = [sys.executable, __file__, "--child", backend, "--checks", str(args.checks),
                    "--audit", str(args.audit)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)

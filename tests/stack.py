@@ -131,14 +131,24 @@ class Stack:
         return proc
 
     def start_tower(
-        self, limits: Mapping[str, float] | None = None, keepalive: float | None = None, **popen: Any
+        self,
+        limits: Mapping[str, float] | None = None,
+        keepalive: float | None = None,
+        *,
+        init: bool = True,
+        **popen: Any,
     ) -> int:
-        """``control-tower init`` and ``serve``, with ``[limits]`` and ``keepalive`` added to
-        tower.toml if given; return its port.  ``popen``: extra arguments of the tower's
-        ``subprocess.Popen`` (e.g. ``preexec_fn``)."""
-        subprocess.run(
-            [program("control-tower"), "init", str(self.dir)], check=True, capture_output=True, env=self.env
-        )
+        """``control-tower init`` (unless ``init`` is false: a tower directory made already)
+        and ``serve``, with ``[limits]`` and ``keepalive`` added to tower.toml if given;
+        return its port.  ``popen``: extra arguments of the tower's ``subprocess.Popen``
+        (e.g. ``preexec_fn``)."""
+        if init:
+            subprocess.run(
+                [program("control-tower"), "init", str(self.dir)],
+                check=True,
+                capture_output=True,
+                env=self.env,
+            )
         path = self.dir / "tower.toml"
         if limits or keepalive is not None:
             top = f"keepalive = {keepalive}\n" if keepalive is not None else ""

@@ -33,6 +33,7 @@ from supctl.errors import ExitCode
 from supctl.tower import audit
 from supctl.tower.audit import FIELDS, parse_since
 from supctl.tower.config import load_config
+from supctl.tower.store import hash_token
 
 SITE = "audit-site"
 APP = "app"
@@ -88,13 +89,13 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             f"[applications.{APP}.service-instances.{INST}.containers.{SHELL}]\n",
         )
         _, sink_port = start_server(stack, "sink-source", "--seed", "7", "--size", str(DOWN))
-        state = json.loads((stack.dir / "state.json").read_text())
+        admin_token = (stack.dir / "admin.token").read_text().strip()
         yield Env(
             stack=stack,
             sink_port=sink_port,
             admin_token=(stack.dir / "admin.token").read_text().strip(),
             site_token=(stack.root / f"{SITE}.token").read_text().strip(),
-            accessor=state["admins"][0]["accessor"],
+            accessor=hash_token(admin_token)[:8],
         )
 
 

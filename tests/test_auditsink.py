@@ -27,6 +27,7 @@ import pytest
 from pg_cluster import PostgresCluster, find_bindir
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection
+from towerkit import Kit
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
@@ -35,7 +36,6 @@ from supctl.tower.auditsink import AuditSink
 from supctl.tower.database.auditlog import encode
 from supctl.tower.database.engine import LOCK_AUDIT, make_engine
 from supctl.tower.server import Tower
-from supctl.tower.store import TowerStore
 
 T0 = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
@@ -227,9 +227,9 @@ class Counting:
 
 def tower_with(sink: AuditSink, tmp_path: Path) -> tuple[Callable[[str], int], str]:
     """A Tower writing to ``sink``; a function answering a ``show`` GET with a bearer token."""
-    state = TowerStore.create(tmp_path / "state.json")
-    token = state.add_admin_token()
-    tower = Tower(state, sink)
+    kit = Kit(tmp_path)
+    token = kit.add_admin_token()
+    tower = Tower(kit.directory, sink)
     peer: Any = SimpleNamespace(remote_address=("127.0.0.1", 5555))
 
     def get(authorization: str) -> int:

@@ -22,7 +22,9 @@ from types import SimpleNamespace
 from urllib.parse import quote, urlencode
 
 import pytest
+from sqlalchemy import update
 from stack import Stack, do_args, one_line_error, program
+from towerkit import Kit, run
 from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest
 
@@ -32,12 +34,11 @@ from supctl.protocol import SUBPROTOCOL
 from supctl.protocol.names import parse_port, valid_name
 from supctl.protocol.targets import canonical_address, is_self
 from supctl.tower import server
+from supctl.tower.database.schema import users
 from supctl.tower.limits import Limits
 from supctl.tower.links import Route
-from supctl.tower.policy import PolicyFile, Request, allowed, parse_policies
+from supctl.tower.policy import Request, allowed, parse_policies
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
-from supctl.tower.store import TowerStore
-from supctl.tower.users import UserStore
 
 SITE, APP, INSTANCE = "stockholm-sergel", "popcorn-controller", "popcorn-controller-service-1"
 HIDDEN_SITE = "oslo-local"  # exists, connected, but alice may not see it
@@ -172,7 +173,9 @@ class Client:
         if upgrade:
             headers["Connection"] = "Upgrade"
             headers["Sec-WebSocket-Protocol"] = SUBPROTOCOL
-        response = self.tower.process_request(self.peer, HttpRequest(f"{path}?{urlencode(query)}", headers))  # type: ignore[arg-type]
+        # As websockets calls it: the directory is brought up to date first (policies.toml).
+        request = HttpRequest(f"{path}?{urlencode(query)}", headers)
+        response = run(self.tower.handshake_request(self.peer, request))  # type: ignore[arg-type]
         if response is None:
             return 101, ""
         body = json.loads(response.body)
@@ -208,25 +211,27 @@ def _connected(tower: server.Tower, site: str, apps: dict[str, list[str]]) -> No
 
 
 @pytest.fixture
-def tower(tmp_path: Path) -> server.Tower:
-    store = TowerStore.create(tmp_path / "state.json")
+def kit(tmp_path: Path) -> Iterator[Kit]:
+    kit = Kit(tmp_path, Limits())
     for name in (SITE, HIDDEN_SITE, "stockholm-offline"):
-        store.add_site(name)
-    tower = server.Tower(store, None, Limits())
-    tower.users = UserStore(tmp_path / "users.json")
-    tower.users.add_user("alice", PASSWORD, ["ops"])
+        kit.add_site(name)
+    kit.add_user("alice", PASSWORD, ["ops"])
     (tmp_path / "policies.toml").write_text(WIDE_BUT_NOT_22)
-    tower.policy = PolicyFile(tmp_path / "policies.toml")
-    _connected(tower, SITE, {APP: [INSTANCE]})
-    _connected(tower, HIDDEN_SITE, {"secret-app": ["secret-1"]})
-    return tower
+    kit.fresh()  # the tower applies the watched file to the store
+    _connected(kit.tower, SITE, {APP: [INSTANCE]})
+    _connected(kit.tower, HIDDEN_SITE, {"secret-app": ["secret-1"]})
+    yield kit
+    kit.close()
 
 
 @pytest.fixture
-def alice(tower: server.Tower) -> Client:
-    assert tower.users is not None
-    token, _, _ = tower.users.add_token("alice", "login", datetime.timedelta(hours=1))
-    return Client(tower, token)
+def tower(kit: Kit) -> server.Tower:
+    return kit.tower
+
+
+@pytest.fixture
+def alice(kit: Kit) -> Client:
+    return Client(kit.tower, kit.add_token("alice", "login", datetime.timedelta(hours=1)))
 
 
 @pytest.mark.parametrize(
@@ -286,28 +291,42 @@ def test_strict_input_gets_400_not_500(alice: Client, kwargs: dict[str, str], fr
 
 
 def test_a_policy_narrowed_while_a_session_is_open(
-    alice: Client, tower: server.Tower, tmp_path: Path
+    alice: Client, kit: Kit, tower: server.Tower, tmp_path: Path
 ) -> None:
-    """The same judgement at the upgrade, at every OPEN and in the sweep: the policy in force."""
+    """The same judgement at the upgrade, at every OPEN and in the sweep: the policy in force
+    (as of the directory's last freshness check: every request, and every 0.25 s)."""
     assert alice.connect(port="443")[0] == 101
     (route,) = tower._routes.values()
     assert isinstance(route, Route)
     assert tower.route_refusal(route) is None
+    version = kit.directory.policy_version
     (tmp_path / "policies.toml").write_text(WIDE_BUT_NOT_22.replace('protocol = "tcp"', 'protocol = "udp"'))
+    kit.fresh()
+    assert kit.directory.policy_version == (version or 0) + 1  # applied to the store as a new version
     refusal = tower.route_refusal(route)
     assert (
         refusal == f"policy no longer allows connect to 127.0.0.1:443 in {INSTANCE} at {SITE} for user alice"
     )
-    # A broken policy file allows nothing (fail closed), and is parsed once, not per OPEN.
+    # A broken policy file allows nothing (fail closed), is parsed once, not per OPEN, and
+    # never reaches the store.
     (tmp_path / "policies.toml").write_text("[[policies.ops.rules]]\neffect = 'maybe'\n")
+    kit.fresh()
     assert tower.route_refusal(route) == "the control tower's policy file is invalid"
     assert tower.route_refusal(route) == "the control tower's policy file is invalid"
-    # Taking the user's policies away works the same way.
+    assert run(kit.store.policies.version()) == (version or 0) + 1
+    # Taking the user's policies away works the same way (another process writes the store).
     (tmp_path / "policies.toml").write_text(WIDE_BUT_NOT_22)
+    kit.fresh()
     assert tower.route_refusal(route) is None
-    assert tower.users is not None
-    with tower.users._locked() as data:
-        data["users"]["alice"]["policies"] = []
+    other = kit.other_store()
+
+    async def take_policies_away() -> None:
+        async with other.db.write(bump=True) as conn:
+            await conn.execute(update(users).where(users.c.name == "alice").values(policies=[]))
+
+    run(take_policies_away())
+    run(other.close())
+    kit.fresh()
     assert (tower.route_refusal(route) or "").startswith("policy no longer allows")
 
 

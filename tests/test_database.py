@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from oldformats import OldTower
 from pg_cluster import PostgresCluster, find_bindir
 from sqlalchemy import text
 
@@ -40,8 +41,7 @@ from supctl.tower.audit import record
 from supctl.tower.database import schema
 from supctl.tower.database.auditlog import encode
 from supctl.tower.database.engine import Database, make_engine
-from supctl.tower.store import TowerStore
-from supctl.tower.users import TokenRefused, UserStore, check_password
+from supctl.tower.users import TokenRefused, check_password
 
 T = TypeVar("T")
 T0 = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.UTC)
@@ -645,9 +645,8 @@ def test_postgresql_password_from_file_or_environment(pg_target: Target, tmp_pat
 
 def make_json_tower(directory: Path) -> dict[str, Any]:
     """A tower's files written by the JSON code itself; the tokens it handed out."""
-    state = TowerStore.create(directory / "state.json")
+    state = users = OldTower(directory)
     made: dict[str, Any] = {"admin": state.add_admin_token(), "site": state.add_site("paris-1")}
-    users = UserStore(directory / "users.json")
     users.add_user("alice", "alice's password", ["ops"])
     users.add_user("bob", "bob's password", [])
     made["login"] = users.add_token("alice", "login", datetime.timedelta(hours=8))
@@ -702,7 +701,8 @@ def test_import_json_files_keeps_every_token_working(target: Target, tmp_path: P
 
 def test_import_missing_files_and_bad_ones(target: Target, tmp_path: Path) -> None:
     now = datetime.datetime.now(datetime.UTC)
-    TowerStore.create(tmp_path / "state.json").add_site("paris-1")
+    OldTower(tmp_path).add_site("paris-1")
+    (tmp_path / "users.json").unlink()
     (tmp_path / "policies.toml").write_text("[[policies.x.rules]]\neffect = 'maybe'\n")
 
     async def body(store: database.SQLStore) -> None:
@@ -806,4 +806,8 @@ def test_every_package_is_listed_in_setup_cfg() -> None:
     }
     assert found <= listed, sorted(found - listed)
     versions = REPO / "supctl/tower/database/migrations/versions"
-    assert sorted(p.name for p in versions.glob("0*.py")) == ["0001_initial.py", "0002_site_rotation.py"]
+    assert sorted(p.name for p in versions.glob("0*.py")) == [
+        "0001_initial.py",
+        "0002_site_rotation.py",
+        "0003_generation.py",
+    ]

@@ -704,10 +704,10 @@ def test_handshakes_failing_after_authorisation_leave_no_state(env: Env) -> None
 
     In process (the state cannot be seen from outside): a Tower on the module's
     real state file, served by websockets on 127.0.0.1 without TLS."""
+    from towerkit import open_directory
     from websockets.asyncio.server import serve
 
     from supctl.tower.server import Tower
-    from supctl.tower.store import TowerStore
 
     request = (
         f"GET /v1/enforcer?site={ROGUE} HTTP/1.1\r\nHost: tower\r\nConnection: Upgrade\r\n"
@@ -715,8 +715,10 @@ def test_handshakes_failing_after_authorisation_leave_no_state(env: Env) -> None
         f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n\r\n"
     ).encode()
 
+    directory = open_directory(env.stack.dir / "tower.db")
+
     async def run() -> int:
-        tower = Tower(TowerStore(env.stack.dir / "state.json"))
+        tower = Tower(directory)
         async with serve(
             tower.handler,
             "127.0.0.1",

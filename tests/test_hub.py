@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from towerkit import Kit
 
 from supctl.protocol import (
     Connection,
@@ -28,9 +29,8 @@ from supctl.tower.hub import Hub
 from supctl.tower.limits import Limits
 from supctl.tower.links import ClientLink, SiteLink
 from supctl.tower.route import Route, SiteClaim
-from supctl.tower.server import Tower
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
-from supctl.tower.store import TowerStore, hash_token
+from supctl.tower.store import hash_token
 
 SITE, APP, INST, SHELL = "site1", "app", "inst", "shell"
 T = TypeVar("T")
@@ -74,9 +74,10 @@ class Rig:
 
     def __init__(self, tmp_path: Path, **limits: float) -> None:
         self.clock = Clock()
-        self.store = TowerStore.create(tmp_path / "state.json")
-        self.token = token = self.store.add_site(SITE)
-        self.tower = Tower(self.store, None, Limits(**limits), clock=self.clock)  # type: ignore[arg-type]
+        # A real store (SQLite) and the tower's copy of it; the tower's clock is the fake one.
+        self.kit = Kit(tmp_path, Limits(**limits), clock=self.clock)  # type: ignore[arg-type]
+        self.token = token = self.kit.add_site(SITE)
+        self.tower = self.kit.tower
         self.hub: Hub = self.tower.hub
         self.site = SiteLink(QuietWs(), self.tower, SiteClaim(SITE, hash_token(token)), "192.0.2.1:1")
         self.site.info = SiteInfo(
@@ -85,7 +86,7 @@ class Rig:
         self.hub.site_connected(self.site)
         self.enforcer = Connection(odd_ids=False, accept_streams=True)
         self.enforcer_streams: list[int] = []
-        self.admin = self.store.add_admin_token()
+        self.admin = self.kit.add_admin_token()
 
     def session(self, user: str = "admin") -> tuple[ClientLink, Connection]:
         who = f"admin:{hash_token(self.admin)[:8]}" if user == "admin" else f"{user}:0123abcd"
@@ -269,7 +270,7 @@ def test_a_rotated_site_token_is_evicted_by_the_sweep(tmp_path: Path) -> None:
         rig = Rig(tmp_path)
         rig.hub.sweep_sites()
         assert rig.hub.site_link(SITE) is rig.site
-        rig.store.rotate_site(SITE)
+        rig.kit.rotate_site(SITE)
         rig.hub.sweep_sites()
         assert closed(rig.site) == (ErrorCode.DENIED, "site token rotated")
         assert rig.hub.site_link(SITE) is None
@@ -284,7 +285,7 @@ def test_one_link_per_site(tmp_path: Path, rotated: bool) -> None:
 
     def body() -> None:
         rig = Rig(tmp_path)
-        token = rig.store.rotate_site(SITE) if rotated else rig.token
+        token = rig.kit.rotate_site(SITE) if rotated else rig.token
         second = SiteLink(QuietWs(), rig.tower, SiteClaim(SITE, hash_token(token)), "192.0.2.2:2")
         second.info = SiteInfo()
         rig.hub.site_connected(second)

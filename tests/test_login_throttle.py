@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from stack import Stack
 from tower_raw import add_user, basic, client_tls, get, start_tower
+from towerkit import Kit
 
 from supctl.tower import logins
 from supctl.tower.logins import MAX_TRACKED, Attempt, LoginChecker, LoginThrottle
 from supctl.tower.preauth import client_key
-from supctl.tower.users import UserStore, check_password
+from supctl.tower.users import check_password
 
 PASSWORD = "correct horse battery staple"
 
@@ -126,9 +127,9 @@ def test_concurrent_checks_hash_at_most_the_limit(tmp_path: Path, monkeypatch: p
         return check_password(password, stored)
 
     monkeypatch.setattr(logins, "check_password", counting)
-    users = UserStore(tmp_path / "users.json")
-    users.add_user("alice", PASSWORD, [])
-    checker = LoginChecker(users, LoginThrottle(5, 60.0))
+    kit = Kit(tmp_path)
+    kit.add_user("alice", PASSWORD, [])
+    checker = LoginChecker(kit.directory, LoginThrottle(5, 60.0))
 
     async def flood() -> list[logins.LoginCheck]:
         return await asyncio.gather(*(checker.check("127.0.0.1", "alice", f"guess{i}") for i in range(60)))

@@ -30,18 +30,19 @@ from urllib.parse import urlencode
 import pytest
 from exec_support import exec_args, start_exec, wait_exit
 from stack import Stack, one_line_error, program, write_secret
+from towerkit import Kit, run
 from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest
 
 from supctl.errors import ExitCode, UsageError
 from supctl.protocol import SUBPROTOCOL, Connection, ErrorCode, OpenRequest, StreamOpened, StreamReset
-from supctl.tower import server
+from supctl.tower import database, server
 from supctl.tower.hub import sweep_forever
 from supctl.tower.limits import Limits
 from supctl.tower.links import ClientLink, SiteLink
 from supctl.tower.route import Route, SiteClaim
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
-from supctl.tower.store import TowerStore, hash_token
+from supctl.tower.store import hash_token
 
 SITE, APP, INST, SHELL = "site1", "app", "inst", "shell"
 THIEF_PEER = "192.0.2.66:4444"
@@ -79,13 +80,17 @@ class Peer:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> TowerStore:
-    return TowerStore.create(tmp_path / "state.json")
+def store(tmp_path: Path) -> Iterator[Kit]:
+    """The tower's store; its changes are made as ``control-tower`` makes them (another
+    connection) and reach the tower at its next poll (Kit.admin)."""
+    kit = Kit(tmp_path, Limits())
+    yield kit
+    kit.close()
 
 
 @pytest.fixture
-def tower(store: TowerStore) -> server.Tower:
-    return server.Tower(store, None, Limits())
+def tower(store: Kit) -> server.Tower:
+    return store.tower
 
 
 def connected(tower: server.Tower, token: str, peer: str = THIEF_PEER) -> SiteLink:
@@ -121,9 +126,9 @@ def enforcer_request(tower: server.Tower, token: str) -> tuple[int, str, Any]:
 # --- the store ------------------------------------------------------------------------------
 
 
-def test_rotate_and_remove_reach_a_running_towers_store(store: TowerStore) -> None:
+def test_rotate_and_remove_reach_a_running_towers_store(store: Kit) -> None:
     old = store.add_site(SITE)
-    running = TowerStore(store.path)  # the serving tower's own instance, as serve has it
+    running = store.directory  # the serving tower's copy of the store
     assert running.site_refusal(SITE, hash_token(old)) is None
     new = store.rotate_site(SITE)  # what `control-tower site rotate` does, in another process
     assert new != old and new.startswith("sct_site_")
@@ -142,7 +147,7 @@ def test_rotate_and_remove_reach_a_running_towers_store(store: TowerStore) -> No
 # --- takeover ------------------------------------------------------------------------------
 
 
-def test_a_new_token_takes_over_at_the_upgrade(tower: server.Tower, store: TowerStore) -> None:
+def test_a_new_token_takes_over_at_the_upgrade(tower: server.Tower, store: Kit) -> None:
     stolen = store.add_site(SITE)
 
     def body() -> None:
@@ -165,7 +170,7 @@ def test_a_new_token_takes_over_at_the_upgrade(tower: server.Tower, store: Tower
     in_loop(body)
 
 
-def test_raced_handshakes_follow_the_same_rule(tower: server.Tower, store: TowerStore) -> None:
+def test_raced_handshakes_follow_the_same_rule(tower: server.Tower, store: Kit) -> None:
     """Two handshakes past process_request before either sent its HELLO: site_connected
     decides, by the same rule."""
     stolen = store.add_site(SITE)
@@ -197,7 +202,7 @@ def test_raced_handshakes_follow_the_same_rule(tower: server.Tower, store: Tower
 # --- streams: never to a thief, not even before the sweep -------------------------------------
 
 
-def _session(tower: server.Tower, store: TowerStore) -> tuple[ClientLink, Connection]:
+def _session(tower: server.Tower, store: Kit) -> tuple[ClientLink, Connection]:
     """A supctl session (admin token) for exec on SITE, and supctl's end of its connection."""
     admin = store.add_admin_token()
     route = Route("exec", SITE, APP, INST, container=SHELL, who=f"admin:{hash_token(admin)[:8]}")
@@ -218,9 +223,7 @@ def _resets(session: ClientLink, supctl: Connection) -> list[tuple[int, ErrorCod
     return [(e.stream_id, e.code, e.text) for e in events if isinstance(e, StreamReset)]
 
 
-def test_no_stream_goes_to_a_rotated_link_even_before_the_sweep(
-    tower: server.Tower, store: TowerStore
-) -> None:
+def test_no_stream_goes_to_a_rotated_link_even_before_the_sweep(tower: server.Tower, store: Kit) -> None:
     stolen = store.add_site(SITE)
 
     def body() -> None:
@@ -245,7 +248,7 @@ class SweepStopped(Exception):
     pass
 
 
-def test_the_sweep_closes_a_rotated_link_and_its_streams(tower: server.Tower, store: TowerStore) -> None:
+def test_the_sweep_closes_a_rotated_link_and_its_streams(tower: server.Tower, store: Kit) -> None:
     stolen = store.add_site(SITE)
     other_token = store.add_site("site2")
 
@@ -281,6 +284,17 @@ def test_the_sweep_closes_a_rotated_link_and_its_streams(tower: server.Tower, st
 
 
 # --- end to end -------------------------------------------------------------------------------
+
+
+def site_token_works(stack: Stack, site: str, token: str) -> bool:
+    async def check() -> bool:
+        store = await database.open(stack.dir / "tower.db")
+        try:
+            return await store.sites.check(site, token)
+        finally:
+            await store.close()
+
+    return run(check())
 
 
 def _inventory(who: str, user: str | None = None) -> str:
@@ -376,8 +390,9 @@ def test_rotation_evicts_the_thief_and_the_real_enforcer_takes_over(stack: Stack
     ],
 )
 def test_rotate_and_remove_errors_are_one_line(stack: Stack, args: list[str], message: str) -> None:
-    stack.register_site(SITE)
-    before = (stack.dir / "state.json").read_bytes()
+    token = stack.register_site(SITE)
+    config = str(stack.dir / "tower.toml")
+    before = stack.control_tower("site", "list", "--config", config)
     done = subprocess.run(
         [program("control-tower"), "site", args[0], "--config", str(stack.dir / "tower.toml"), *args[1:]],
         capture_output=True,
@@ -386,7 +401,8 @@ def test_rotate_and_remove_errors_are_one_line(stack: Stack, args: list[str], me
     assert done.returncode == ExitCode.USAGE
     assert message in one_line_error(done.stderr)
     assert done.stdout == b""
-    assert (stack.dir / "state.json").read_bytes() == before  # nothing changed, no token lost
+    assert stack.control_tower("site", "list", "--config", config) == before  # nothing changed
+    assert site_token_works(stack, SITE, token)  # no token lost
 
 
 def test_a_token_rotated_into_the_enforcers_file_is_taken_without_a_restart(

@@ -1,8 +1,8 @@
 """Token churn (issue 8, item 12): logins cannot pile up live tokens, renewals are
-rate-limited, and users.json is written off the event loop, one write at a time.
+rate-limited, and the store is written off the event loop.
 
 Requests go through the tower's real handshake hook (``Tower.handshake_request``, as
-websockets calls it) on a real ``UserStore`` in a temporary directory; the renewal
+websockets calls it) on a real SQLite store in a temporary directory; the renewal
 limit runs on a fake clock.  The latency figures are measured by bench/floods.py.
 """
 
@@ -19,14 +19,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sqlalchemy import event
+from towerkit import Kit, utc_now
 from websockets.datastructures import Headers
 from websockets.http11 import Request as HttpRequest
 
-from supctl.tower import users as users_module
+from supctl.tower.database.accounts import REVOKED_REMEMBERED
+from supctl.tower.database.model import TokenInfo
 from supctl.tower.limits import Limits
 from supctl.tower.server import Tower
-from supctl.tower.store import TowerStore, atomic_write, hash_token
-from supctl.tower.users import REVOKED_REMEMBERED, TokenRefused, UserStore
+from supctl.tower.store import hash_token
+from supctl.tower.users import TokenRefused
 
 PASSWORD = "correct horse battery staple"
 PEER = SimpleNamespace(remote_address=("127.0.0.1", 5555))
@@ -40,15 +43,18 @@ class FakeClock:
         return self.now
 
 
-def make_tower(tmp_path: Path, clock: Callable[[], float] | None = None, **limits: Any) -> Tower:
+def make_kit(tmp_path: Path, clock: Callable[[], float] | None = None, **limits: Any) -> Kit:
     extra = {"clock": clock} if clock is not None else {}
     # Logins here come many at once from one address: the login throttle, which counts
     # attempts in flight (tower/logins.py), is not what these tests are about.
     limits = {"login_failures": 1000, "login_failures_per_address": 1000, **limits}
-    tower = Tower(TowerStore.create(tmp_path / "state.json"), None, Limits(**limits), **extra)
-    tower.users = UserStore(tmp_path / "users.json")
-    tower.users.add_user("alice", PASSWORD, ["ops"])
-    return tower
+    kit = Kit(tmp_path, Limits(**limits), **extra)  # type: ignore[arg-type]
+    kit.add_user("alice", PASSWORD, ["ops"])
+    return kit
+
+
+def make_tower(tmp_path: Path, clock: Callable[[], float] | None = None, **limits: Any) -> Tower:
+    return make_kit(tmp_path, clock, **limits).tower
 
 
 async def call(tower: Tower, path: str, authorization: str) -> tuple[int, dict[str, Any]]:
@@ -76,26 +82,33 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(main())
 
 
-def live_logins(store: UserStore, user: str = "alice") -> list[dict[str, Any]]:
-    return [t for t in store.tokens() if t["user"] == user and t["kind"] == "login" and not t["revoked"]]
+def stored(kit: Kit) -> list[TokenInfo]:
+    return list(run(kit.store.tokens.entries()))
+
+
+def live_logins(kit: Kit, user: str = "alice") -> list[TokenInfo]:
+    now = utc_now()
+    return [t for t in stored(kit) if t.user == user and t.kind == "login" and t.state(now) == "valid"]
 
 
 def test_200_logins_keep_at_most_tokens_per_user(tmp_path: Path) -> None:
-    tower = make_tower(tmp_path)
-    assert tower.users is not None and tower.limits.tokens_per_user == 50
+    kit = make_kit(tmp_path)
+    tower = kit.tower
+    assert tower.limits.tokens_per_user == 50
 
     async def scenario() -> tuple[str, list[str]]:
         oldest = await login(tower)
-        # The rest at once: the writer thread serialises them, none is lost.
+        # The rest at once: the store serialises the writes, none is lost.
         return oldest, list(await asyncio.gather(*(login(tower) for _ in range(199))))
 
     oldest, others = run(scenario())
-    live = live_logins(tower.users)
+    live = live_logins(kit)
     assert len(live) == 50
-    assert len({t["accessor"] for t in tower.users.tokens()}) == 200  # every login was written
+    # Every login was written; revoked ones are remembered up to REVOKED_REMEMBERED x the cap.
+    assert len(stored(kit)) == 200  # within 50 live + REVOKED_REMEMBERED x 50 revoked
     status, body = run(call(tower, "/v1/state/sites", f"Bearer {oldest}"))
     assert (status, message(body)) == (401, "token revoked"), body
-    accessors = {t["accessor"] for t in live}
+    accessors = {t.accessor for t in live}
     kept = [token for token in others if hash_token(token)[:8] in accessors]
     assert len(kept) == 50
     for token in kept:
@@ -104,18 +117,27 @@ def test_200_logins_keep_at_most_tokens_per_user(tmp_path: Path) -> None:
 
 
 def test_the_cap_revokes_the_oldest_and_forgets_old_revocations(tmp_path: Path) -> None:
-    store = UserStore(tmp_path / "users.json")
-    store.add_user("alice", PASSWORD, [])
-    api = [store.add_token("alice", "api", datetime.timedelta(days=1))[0] for _ in range(3)]
-    tokens = [store.add_token("alice", "login", datetime.timedelta(hours=1), 2)[0] for _ in range(300)]
-    assert [t["accessor"] for t in live_logins(store)] == [hash_token(token)[:8] for token in tokens[-2:]]
+    kit = Kit(tmp_path)
+    kit.add_user("alice", PASSWORD, [])
+    hour = datetime.timedelta(hours=1)
+    api = [kit.add_token("alice", "api", datetime.timedelta(days=1)) for _ in range(3)]
+
+    async def logins() -> list[str]:  # as the tower makes them: the directory follows its own writes
+        return [(await kit.directory.log_in("alice", hour, 2)).token for _ in range(300)]
+
+    reloads = kit.directory.reloads
+    tokens = run(logins())
+    assert [t.accessor for t in live_logins(kit)] == [hash_token(token)[:8] for token in tokens[-2:]]
     # API tokens (made by the tower's admin, for automation) are not counted.
-    assert all(store.check_token(token) is not None for token in api)
+    assert all(kit.directory.check_token(token) is not None for token in api)
     with pytest.raises(TokenRefused, match="token revoked"):
-        store.check_token(tokens[-3])
-    logins = [t for t in store.tokens() if t["kind"] == "login"]
-    assert len(logins) == 2 + REVOKED_REMEMBERED * 2  # the file does not grow with every login
-    assert store.check_token(tokens[0]) is None  # forgotten: "invalid API token"
+        kit.directory.check_token(tokens[-3])
+    logins_kept = [t for t in stored(kit) if t.kind == "login"]
+    assert len(logins_kept) == 2 + REVOKED_REMEMBERED * 2  # the store does not grow with every login
+    assert kit.directory.check_token(tokens[0]) is None  # forgotten: "invalid API token"
+    # ... and neither does the tower's copy, which followed its own writes without reloading.
+    assert len(kit.directory._tokens) == 3 + 2 + REVOKED_REMEMBERED * 2
+    assert kit.directory.reloads == reloads
 
 
 def test_renewal_spam_gets_429(tmp_path: Path) -> None:
@@ -144,37 +166,31 @@ def test_renewal_after_logout_is_refused(tmp_path: Path) -> None:
         return [(await call(tower, path, bearer))[0] for path in ("/v1/logout", "/v1/token/renew")]
 
     assert run(scenario()) == [200, 401]
-    # And a renewal racing a revocation never brings the token back.
-    store = UserStore(tmp_path / "users.json")
-    token = store.add_token("alice", "login", datetime.timedelta(hours=1))[0]
-    store.revoke_token(token)
+    # And a renewal racing a revocation (by another process) never brings the token back.
+    (tmp_path / "b").mkdir()
+    kit = make_kit(tmp_path / "b")
+    token = kit.add_token("alice", "login")
+    other = kit.other_store()
+    assert run(other.tokens.revoke_token(token, now=utc_now()))
+    run(other.close())
+    assert run(kit.directory.renew(token, datetime.timedelta(hours=8))) is None
+    kit.fresh()
     with pytest.raises(TokenRefused, match="token revoked"):
-        store.renew(token, datetime.timedelta(hours=8))
+        kit.directory.check_token(token)
 
 
-def test_users_json_is_written_off_the_loop_one_write_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each write is a rewrite of users.json and two fsyncs: on the event loop they
-    stalled every relayed stream.  They run on the writer thread, never two at once."""
-    writers: list[str] = []
-    running, most = [0], [0]
-    lock = threading.Lock()
-    real_write = atomic_write
+def test_the_store_is_written_off_the_loop(tmp_path: Path) -> None:
+    """A commit is a write and fsyncs: on the event loop it would stall every relayed
+    stream.  Every statement of a login, renewal or logout runs on the driver's thread."""
+    kit = make_kit(tmp_path, renewals_per_minute=100)
+    tower = kit.tower
+    threads: list[str] = []
+    run(kit.store.db.engine.dispose())  # new connections, each traced
 
-    def recording(*args: Any, **kwargs: Any) -> None:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        writers.append(threading.current_thread().name)
-        try:
-            real_write(*args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    tower = make_tower(tmp_path, renewals_per_minute=100)
-    monkeypatch.setattr(users_module, "atomic_write", recording)
+    @event.listens_for(kit.store.db.engine.sync_engine, "connect")
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        raw = dbapi_connection.driver_connection._conn  # aiosqlite's sqlite3 connection
+        raw.set_trace_callback(lambda _sql: threads.append(threading.current_thread().name))
 
     async def scenario() -> None:
         tokens = await asyncio.gather(*(login(tower) for _ in range(20)))
@@ -184,6 +200,5 @@ def test_users_json_is_written_off_the_loop_one_write_at_a_time(
         assert all(status == 200 for status, _ in results)
 
     run(scenario())
-    assert len(writers) == 60
-    assert threading.main_thread().name not in writers, set(writers)
-    assert most[0] == 1
+    assert len(threads) > 60  # every write, and the freshness checks
+    assert threading.main_thread().name not in threads, set(threads)

@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from towerkit import open_directory, run
 
 from supctl.errors import UsageError
 from supctl.tower.certs import fingerprint
 from supctl.tower.config import load_config, parse_listen, toml_string, write_default_config
-from supctl.tower.store import TowerStore, hash_token
+from supctl.tower.directory import Directory
+from supctl.tower.store import hash_token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +38,7 @@ FAKE_SERVER = """
 import json, sys, types
 m = types.ModuleType("supctl.tower.serving")
 def serve(config, host, port, insecure):
-    print(json.dumps({"host": host, "port": port, "insecure": insecure, "state": str(config.state)}))
+    print(json.dumps({"host": host, "port": port, "insecure": insecure, "store": str(config.database)}))
 m.serve = serve
 sys.modules["supctl.tower.serving"] = m
 """
@@ -99,21 +101,12 @@ def test_init_creates_files_with_modes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert mode(d) == 0o700
-    for name in ("ca-key.pem", "server-key.pem", "state.json", "admin.token", "tower.db"):
+    for name in ("ca-key.pem", "server-key.pem", "tower.db", "admin.token"):
         assert mode(d / name) == 0o600, name
     for name in ("ca.pem", "server.pem", "tower.toml"):
         assert (d / name).is_file()
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [
-            "admin.token",
-            "ca-key.pem",
-            "ca.pem",
-            "server-key.pem",
-            "server.pem",
-            "state.json",
-            "tower.db",
-            "tower.toml",
-        ]
+        ["admin.token", "ca-key.pem", "ca.pem", "server-key.pem", "server.pem", "tower.db", "tower.toml"]
     )
     # The summary tells the operator what to run next, with the real config path.
     assert f"control-tower site add --config {d}/tower.toml SITE" in proc.stderr
@@ -121,20 +114,19 @@ def test_init_creates_files_with_modes(tmp_path: Path) -> None:
 
     token = (d / "admin.token").read_text().strip()
     assert token.startswith("sct_admin_")
-    state = json.loads((d / "state.json").read_text())
-    assert state["sites"] == {}
-    [admin] = state["admins"]
-    assert admin["hash"] == hash_token(token)
-    assert admin["accessor"] == admin["hash"][:8]
-    assert TowerStore(d / "state.json").check_admin(token) == admin["accessor"]
+    directory = open_directory(d / "tower.db")
+    assert directory.sites() == []
+    assert directory.check_admin(token) == hash_token(token)[:8]
+    assert not (d / "state.json").exists() and not (d / "users.json").exists()
 
     config = load_config(d / "tower.toml")
     assert config.listen == "127.0.0.1:4646" and not config.insecure
-    assert (config.cert, config.key, config.ca, config.state) == (
+    assert (config.cert, config.key, config.ca, config.database, config.store_url) == (
         d / "server.pem",
         d / "server-key.pem",
         d / "ca.pem",
-        d / "state.json",
+        d / "tower.db",
+        None,
     )
 
 
@@ -147,7 +139,7 @@ def test_init_refuses_to_overwrite_without_force(tower: Path) -> None:
     proc = run_tower("init", "--force", tower)
     assert proc.returncode == 0, proc.stderr
     assert (tower / "ca.pem").read_bytes() != old_ca
-    store = TowerStore(tower / "state.json")
+    store = open_directory(tower / "tower.db")
     assert store.check_admin(old_token) is None
     assert store.check_admin((tower / "admin.token").read_text().strip()) is not None
 
@@ -168,25 +160,32 @@ def test_site_add_prints_only_the_token(tower: Path) -> None:
     token = proc.stdout.strip()
     assert token.startswith("sct_site_") and len(token) > 40
 
-    store = TowerStore(tower / "state.json")
+    store = open_directory(tower / "tower.db")
     assert store.check_site("paris-1", token)
     assert not store.check_site("paris-1", token + "x")
     assert not store.check_site("lyon", token)
     assert store.check_admin(token) is None
-    assert mode(tower / "state.json") == 0o600  # the atomic rewrite kept the mode
+    for path in tower.glob("tower.db*"):  # the database and its WAL: password and token hashes
+        assert mode(path) == 0o600, path
 
     proc = run_tower("site", "add", "--config", tower / "tower.toml", "a0")
     assert proc.returncode == 0
-    assert run_tower("site", "list", "--config", tower / "tower.toml").stdout == "a0\nparis-1\n"
+    listed = run_tower("site", "list", "--config", tower / "tower.toml").stdout.splitlines()
+    assert [line.split()[0] for line in listed] == ["NAME", "a0", "paris-1"]
+    assert listed[0].split() == ["NAME", "ACCESSOR", "CREATED", "ROTATED"]
+    rows = json.loads(run_tower("site", "list", "--config", tower / "tower.toml", "-o", "json").stdout)
+    assert [sorted(row) for row in rows] == [["accessor", "created", "name", "rotated"]] * 2
+    assert [row["name"] for row in rows] == ["a0", "paris-1"]
+    assert rows[1]["accessor"] == hash_token(token)[:8] and rows[1]["rotated"] is None
 
 
 def test_site_add_refuses_duplicates(tower: Path) -> None:
     assert run_tower("site", "add", "--config", tower / "tower.toml", "paris").returncode == 0
-    before = (tower / "state.json").read_bytes()
+    before = open_directory(tower / "tower.db").site_token_hash("paris")
     assert_one_line_error(
         run_tower("site", "add", "--config", tower / "tower.toml", "paris"), "'paris' already exists"
     )
-    assert (tower / "state.json").read_bytes() == before
+    assert open_directory(tower / "tower.db").site_token_hash("paris") == before
 
 
 @pytest.mark.parametrize("name", ["", "Paris", "-a", "a-", "a_b", "a.b", "a" * 64, "a\nb", "é"])
@@ -209,44 +208,46 @@ def test_tokens_are_not_stored_in_plain_text(tower: Path) -> None:
             assert secret.encode() not in data, path
 
 
-def test_store_reloads_when_the_file_changes(tower: Path) -> None:
-    store = TowerStore(tower / "state.json")  # as a serving tower holds it
+def test_a_running_towers_directory_sees_other_writers(tower: Path) -> None:
+    """Changes by control-tower (another process) reach a serving tower's copy at its next
+    freshness check; an unchanged store costs one SELECT and no reload."""
+    store = open_directory(tower / "tower.db")  # as a serving tower holds it
     assert store.sites() == []
     token = run_tower("site", "add", "--config", tower / "tower.toml", "late").stdout.strip()
-    assert store.site_exists("late")
-    assert store.check_site("late", token)
+    assert not store.site_exists("late")  # not before the check...
+    run(store.fresh())
+    assert store.site_exists("late") and store.check_site("late", token)  # ...and then
+    reloads = store.reloads
+    run(store.fresh())
+    assert store.reloads == reloads  # generation unchanged: nothing loaded
+    admin = (tower / "admin.token").read_text().strip()
+    accessor = hash_token(admin)[:8]
+    assert run_tower("token", "revoke", "--config", tower / "tower.toml", accessor).returncode == 0
+    run(store.fresh())
+    assert store.check_admin(admin) is None and not store.admin_valid(accessor)
 
-    # Same size, same second: the atomic replace still changes the inode.
-    other = TowerStore(tower / "state.json")
-    token2 = other.add_site("late2")
-    assert store.check_site("late2", token2)
-    assert store.sites() == ["late", "late2"]
 
-    with pytest.raises(UsageError, match="already exists"):
-        store.add_site("late2")
-    assert store.sites() == ["late", "late2"]
-
-
-def test_store_fails_closed_on_a_broken_file(tower: Path) -> None:
-    store = TowerStore(tower / "state.json")
-    (tower / "state.json").write_text("{not json")
-    with pytest.raises(UsageError, match="bad state file"):
-        store.check_admin("x")
-    (tower / "state.json").unlink()
-    with pytest.raises(UsageError, match="not found"):
-        store.sites()
+def test_a_broken_store_is_a_one_line_error(tower: Path) -> None:
+    (tower / "tower.db").write_bytes(b"not a database" * 100)
+    for path in tower.glob("tower.db-*"):
+        path.unlink()
+    proc = run_tower("site", "list", "--config", tower / "tower.toml")
+    assert_one_line_error(proc, "the store", "is unavailable")
+    (tower / "tower.db").unlink()
+    proc = run_tower("serve", "--config", tower / "tower.toml", prelude=FAKE_SERVER)
+    assert_one_line_error(proc, "tower.db not found", "control-tower migrate")
 
 
 @pytest.fixture(scope="module")
-def empty_store() -> Iterator[TowerStore]:
+def empty_store() -> Iterator[Directory]:
     with tempfile.TemporaryDirectory() as d:
-        store = TowerStore.create(Path(d) / "state.json")
-        store.add_site("site")
-        yield store
+        assert run_tower("init", Path(d) / "t").returncode == 0
+        assert run_tower("site", "add", "--config", Path(d) / "t" / "tower.toml", "site").returncode == 0
+        yield open_directory(Path(d) / "t" / "tower.db")
 
 
 @given(st.text())
-def test_arbitrary_text_is_never_a_token(empty_store: TowerStore, text: str) -> None:
+def test_arbitrary_text_is_never_a_token(empty_store: Directory, text: str) -> None:
     assert empty_store.check_admin(text) is None
     assert not empty_store.check_site("site", text)
     assert not empty_store.check_site(text, text)
@@ -378,9 +379,9 @@ def test_bad_config_is_one_line_error(tmp_path: Path, text: str, message: str) -
 
 
 def test_config_paths_are_relative_to_the_file(tmp_path: Path) -> None:
-    (tmp_path / "tower.toml").write_text(f'state = "sub/s.json"\ncert = {toml_string("/abs/c.pem")}\n')
+    (tmp_path / "tower.toml").write_text(f'database = "sub/t.db"\ncert = {toml_string("/abs/c.pem")}\n')
     config = load_config(tmp_path / "tower.toml")
-    assert config.state == tmp_path / "sub" / "s.json"
+    assert config.database == tmp_path / "sub" / "t.db"
     assert config.cert == Path("/abs/c.pem")
     assert config.ca == tmp_path / "ca.pem"
 
@@ -442,14 +443,14 @@ def test_serve_hands_over_to_the_server(tower: Path) -> None:
         "host": "127.0.0.1",
         "port": 4646,
         "insecure": False,
-        "state": str(tower / "state.json"),
+        "store": str(tower / "tower.db"),
     }
     proc = run_tower("serve", "--config", config, "--listen", "[::1]:0", "--insecure", prelude=FAKE_SERVER)
     assert json.loads(proc.stdout) == {
         "host": "::1",
         "port": 0,
         "insecure": True,
-        "state": str(tower / "state.json"),
+        "store": str(tower / "tower.db"),
     }
     assert "plain ws://" in proc.stderr
     proc = run_tower("serve", "--config", config, "--listen", ":4646", prelude=FAKE_SERVER)

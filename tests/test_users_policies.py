@@ -7,6 +7,7 @@ local policy); tokens and passwords never show up in stderr, logs or the audit l
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import json
 import socket
@@ -24,13 +25,14 @@ from e2e_support import wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stack import Stack, do_args, one_line_error, program
+from towerkit import Kit
 
 from supctl.enforcer.api import Serves
 from supctl.enforcer.inventory import parse_inventory
 from supctl.errors import ExitCode, StreamError, UsageError
 from supctl.protocol import OpenRequest
 from supctl.tower.policy import Request, Rule, decide, parse_policies
-from supctl.tower.users import UserStore, check_password, hash_password
+from supctl.tower.users import check_password, hash_password
 
 APP, INSTANCE, SITE = "popcorn-controller", "popcorn-controller-service-1", "stockholm-sergel"
 OTHER_SITE = "oslo-local"
@@ -195,25 +197,24 @@ def test_password_hash(tmp_path: Path) -> None:
     assert check_password(PASSWORD, hashed)
     assert not check_password(PASSWORD + "x", hashed)
     assert hash_password(PASSWORD) != hashed  # random salt
-    store = UserStore(tmp_path / "users.json")
-    store.add_user("alice", PASSWORD, ["ops"])
-    token, accessor, _ = store.add_token("alice", "api", datetime.timedelta(hours=1))
-    text = (tmp_path / "users.json").read_text()
-    assert PASSWORD not in text and token not in text and accessor in text
-    assert stat.S_IMODE((tmp_path / "users.json").stat().st_mode) == 0o600
-    identity = store.check_token(token)
+    kit = Kit(tmp_path)
+    kit.add_user("alice", PASSWORD, ["ops"])
+    token = kit.add_token("alice", "api")
+    kit.close()
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("tower.db*"))
+    assert PASSWORD.encode() not in stored and token.encode() not in stored
+    assert hashlib.sha256(token.encode()).hexdigest().encode() in stored  # only its hash
+    assert stat.S_IMODE((tmp_path / "tower.db").stat().st_mode) == 0o600
+    identity = kit.directory.check_token(token)
     assert identity is not None and identity.user == "alice" and identity.policies == ("ops",)
 
 
 def _in_process_tower(tmp_path: Path, **limits: Any) -> Any:
-    from supctl.tower import server
     from supctl.tower.limits import Limits
-    from supctl.tower.store import TowerStore
 
-    tower = server.Tower(TowerStore.create(tmp_path / "state.json"), None, Limits(**limits))
-    tower.users = UserStore(tmp_path / "users.json")
-    tower.users.add_user("alice", PASSWORD, ["ops"])
-    return tower
+    kit = Kit(tmp_path, Limits(**limits))
+    kit.add_user("alice", PASSWORD, ["ops"])
+    return kit.tower
 
 
 def _login(tower: Any, password: str, name: str = "alice") -> tuple[int, str]:
@@ -581,8 +582,8 @@ def test_admin_token_can_be_revoked(tmp_path: Path) -> None:
     own = Stack(tmp_path)
     try:
         own.start_tower()
-        state = json.loads((own.dir / "state.json").read_text())
-        accessor = state["admins"][0]["accessor"]
+        admin_token = (own.dir / "admin.token").read_text().strip()
+        accessor = hashlib.sha256(admin_token.encode()).hexdigest()[:8]
         assert own.supctl("show", "sites").returncode == 0
         own.control_tower("token", "revoke", "--config", str(own.dir / "tower.toml"), accessor)
         result = own.supctl("show", "sites")
@@ -605,7 +606,8 @@ def test_secrets_never_logged(stack: Stack) -> None:
     stack.supctl("show", "sites", env=env)
     admin_token = (stack.dir / "admin.token").read_text().strip()
     stack.wait_audit(lambda r: r["event"] == "login" and r["accessor"] == stored["accessor"], "the login")
-    texts = ["\n".join(stack.audit_lines()), (stack.dir / "users.json").read_text()]
+    texts = ["\n".join(stack.audit_lines())]
+    texts += [p.read_bytes().decode("latin-1") for p in stack.dir.glob("tower.db*")]  # the store, raw
     texts += [p.read_text(errors="replace") for p in stack.root.glob("*.log")]
     for text in texts:
         for secret in (stored["token"], PASSWORD, admin_token):

@@ -36,8 +36,7 @@ from .database.engine import StoreUnavailable
 from .database.engine import reason as driver_reason
 
 if TYPE_CHECKING:
-    from .config import TowerConfig
-    from .database import SQLStore
+    pass
 
 log = logging.getLogger("supctl.tower")
 
@@ -329,16 +328,3 @@ class AuditSink:
         if self.lost and not self._reported:
             self._reported = True
             log.error("audit log: %d records lost in all since the tower started", self.lost)
-
-
-async def open_store(config: TowerConfig) -> SQLStore:
-    """The tower's store, for the audit log: ``[store] url``, else the SQLite file
-    ``database``, created if missing (a tower made by an older ``control-tower init``)."""
-    from . import database
-
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to operators
-    target = config.store_url or config.database
-    if config.store_url is None and not await asyncio.to_thread(config.database.exists):
-        await database.create(config.database)
-        log.warning("audit log: created the store %s", config.database)
-    return await database.open(target, password_file=config.store_password_file)

@@ -33,11 +33,11 @@ from supctl.tower.config import (
     parse_listen,
     write_default_config,
 )
-from supctl.tower.store import TowerStore, atomic_write
+from supctl.tower.store import atomic_write
 
 PROG = "control-tower"
 ADMIN_TOKEN_NAME = "admin.token"  # noqa: S105 - a file name, not a secret
-STATE_NAME = "state.json"
+DATABASE_NAME = DEFAULT_FILES["database"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,6 +65,18 @@ def _output_option(f: F) -> F:
         metavar="FILE",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Write the token to FILE (mode 0600, replaced atomically) instead of stdout.",
+    )(f)
+
+
+def _format_option(f: F) -> F:
+    return click.option(
+        "-o",
+        "--output",
+        "fmt",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="A table with headers, or JSON (an array of objects) for scripts.",
     )(f)
 
 
@@ -109,9 +121,8 @@ def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[st
     certs = cert_paths(directory)
     ours = [
         directory / CONFIG_NAME,
-        directory / STATE_NAME,
+        directory / DATABASE_NAME,
         directory / ADMIN_TOKEN_NAME,
-        directory / DEFAULT_FILES["database"],
         certs.ca,
         certs.ca_key,
         certs.cert,
@@ -126,22 +137,13 @@ def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[st
         )
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_certs(directory, [*DEFAULT_NAMES, *(n for n in extra_names if n not in DEFAULT_NAMES)])
-    store = TowerStore.create(directory / STATE_NAME)
-    token = store.add_admin_token()
+    from supctl.tower import admincmds
+
+    token = admincmds.create_store(directory / DATABASE_NAME, replace=force)
     atomic_write(directory / ADMIN_TOKEN_NAME, (token + "\n").encode(), 0o600)
-    create_store(directory / DEFAULT_FILES["database"], replace=force)  # the audit log's store
     # Last, so that a tower.toml only exists next to a complete set of files.
     write_default_config(directory)
     return token
-
-
-def create_store(path: Path, *, replace: bool = False) -> None:
-    """A new SQLite store at ``path`` (``init``; ``serve`` creates a missing one too)."""
-    import asyncio
-
-    from supctl.tower import database
-
-    asyncio.run(database.create(path, replace=replace))
 
 
 def _print_init_summary(directory: Path) -> None:
@@ -153,8 +155,7 @@ def _print_init_summary(directory: Path) -> None:
         ("CA certificate", f"{certs.ca}  (give this to clients)"),
         ("server certificate", f"{certs.cert}  sha256 {fingerprint(certs.cert)}"),
         ("private keys", f"{certs.ca_key}, {certs.key}  (mode 0600)"),
-        ("token hashes", f"{directory / STATE_NAME}  (mode 0600)"),
-        ("store (audit log)", f"{directory / DEFAULT_FILES['database']}  (mode 0600)"),
+        ("store", f"{directory / DATABASE_NAME}  (mode 0600: token and password hashes, audit log)"),
         ("admin token", f"{directory / ADMIN_TOKEN_NAME}  (mode 0600)"),
     ]
     console.print(f"[bold green]Control tower created in {escape(str(directory))}[/]")
@@ -174,7 +175,9 @@ def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None
         for path in (config.cert, config.key):
             if not path.is_file():
                 raise UsageError(f"{path} not found (TLS needs it; --insecure serves plain ws://)")
-    TowerStore(config.state)  # a missing or broken state file fails now, not at the first login
+    from supctl.tower import admincmds
+
+    admincmds.check_store(config)  # a missing store or another schema fails now, in one line
     if insecure:
         _console().print(
             "[yellow]warning:[/] serving plain ws:// without TLS; tokens cross the network in clear"
@@ -193,8 +196,18 @@ def read_password(*, confirm: bool = False) -> str:
     return line[:-1] if line.endswith("\n") else line
 
 
+def _who() -> str | None:
+    """Who applies a policy set, for its history: the login name, if there is one."""
+    with contextlib.suppress(OSError, KeyError):
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    return None
+
+
 def make_cli() -> click.Group:
     """Build the ``control-tower`` command tree."""
+    from supctl.tower import admincmds, listings
 
     @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
     def cli() -> None:
@@ -225,9 +238,9 @@ def make_cli() -> click.Group:
     @click.argument("name")
     def site_add(config_path: Path, output: Path | None, name: str) -> None:
         """Register site NAME and print its token (the only output on stdout), or write it to --output."""
-        store = TowerStore(load_config(config_path).state)
+        config = load_config(config_path)
         _check_output(output)
-        give_site_token(store.add_site(name), output)
+        give_site_token(admincmds.add_site(config, name), output)
 
     @site.command("rotate")
     @_config_option
@@ -238,9 +251,9 @@ def make_cli() -> click.Group:
 
         A running tower closes the link opened with the old token within a second.
         """
-        store = TowerStore(load_config(config_path).state)
+        config = load_config(config_path)
         _check_output(output)
-        give_site_token(store.rotate_site(name), output)
+        give_site_token(admincmds.rotate_site(config, name), output)
         _console().print(
             f"site {escape(name)}: new token; the old one no longer works and a running tower"
             " closes its link (restart the site's enforcer with the new token)"
@@ -251,19 +264,20 @@ def make_cli() -> click.Group:
     @click.argument("name")
     def site_remove(config_path: Path, name: str) -> None:
         """Remove site NAME and its token; a running tower closes its link."""
-        TowerStore(load_config(config_path).state).remove_site(name)
+        admincmds.remove_site(load_config(config_path), name)
         _console().print(f"site {escape(name)} removed")
 
     @site.command("list")
     @_config_option
-    def site_list(config_path: Path) -> None:
-        """Print the registered site names, one per line."""
-        for name in TowerStore(load_config(config_path).state).sites():
-            click.echo(name)
+    @_format_option
+    def site_list(config_path: Path, fmt: str) -> None:
+        """Print the registered sites: name, token accessor, created, rotated."""
+        rows = listings.sites(admincmds.sites(load_config(config_path)))
+        listings.show(rows, ("name", "accessor", "created", "rotated"), fmt)
 
     @cli.group()
     def user() -> None:
-        """Add and list users (who log in with supctl do login)."""
+        """Add, remove and list users (who log in with supctl do login)."""
 
     @user.command("add")
     @_config_option
@@ -272,25 +286,30 @@ def make_cli() -> click.Group:
         "policies",
         multiple=True,
         metavar="POLICY",
-        help="A policy of the user, defined in policies.toml (repeatable; none: refused everything).",
+        help="A policy of the user, from the policy set in force (repeatable; none: refused everything).",
     )
     @click.argument("name")
     def user_add(config_path: Path, policies: tuple[str, ...], name: str) -> None:
         """Create user NAME; the password is read from stdin (prompted without echo on a terminal)."""
-        from supctl.tower.users import UserStore
-
         config = load_config(config_path)
-        UserStore(config.users).add_user(name, read_password(confirm=True), list(policies))
+        admincmds.add_user(config, name, read_password(confirm=True), list(policies))
         _console().print(f"user {escape(name)} added (policies: {escape(', '.join(policies) or 'none')})")
+
+    @user.command("remove")
+    @_config_option
+    @click.argument("name")
+    def user_remove(config_path: Path, name: str) -> None:
+        """Remove user NAME and revoke their tokens; a running tower ends their sessions."""
+        revoked = admincmds.remove_user(load_config(config_path), name)
+        _console().print(f"user {escape(name)} removed ({revoked} tokens revoked)")
 
     @user.command("list")
     @_config_option
-    def user_list(config_path: Path) -> None:
-        """Print the users and their policies, one per line."""
-        from supctl.tower.users import UserStore
-
-        for name, entry in sorted(UserStore(load_config(config_path).users).users().items()):
-            click.echo(f"{name}\t{','.join(entry.get('policies', [])) or '-'}")
+    @_format_option
+    def user_list(config_path: Path, fmt: str) -> None:
+        """Print the users: name, policies, created."""
+        rows = listings.users(admincmds.users(load_config(config_path)))
+        listings.show(rows, ("name", "policies", "created"), fmt)
 
     @cli.group()
     def token() -> None:
@@ -304,39 +323,73 @@ def make_cli() -> click.Group:
     )
     def token_add(config_path: Path, user_name: str, expires: str) -> None:
         """Create an API token for automation and print it (the only output on stdout)."""
-        from supctl.tower.users import UserStore, parse_duration
+        from supctl.tower.users import iso, parse_duration
 
         lifetime = parse_duration(expires)
-        store = UserStore(load_config(config_path).users)
-        secret, accessor, until = store.add_token(user_name, "api", lifetime)
-        _console().print(f"API token of {escape(user_name)}: accessor {accessor}, expires {until}")
-        click.echo(secret)
+        issued = admincmds.add_api_token(load_config(config_path), user_name, lifetime)
+        _console().print(
+            f"API token of {escape(user_name)}: accessor {issued.accessor}, expires {iso(issued.expires)}"
+        )
+        click.echo(issued.token)
 
     @token.command("list")
     @_config_option
-    def token_list(config_path: Path) -> None:
+    @_format_option
+    def token_list(config_path: Path, fmt: str) -> None:
         """Print accessor, user, kind, expiry and state of every token (never the token)."""
-        from supctl.tower.users import UserStore
-
-        for entry in UserStore(load_config(config_path).users).tokens():
-            state = "revoked" if entry.get("revoked") else "valid"
-            fields = [entry.get(key) for key in ("accessor", "user", "kind", "expires")]
-            click.echo("\t".join(str(f) for f in [*fields, state]))
+        rows = listings.tokens(admincmds.tokens(load_config(config_path)), admincmds.now())
+        listings.show(rows, ("accessor", "user", "kind", "expires", "state"), fmt)
 
     @token.command("revoke")
     @_config_option
     @click.argument("accessor")
     def token_revoke(config_path: Path, accessor: str) -> None:
         """Revoke the login, API or admin token with this ACCESSOR (see token list, audit records)."""
-        from supctl.tower.users import UserStore
-
-        config = load_config(config_path)
-        # Admin tokens (from init) live in the state file; the others in the user store.
-        if TowerStore(config.state).revoke_admin(accessor):
+        owner = admincmds.revoke(load_config(config_path), accessor)
+        if owner is None:
             _console().print(f"admin token {escape(accessor)} revoked")
+        else:
+            _console().print(f"token {escape(accessor)} of user {escape(owner)} revoked")
+
+    @cli.group()
+    def policy() -> None:
+        """Apply and show the policy set in force (docs/policies.md)."""
+
+    @policy.command("apply")
+    @_config_option
+    @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+    def policy_apply(config_path: Path, file: Path) -> None:
+        """Validate FILE (TOML, as policies.toml) and make it the policy set in force; print its version."""
+        config = load_config(config_path)
+        version = admincmds.apply_policies(config, file, _who())
+        _console().print(f"policy set version {version} applied from {escape(str(file))}")
+        if config.policies.exists() and config.policies.resolve() != file.resolve():
+            _console().print(
+                f"[yellow]warning:[/] a running tower applies {escape(str(config.policies))} again"
+                " when that file changes or the tower starts; remove it to manage policies here"
+            )
+        click.echo(version)
+
+    @policy.command("show")
+    @_config_option
+    def policy_show(config_path: Path) -> None:
+        """Print the policy set in force (TOML, on stdout) and its version (on stderr)."""
+        from supctl.tower.users import iso
+
+        found = admincmds.policy_in_force(load_config(config_path))
+        if found is None:
+            _console().print("no policy set applied yet: every user is refused everything")
             return
-        owner = UserStore(config.users).revoke(accessor)
-        _console().print(f"token {escape(accessor)} of user {escape(owner)} revoked")
+        by = f" by {found.applied_by}" if found.applied_by else ""
+        _console().print(f"policy set version {found.version}, applied {iso(found.applied)}{escape(by)}")
+        sys.stdout.write(found.text if found.text.endswith("\n") or not found.text else found.text + "\n")
+
+    @cli.command("migrate")
+    @_config_option
+    def migrate_cmd(config_path: Path) -> None:
+        """Create or upgrade the store's schema; import the JSON files of an older tower."""
+        for line in admincmds.migrate(load_config(config_path)):
+            _console().print(escape(line))
 
     @cli.command("fingerprint")
     @_config_option

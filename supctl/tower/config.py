@@ -75,17 +75,16 @@ class TowerConfig:
     cert: Path = field(default=Path(DEFAULT_FILES["cert"]))
     key: Path = field(default=Path(DEFAULT_FILES["key"]))
     ca: Path = field(default=Path(DEFAULT_FILES["ca"]))
-    # The JSON files of towers before the store; `control-tower migrate` imports them.
+    # The files of towers before the store (tokens, users, audit log): `control-tower
+    # migrate` imports them.
     state: Path = field(default=Path(DEFAULT_FILES["state"]))
-    audit: Path = field(  # the append-only audit log (docs/audit.md)
+    audit: Path = field(
         default=Path(DEFAULT_FILES["audit"]), metadata={"key": "audit.file", "legacy": "audit"}
     )
-    users: Path = field(
-        default=Path(DEFAULT_FILES["users"])
-    )  # users, password hashes and hashed login/API tokens
-    policies: Path = field(
-        default=Path(DEFAULT_FILES["policies"])
-    )  # named policies (docs/policies.md); optional
+    users: Path = field(default=Path(DEFAULT_FILES["users"]))
+    # Named policies (docs/policies.md), optional: a running tower watches the file and
+    # applies it to the store when it changes.
+    policies: Path = field(default=Path(DEFAULT_FILES["policies"]))
     # The store (docs/store.md): the SQLite file, unless [store] url names another store.
     database: Path = field(default=Path(DEFAULT_FILES["database"]))
     store_url: Annotated[str | None, STORE_URL] = field(default=None, metadata={"key": "store.url"})
@@ -169,16 +168,13 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "# TLS server certificate and key, and the CA clients use to verify them.",
         *(f"{name} = {toml_string(DEFAULT_FILES[name])}" for name in ("cert", "key", "ca")),
         "",
-        "# Hashed admin and site tokens; re-read by a running tower whenever it changes.",
-        f"state = {toml_string(DEFAULT_FILES['state'])}",
-        "",
-        "# The store (SQLite, mode 0600): the audit log, one record per session and stream (docs/audit.md).",
+        "# The store (SQLite, mode 0600): admin, site, login and API tokens (hashed), users,",
+        "# policy sets and the audit log.",
+        '# [store] url = "postgresql://USER@HOST/DB" uses PostgreSQL instead (docs/store.md).',
         f"database = {toml_string(DEFAULT_FILES['database'])}",
         "",
-        "# Users with hashed passwords and hashed login/API tokens (control-tower user/token).",
-        f"users = {toml_string(DEFAULT_FILES['users'])}",
-        "",
-        "# Named policies, default deny (docs/policies.md); the file is optional.",
+        "# Named policies, default deny (docs/policies.md); optional: a running tower applies",
+        "# it to the store when it changes (or use control-tower policy apply).",
         f"policies = {toml_string(DEFAULT_FILES['policies'])}",
         "",
         "# Lifetime of a login token; a long-running supctl renews it before it ends.",

@@ -72,7 +72,7 @@ class Limits:
     refused_streams: Annotated[int, COUNT] = 200
     refused_window: Annotated[float, SECONDS_OR_OFF] = 10.0
     # Live login tokens of one user; a new login beyond it revokes the user's oldest
-    # login token (tower/users.py, UserStore.add_token).  API tokens are not counted.
+    # login token (the store: database/accounts.py, UserTokens.add).  API tokens are not counted.
     tokens_per_user: Annotated[int, COUNT] = 50
     # Renewals of login tokens per user and minute (a burst of that many, then
     # refilled evenly); more are refused with 429 and a retry time.

@@ -31,9 +31,13 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .preauth import client_key
-from .users import USER_NAME_RE, UserStore, check_password
+from .users import USER_NAME_RE, check_password
+
+if TYPE_CHECKING:
+    from .directory import Directory
 
 #: Password hashes computed at the same time; more logins wait their turn.
 CONCURRENT_HASHES = 2
@@ -155,7 +159,7 @@ class LoginThrottle:
 class LoginChecker:
     """What the tower does with a login's credentials before answering it."""
 
-    def __init__(self, users: UserStore, throttle: LoginThrottle) -> None:
+    def __init__(self, users: Directory, throttle: LoginThrottle) -> None:
         self.users = users
         self.throttle = throttle
         self._hashing = asyncio.Semaphore(CONCURRENT_HASHES)

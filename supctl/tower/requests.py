@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request
 
-from ..errors import UsageError
 from ..protocol.names import parse_port, valid_name
 from ..protocol.targets import canonical_address
 from . import audit
 from .httpapi import Rejection, single
 from .route import Access
 from .store import valid_site_name
-from .users import TokenRefused, UnknownUser
 
 log = logging.getLogger("supctl.tower")
 
@@ -112,22 +109,6 @@ def exec_access(app: str, instance: str, container: str, query: dict[str, list[s
 def upgrading(request: Request) -> bool:
     """Whether ``request`` asks for the WebSocket upgrade (else it is a plain GET)."""
     return "upgrade" in request.headers.get("Connection", "").lower()
-
-
-def users_change(change: Callable[..., Any], *args: Any) -> Any:
-    """``change(*args)``, a change to users.json, its failures as the answer to send."""
-    try:
-        return change(*args)
-    except TokenRefused as exc:  # revoked or expired since it was checked
-        raise Rejection(401, str(exc)) from None
-    except UnknownUser:  # removed since the password check
-        raise Rejection(401, "wrong user name or password") from None
-    except UsageError as exc:  # users.json is invalid
-        log.error("%s", exc)
-        raise Rejection(500, "the control tower's users file is invalid (see its log)") from None
-    except OSError as exc:
-        log.error("cannot write the users file: %s", exc.strerror or exc)
-        raise Rejection(503, "the control tower cannot write its users file") from None
 
 
 def url_name(quoted: str, what: str) -> str:

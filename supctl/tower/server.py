@@ -13,14 +13,12 @@ answered) is one audit record; a session whose record cannot be written is refus
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import secrets
 import time
 import weakref
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from ..errors import UsageError
 from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
 from ..ratelimit import Buckets
@@ -35,12 +34,13 @@ from ..ratelog import RateLimitedLog
 from . import audit, show
 from .audit import AuditLog
 from .authorise import Principal, Refusal, Sites, authorise
+from .database import StoreUnavailable
+from .directory import Directory
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
 from .hub import Hub, sweep_forever
 from .limits import Limits
 from .links import ClientLink, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
-from .policy import PolicyFile
 from .requests import (
     ACCOUNT_PATHS,
     CONNECT_PATH,
@@ -53,17 +53,16 @@ from .requests import (
     requested,
     upgrading,
     url_name,
-    users_change,
 )
 from .route import Access, Route, SiteClaim
 from .siteinfo import SiteInfo
-from .store import TowerStore, hash_token
+from .store import hash_token
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
     USER_NAME_RE,
     Identity,
     TokenRefused,
-    UserStore,
+    iso,
 )
 
 log = logging.getLogger("supctl.tower")
@@ -71,7 +70,7 @@ log = logging.getLogger("supctl.tower")
 
 @dataclass(frozen=True)
 class AccountDone:
-    """The outcome of a login, logout or renewal whose change to users.json was made
+    """The outcome of a login, logout or renewal whose change to the store was made
     before the request is answered (:meth:`Tower.handshake_request`)."""
 
     requester: str  # "USER:ACCESSOR", for the audit record
@@ -82,28 +81,28 @@ class AccountDone:
 class Tower:
     def __init__(
         self,
-        store: TowerStore,
+        store: Directory,
         audit_log: AuditLog | None = None,
         limits: Limits | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # The store's credentials and policies in memory (directory.py): admin and site
+        # tokens here, users and policies below are the same object.
         self.store = store
         self.audit = audit_log
         self.clock = clock  # monotonic seconds, for every rate and window (fake in tests)
         # Log lines a peer can cause (refused requests and streams), rate-limited.
         self.peer_log = RateLimitedLog(log, clock=clock)
-        # Users and policies (docs/policies.md); without a user store only admin tokens exist.
-        self.users: UserStore | None = None
+        # Users and policies (docs/policies.md); without users only admin tokens exist.
+        self.users: Directory | None = store
         self._login_checker: LoginChecker | None = None
-        self.policy: PolicyFile | None = None
+        self.policy: Directory | None = store
         self.login_expiry = DEFAULT_LOGIN_EXPIRY
         # The identity of the account request being judged (set with _requester).
         self._identity: Identity | None = None
         self.limits = limits or Limits()
         renewals = self.limits.renewals_per_minute
         self._renewals = Buckets(renewals, renewals / 60.0, clock)  # per user
-        # users.json is written on this one thread: never on the event loop, one write at a time.
-        self._users_writer: ThreadPoolExecutor | None = None
         # Site links, supctl sessions and what they hold (:mod:`.hub`).
         self.hub = Hub(self.limits, clock)
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
@@ -119,15 +118,21 @@ class Tower:
 
     async def handshake_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """websockets' ``process_request``: :meth:`process_request`, after what must not
-        run on the event loop: a login's password check (:mod:`.logins`: on a worker
-        thread, throttled) and the change to users.json of a login, logout or renewal
-        (:meth:`_account_write`, on the writer thread).
+        run on the event loop: bringing the directory up to date with the store (a
+        revocation made by ``control-tower`` in another process counts from the next
+        request on), a login's password check (:mod:`.logins`: on a worker thread,
+        throttled) and the change to the store of a login, logout or renewal
+        (:meth:`_account_write`).
 
         Only those await; everything else stays synchronous on the loop, and what a
         request's judgement needs (who asked) is carried across the await, so two
         requests never interleave.
         """
         path = urlsplit(request.path).path
+        try:
+            await self.store.fresh()
+        except StoreUnavailable as exc:
+            return self._store_unavailable(connection, request, exc)
         if self.users is None or path not in ACCOUNT_PATHS or upgrading(request):
             return self.process_request(connection, request)
         login = None
@@ -141,10 +146,19 @@ class Tower:
         done = await self._account_write(path, request, login)
         return self.process_request(connection, request, login, done)
 
+    def _store_unavailable(
+        self, connection: ServerConnection, request: Request, exc: StoreUnavailable
+    ) -> Response:
+        """Fail closed: nothing is judged against a copy that may be stale."""
+        message = "the control tower cannot reach its store"
+        self.peer_log.warning("store unavailable", "%s", exc)
+        self._requester = ""
+        self._audit_refused(connection, request, 503, message)
+        return error_response(503, message)
+
     async def _account_write(self, path: str, request: Request, login: LoginCheck | None) -> AccountDone:
-        """Judge an account request now (:meth:`_account`), then make its change to
-        users.json on the writer thread: a write and two fsyncs, which on the loop
-        stalled every relayed stream (renewal spam: a bystander's latency from 5 to 123 ms)."""
+        """Judge an account request now (:meth:`_account`), then make its change in the
+        store (asynchronously: the loop keeps relaying meanwhile) and in the directory."""
         self._requester = ""
         try:
             change = self._account(path, request, login)
@@ -156,20 +170,23 @@ class Tower:
                 self._requester, rejection=Rejection(500, "internal error in the control tower")
             )
         requester = self._requester
-        if self._users_writer is None:
-            self._users_writer = ThreadPoolExecutor(1, thread_name_prefix="users-writer")
         try:
-            body = await asyncio.get_running_loop().run_in_executor(self._users_writer, change)
+            body = await change()
         except Rejection as exc:
             return AccountDone(requester, rejection=exc)
+        except StoreUnavailable as exc:
+            self.peer_log.warning("store unavailable", "%s", exc)
+            return AccountDone(
+                requester, rejection=Rejection(503, "the control tower cannot reach its store")
+            )
         except Exception:
-            log.exception("internal error writing the users file for %s", path)
+            log.exception("internal error writing to the store for %s", path)
             return AccountDone(requester, rejection=Rejection(500, "internal error in the control tower"))
         if path == "/v1/login":
             requester = f"{body['user']}:{body['accessor']}"
         return AccountDone(requester, body=body)
 
-    def _logins(self, users: UserStore) -> LoginChecker:
+    def _logins(self, users: Directory) -> LoginChecker:
         if self._login_checker is None or self._login_checker.users is not users:
             limits = self.limits
             throttle = LoginThrottle(
@@ -264,8 +281,8 @@ class Tower:
             raise Rejection(400, "malformed query string") from None
         if not upgrading(request):
             if url.path in ACCOUNT_PATHS:
-                if account is None:
-                    return json_response(self._account(url.path, request, login)())
+                if account is None:  # in-process use only: the tower always passes one
+                    raise Rejection(500, "account requests go through handshake_request")
                 self._requester = account.requester
                 if account.rejection is not None:
                     raise account.rejection
@@ -389,11 +406,10 @@ class Tower:
 
     def _account(
         self, path: str, request: Request, login: LoginCheck | None = None
-    ) -> Callable[[], dict[str, Any]]:
+    ) -> Callable[[], Awaitable[dict[str, Any]]]:
         """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer):
-        judged now (a Rejection if refused); returns the change to make to users.json,
-        which answers the response's body (run on the writer thread by
-        :meth:`handshake_request`)."""
+        judged now (a Rejection if refused); returns the change to make in the store,
+        which answers the response's body (awaited by :meth:`handshake_request`)."""
         users = self.users
         if users is None:
             raise Rejection(404, "this control tower has no users")
@@ -410,10 +426,13 @@ class Tower:
                 raise Rejection(401, "wrong user name or password")
             most = self.limits.tokens_per_user
 
-            def log_in() -> dict[str, Any]:
-                # The user may have been removed since the password check: UsageError -> 401.
-                token, accessor, expires = users_change(users.add_token, name, "login", expiry, most)
-                return {"token": token, "expires": expires, "accessor": accessor, "user": name}
+            async def log_in() -> dict[str, Any]:
+                try:
+                    issued = await users.log_in(name, expiry, most)
+                except UsageError:  # removed since the password check
+                    raise Rejection(401, "wrong user name or password") from None
+                expires = iso(issued.expires)
+                return {"token": issued.token, "expires": expires, "accessor": issued.accessor, "user": name}
 
             return log_in
         self._admin(request)
@@ -423,21 +442,24 @@ class Tower:
         token, accessor = bearer_token(request), identity.accessor
         if path == "/v1/logout":
 
-            def log_out() -> dict[str, Any]:
-                users_change(users.revoke_token, token)
+            async def log_out() -> dict[str, Any]:
+                await users.log_out(token)
                 return {"revoked": accessor}
 
             return log_out
         if identity.kind != "login":
             raise Rejection(400, "only login tokens are renewed; an API token keeps its expiry")
-        # Each renewal rewrites users.json: a user gets renewals-per-minute, then 429.
+        # Each renewal is a write to the store: a user gets renewals-per-minute, then 429.
         if wait := self._renewals.take(identity.user):
             raise Rejection(
                 429, f"too many token renewals for user {identity.user}; try again in {math.ceil(wait)} s"
             )
 
-        def renew() -> dict[str, Any]:
-            return {"expires": users_change(users.renew, token, expiry), "accessor": accessor}
+        async def renew() -> dict[str, Any]:
+            expires = await users.renew(token, expiry)
+            if expires is None:  # revoked or expired since it was checked: not brought back
+                raise Rejection(401, users.refusal_by_hash(hash_token(token)) or "token revoked")
+            return {"expires": iso(expires), "accessor": accessor}
 
         return renew
 

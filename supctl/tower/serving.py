@@ -13,13 +13,14 @@ from websockets.asyncio.server import serve as ws_serve
 from .. import aio
 from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
-from .auditsink import AuditSink, open_store
+from .auditsink import AuditSink
 from .config import TowerConfig
-from .policy import PolicyFile
+from .directory import Directory
+from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .server import Tower
-from .store import TowerStore
-from .users import UserStore, parse_duration
+from .storeconfig import open_store
+from .users import parse_duration
 
 log = logging.getLogger("supctl.tower")
 
@@ -35,11 +36,14 @@ async def run_tower(
     config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
 ) -> None:
     store = await open_store(config)
+    try:
+        directory = await Directory.load(store, watch=PolicyWatch(config.policies))
+    except BaseException:
+        await store.close()
+        raise
     audit_log = AuditSink(store.audit, keep=config.audit_keep)
     audit_log.start()
-    tower = Tower(TowerStore(config.state), audit_log, config.limits)
-    tower.users = UserStore(config.users)
-    tower.policy = PolicyFile(config.policies)
+    tower = Tower(directory, audit_log, config.limits)
     tower.login_expiry = parse_duration(config.login_expiry)
     keepalive = config.keepalive or None
     handshake = config.limits.handshake_timeout
@@ -82,8 +86,10 @@ async def run_tower(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         sweeper = asyncio.create_task(tower.sweep_forever(), name="limits-sweep")
+        poller = asyncio.create_task(directory.poll_forever(), name="store-poll")
         await stop.wait()
         sweeper.cancel()
+        poller.cancel()
         log.warning("control-tower stopping")
     await audit_log.stop()  # writes what is queued; says how many records were lost, if any
     await store.close()

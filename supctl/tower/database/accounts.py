@@ -36,6 +36,10 @@ from .schema import admin_tokens, user_tokens, users
 KINDS = {"login": LOGIN_PREFIX, "api": API_PREFIX}
 #: How long a token is remembered after its expiry (then "invalid token" instead of "expired").
 FORGET_AFTER = datetime.timedelta(days=7)
+#: A user's revoked login tokens are remembered (so that using one says "token revoked") up
+#: to this many times the cap; the earliest revoked are forgotten first, so that logging
+#: in again and again grows neither the table nor a tower's copy of it.
+REVOKED_REMEMBERED = 4
 #: Hashes per query when re-checking many sessions' tokens at once.
 _CHUNK = 500
 
@@ -67,7 +71,7 @@ class Users:
         """Create a user from a stored hash (imports, benchmarks)."""
         check_user_name(name)
         try:
-            async with self.db.write() as conn:
+            async with self.db.write(bump=True) as conn:
                 await conn.execute(
                     insert(users).values(
                         name=name, password=password_hash, policies=list(policies), created=now
@@ -78,7 +82,7 @@ class Users:
 
     async def remove(self, name: str, *, now: datetime.datetime) -> int:
         """Remove a user and revoke their tokens (how many) in the same transaction."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             gone = await conn.execute(delete(users).where(users.c.name == name))
             if gone.rowcount == 0:
                 raise UsageError(f"unknown user {name!r}")
@@ -148,7 +152,7 @@ class UserTokens:
         token = KINDS[kind] + secrets.token_urlsafe(32)  # 256 random bits
         digest = hash_token(token)
         expires = now + lifetime
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             # PostgreSQL: lock the user's row, so that concurrent adds count each other's tokens
             # for the cap and a concurrent removal waits (SQLite: the write lock already does).
             owner = await conn.scalar(select(users.c.name).where(users.c.name == user).with_for_update())
@@ -166,6 +170,7 @@ class UserTokens:
                 )
             )
             revoked: tuple[str, ...] = ()
+            forgotten: tuple[str, ...] = ()
             if kind == "login" and cap is not None:
                 beyond = await conn.execute(
                     select(user_tokens.c.id, user_tokens.c.accessor)
@@ -186,7 +191,26 @@ class UserTokens:
                         .values(revoked=now)
                     )
                     revoked = tuple(row.accessor for row in oldest)
-        return IssuedToken(token, digest[:8], expires, revoked)
+                forgotten = await self._forget_revoked(conn, user, REVOKED_REMEMBERED * cap)
+        return IssuedToken(token, digest[:8], expires, revoked, forgotten)
+
+    @staticmethod
+    async def _forget_revoked(conn: Any, user: str, keep: int) -> tuple[str, ...]:
+        """Forget ``user``'s revoked login tokens beyond the ``keep`` last revoked; their hashes."""
+        beyond = await conn.execute(
+            select(user_tokens.c.id, user_tokens.c.hash)
+            .where(
+                user_tokens.c.user_name == user,
+                user_tokens.c.kind == "login",
+                user_tokens.c.revoked.is_not(None),
+            )
+            .order_by(user_tokens.c.revoked.desc(), user_tokens.c.id.desc())
+            .offset(keep)
+        )
+        rows = beyond.all()
+        if rows:
+            await conn.execute(delete(user_tokens).where(user_tokens.c.id.in_([row.id for row in rows])))
+        return tuple(row.hash for row in rows)
 
     async def check(self, token: str, *, now: datetime.datetime) -> Identity | None:
         """The identity of a valid token; None if it is no user token; :class:`TokenRefused`
@@ -255,7 +279,7 @@ class UserTokens:
         """Push a valid login token's expiry to ``now + lifetime``; the new expiry, or None
         when the token is not a live login token (API tokens are not renewed)."""
         expires = now + lifetime
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(
                 update(user_tokens)
                 .where(
@@ -271,7 +295,7 @@ class UserTokens:
 
     async def revoke(self, accessor: str, *, now: datetime.datetime) -> str:
         """Revoke the token with this accessor; the user it belonged to."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             found = (
                 await conn.execute(
                     select(user_tokens.c.id, user_tokens.c.user_name).where(
@@ -292,7 +316,7 @@ class UserTokens:
 
     async def revoke_token(self, token: str, *, now: datetime.datetime) -> bool:
         """Revoke a token given itself (``supctl do logout``); False if it is none."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(
                 update(user_tokens)
                 .where(user_tokens.c.hash == hash_token(token), user_tokens.c.revoked.is_(None))

@@ -33,7 +33,7 @@ class AdminTokens:
         """A new admin token (returned once; only its hash is kept)."""
         token = new_token("admin")
         digest = hash_token(token)
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             await conn.execute(insert(admin_tokens).values(hash=digest, accessor=digest[:8], created=now))
         return token
 
@@ -52,7 +52,7 @@ class AdminTokens:
 
     async def revoke(self, accessor: str) -> bool:
         """Forget the admin token(s) with this accessor; False if there is none."""
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(delete(admin_tokens).where(admin_tokens.c.accessor == accessor))
         return result.rowcount > 0
 
@@ -84,7 +84,7 @@ class Sites:
         token = new_token("site")
         digest = hash_token(token)
         try:
-            async with self.db.write() as conn:
+            async with self.db.write(bump=True) as conn:
                 await conn.execute(
                     insert(sites).values(name=name, token_hash=digest, accessor=digest[:8], created=now)
                 )
@@ -97,7 +97,7 @@ class Sites:
         (a live link that authenticated with it is evicted: see :meth:`token_hash`)."""
         token = new_token("site")
         digest = hash_token(token)
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(
                 update(sites)
                 .where(sites.c.name == name)
@@ -108,7 +108,7 @@ class Sites:
         return token
 
     async def remove(self, name: str) -> None:
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(delete(sites).where(sites.c.name == name))
             if result.rowcount == 0:
                 raise UsageError(f"unknown site {name!r}")

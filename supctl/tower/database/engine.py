@@ -23,9 +23,10 @@ The dialect differences are all here, and small:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,24 @@ LOCK_MIGRATE = 0x5C7A0D18
 _WRITE_OPTION = "supctl_write"
 #: Marks a connection that only reads, a statement at a time (SQLite: no BEGIN at all).
 _READ_OPTION = "supctl_read"
+
+
+#: The generation each credential write of the current task committed (see :func:`track`).
+_COMMITTED: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("committed", default=None)
+_GENERATION = text("SELECT value FROM generation WHERE id = 1")
+_BUMP = text("UPDATE generation SET value = value + 1 WHERE id = 1 RETURNING value")
+
+
+@contextlib.contextmanager
+def track() -> Iterator[list[int]]:
+    """Collect the generation committed by each credential write made in this block (by
+    this task): how a tower tells its own writes from those of others."""
+    seen: list[int] = []
+    token = _COMMITTED.set(seen)
+    try:
+        yield seen
+    finally:
+        _COMMITTED.reset(token)
 
 
 class StoreUnavailable(SupctlError):
@@ -222,17 +241,34 @@ class Database:
             raise self.unavailable(e) from e
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction: committed when the block ends, rolled back if it raises."""
+    async def write(self, *, bump: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A write transaction: committed when the block ends, rolled back if it raises.
+
+        ``bump``: the transaction changes credentials or policies: the generation counter
+        is incremented first thing (on PostgreSQL that also takes its row lock, so every
+        credential writer locks in the same order and none deadlocks), and the value is
+        given to :func:`track` once committed.
+        """
+        committed: int | None = None
         try:
             async with self.engine.connect() as conn:
                 await conn.execution_options(**{_WRITE_OPTION: True})
                 async with conn.begin():
+                    if bump:
+                        committed = int((await conn.execute(_BUMP)).scalar_one())
                     yield conn
         except _NOT_UNAVAILABLE:
             raise
         except UNAVAILABLE_ERRORS as e:
             raise self.unavailable(e) from e
+        seen = _COMMITTED.get()
+        if committed is not None and seen is not None:
+            seen.append(committed)
+
+    async def generation(self) -> int:
+        """The generation counter: changed by every committed credential write."""
+        async with self.read() as conn:
+            return int((await conn.execute(_GENERATION)).scalar_one())
 
     async def dispose(self) -> None:
         await self.engine.dispose()

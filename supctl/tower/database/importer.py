@@ -223,7 +223,7 @@ async def import_files(
     if policies_path is not None:
         policy_text = await asyncio.to_thread(_read_text, policies_path)
         await asyncio.to_thread(validate, policy_text, str(policies_path))
-    async with store.db.write() as conn:
+    async with store.db.write(bump=True) as conn:
         await serialise(conn, LOCK_MIGRATE)
         await serialise(conn, LOCK_AUDIT)
         for table in (admin_tokens, sites, users, user_tokens, policy_sets, audit):

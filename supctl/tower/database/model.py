@@ -77,6 +77,8 @@ class IssuedToken:
     expires: datetime.datetime
     #: Accessors of the user's oldest login tokens revoked to stay within the cap.
     revoked: tuple[str, ...] = ()
+    #: Hashes of the user's revoked login tokens forgotten (beyond REVOKED_REMEMBERED x cap).
+    forgotten: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

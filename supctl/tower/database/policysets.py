@@ -62,7 +62,7 @@ class PolicySets:
         """Validate ``text`` (off the event loop: a large file takes a while to parse) and
         store it as the new version in force; that version.  Nothing is stored if invalid."""
         await asyncio.to_thread(validate, text, source)
-        async with self.db.write() as conn:
+        async with self.db.write(bump=True) as conn:
             result = await conn.execute(
                 insert(policy_sets).values(text=text, applied=now, applied_by=_bounded(applied_by))
             )

@@ -138,3 +138,13 @@ audit = Table(
     Column("record", Text(), nullable=False),  # compact JSON, ensure_ascii, as audit.jsonl had
     sqlite_autoincrement=True,
 )
+
+#: One row (id 1): bumped by every write to the tables above but the audit, in the same
+#: transaction (``engine.Database.write(bump=True)``).  A tower polls it to know whether
+#: its in-memory copy of the credentials and policies is current (revision 0003).
+generation = Table(
+    "generation",
+    metadata,
+    Column("id", Integer(), primary_key=True, autoincrement=False),
+    Column("value", BigInteger(), nullable=False),
+)

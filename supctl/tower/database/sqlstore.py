@@ -37,6 +37,10 @@ class SQLStore:
         """``sqlite`` or ``postgresql``."""
         return self.db.dialect
 
+    async def generation(self) -> int:
+        """A counter every write to the credentials and policies changes (one cheap SELECT)."""
+        return await self.db.generation()
+
     async def close(self) -> None:
         await self.db.dispose()
 
