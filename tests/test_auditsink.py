@@ -227,7 +227,8 @@ class Counting:
 
 def tower_with(sink: AuditSink, tmp_path: Path) -> tuple[Callable[[str], int], str]:
     """A Tower writing to ``sink``; a function answering a ``show`` GET with a bearer token."""
-    kit = Kit(tmp_path)
+    (tmp_path / "kit").mkdir()  # the tower's own store, beside the audit's under test
+    kit = Kit(tmp_path / "kit")
     token = kit.add_admin_token()
     tower = Tower(kit.directory, sink)
     peer: Any = SimpleNamespace(remote_address=("127.0.0.1", 5555))
