@@ -9,7 +9,7 @@ WebSocket upgrades to ``.../connect`` with one user's token, each closed at once
 the time of each (TLS handshake, authentication, authorisation, audit record,
 upgrade) is what the issue's "1,000 sequential authorised session upgrades" means.
 Last, the tower's VmRSS/VmHWM, with ``--audit-rows`` audit records written before the
-start (as an old audit.jsonl, which ``control-tower migrate`` imports into a store).
+start (as an old audit.jsonl, imported into the store on a tower that has one).
 
 A benchmark, not a test: nothing is asserted; figures vary with the machine's load,
 so compare two trees in alternation (``--rounds``).
@@ -47,10 +47,35 @@ def rss(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def import_into_store(directory: Path) -> None:
+    """A tower with a store: the users and audit records written above go into it through
+    the store's API (``control-tower migrate`` only imports into a store holding no
+    credentials, and init made the admin token)."""
+    import datetime
+
+    from supctl.tower import database
+    from supctl.tower.database.auditlog import lines_to_rows
+
+    async def run() -> None:
+        store = await database.open(directory / "tower.db")
+        try:
+            now = datetime.datetime.now(datetime.UTC)
+            table = json.loads((directory / "users.json").read_text())["users"]
+            for name, entry in table.items():
+                await store.users.add_hashed(name, entry["password"], entry["policies"], now=now)
+            rows, _ = lines_to_rows((directory / "audit.jsonl").read_text().splitlines())
+            for start in range(0, len(rows), 5000):
+                await store.audit.append_rows(rows[start : start + 5000])
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
 def start_tower(stack: Stack, users: int, audit_rows: int) -> str:
     """``control-tower init``; ``users`` users written as an old-style users.json (one
     scrypt hash shared, so that making them takes no time) and the policy file; on a
-    tower with a store, ``control-tower migrate`` imports them; then ``serve``.
+    tower with a store, they are imported into it (as migrate does); then ``serve``.
     Returns an API token of the last user."""
     from supctl.tower.users import hash_password
 
@@ -79,7 +104,7 @@ def start_tower(stack: Stack, users: int, audit_rows: int) -> str:
             }
             f.write(json.dumps(rec) + "\n")
     if (stack.dir / "tower.db").exists():
-        stack.control_tower("migrate", "--config", str(config))
+        import_into_store(stack.dir)
     stack.tower = stack.spawn(
         "tower", [program("control-tower"), "serve", "--config", str(config), "--listen", "127.0.0.1:0"]
     )

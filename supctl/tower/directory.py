@@ -110,11 +110,20 @@ class Directory:
         call is seen when it returns.  Callers that arrive while a check is pending share
         it; those that arrive once it has started wait for the next one (it may have read
         the generation before their write).  StoreUnavailable if the store cannot be read."""
+        if self._waiting is None and self._current():
+            return  # nothing changed, seen without awaiting (SQLite): no task, no future
         if self._waiting is None:
             self._waiting = asyncio.get_running_loop().create_future()
             if self._runner is None or self._runner.done():
                 self._runner = asyncio.create_task(self._run(), name="directory-fresh")
         await asyncio.shield(self._waiting)
+
+    def _current(self) -> bool:
+        """Whether the copy is known to be current without awaiting: the policy file
+        unchanged and the store's generation, read synchronously (SQLite), the copy's."""
+        if self.watch is not None and not self.watch.unchanged():
+            return False
+        return self.store.peek_generation() == self.generation
 
     async def _run(self) -> None:
         while (waiting := self._waiting) is not None:
@@ -130,7 +139,10 @@ class Directory:
     async def _refresh(self) -> None:
         if self.watch is not None:
             await self.watch.check(self.store, self.policy)
-        if await self.store.generation() == self.generation:
+        generation = self.store.peek_generation()  # SQLite: 5 us, on the loop
+        if generation is None:
+            generation = await self.store.generation()
+        if generation == self.generation:
             return
         snapshot = await load(self.store)
         rules = self._rules if _same_policy(snapshot, self) else await _parsed(snapshot)

@@ -68,6 +68,10 @@ class PolicyWatch:
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
+    def unchanged(self) -> bool:
+        """Whether the file is as last checked (one ``stat``), without awaiting."""
+        return self._checked and self._stat() == self._stamp
+
     async def check(self, store: SQLStore, in_force: PolicySet | None) -> None:
         """One ``stat`` while the file is unchanged; on a change, apply it if valid (the
         caller then loads the new version), else remember why it is invalid."""

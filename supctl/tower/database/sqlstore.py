@@ -37,6 +37,10 @@ class SQLStore:
         """``sqlite`` or ``postgresql``."""
         return self.db.dialect
 
+    def peek_generation(self) -> int | None:
+        """The generation without awaiting, where the backend allows it (SQLite); else None."""
+        return self.db.peek_generation()
+
     async def generation(self) -> int:
         """A counter every write to the credentials and policies changes (one cheap SELECT)."""
         return await self.db.generation()
