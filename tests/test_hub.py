@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from test_site_identity import QuietWs
 from towerkit import Kit
 
 from supctl.protocol import (
@@ -44,20 +45,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class QuietWs:
-    """A WebSocket never driven: the tests move the frames themselves."""
-
-    async def send(self, message: bytes) -> None:
-        pass
-
-    async def recv(self) -> bytes:
-        await asyncio.Event().wait()
-        return b""
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        pass
 
 
 def in_loop(body: Callable[[], T]) -> T:
