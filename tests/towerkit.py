@@ -123,9 +123,15 @@ class Kit:
 
 
 def open_directory(path: Path) -> Directory:
-    """A serving tower's copy of the store at ``path`` (left open until the process ends)."""
+    """A serving tower's copy of the store at ``path``, for its synchronous lookups: the
+    store is closed again at once (an aiosqlite connection left open outlives its event
+    loop and fails in its thread when collected)."""
 
     async def load() -> Directory:
-        return await Directory.load(await database.open(path))
+        store = await database.open(path)
+        try:
+            return await Directory.load(store)
+        finally:
+            await store.close()
 
     return run(load())
