@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import statistics
 import subprocess
@@ -45,6 +46,13 @@ def rss(pid: int) -> tuple[int, int]:
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
     )
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of ``pid`` so far: less sensitive than wall time to what
+    else the machine is doing."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def import_into_store(directory: Path) -> None:
@@ -153,12 +161,15 @@ def main() -> None:
         stack.add_site(SITE, f'[applications.{APP}.service-instances."{INSTANCE}"]\n')
         context = ssl.create_default_context(cafile=str(stack.dir / "ca.pem"))
         for r in range(args.rounds):
+            cpu = cpu_seconds(stack.tower.popen.pid)
             times = asyncio.run(upgrades(stack.url, token, context, args.upgrades))
+            cpu = cpu_seconds(stack.tower.popen.pid) - cpu
             total = sum(times)
             p99 = statistics.quantiles(times, n=100)[98]
             print(
                 f"round {r + 1}: {args.upgrades} sequential upgrades in {total:.2f} s:"
-                f" median {statistics.median(times) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms"
+                f" median {statistics.median(times) * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms;"
+                f" tower CPU {cpu:.2f} s"
             )
         now, peak = rss(stack.tower.popen.pid)
         print(f"tower RSS {now / 1024:.0f} MiB (peak {peak / 1024:.0f} MiB)")
