@@ -21,6 +21,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 import netlab as _netlab  # noqa: E402
+from pg_cluster import PostgresCluster, find_bindir  # noqa: E402
 
 ROOT_REQUIRED_IN_CI = "root is required in CI"
 
@@ -56,3 +57,22 @@ def netlab() -> Iterator[_netlab.NetLab]:
     require_root()
     with _netlab.NetLab() as lab:
         yield lab
+
+
+def require_postgresql() -> Path:
+    """Where PostgreSQL's programs are; skip without them, or fail in CI (.ci/run installs them)."""
+    bindir = find_bindir()
+    if bindir is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql: initdb, pg_ctl, psql)"
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server for the whole session (no fsync: it is never killed); each test
+    creates a database of its own in it."""
+    with PostgresCluster(require_postgresql()) as cluster:  # stopped and removed on exit, also on failure
+        yield cluster

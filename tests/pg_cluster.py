@@ -51,6 +51,7 @@ class PostgresCluster:
         self.socket_dir = self.root / "sock"
         self.log = self.root / "server.log"
         self._as_postgres: list[str] = []
+        self._options: list[str] = []
         self._started = False
 
     # -- running tools as the server's owner -----------------------------------------
@@ -105,12 +106,21 @@ class PostgresCluster:
         ]
         if not self.durable:
             options += ["-c fsync=off", "-c full_page_writes=off", "-c synchronous_commit=off"]
+        self._options = options
         self._started = True  # from here on, stop() must stop a server
+        self.resume()
+        self.sql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{self.password}'")
+
+    def halt(self) -> None:
+        """Stop the server (fast: open connections are closed), keeping its data: the
+        store's outage, for real.  :meth:`resume` starts it again."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", str(TIMEOUT), "stop")
+
+    def resume(self) -> None:
         self._run(
             "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(TIMEOUT),
-            "-o", " ".join(options), "start",
+            "-o", " ".join(self._options), "start",
         )  # fmt: skip
-        self.sql(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{self.password}'")
 
     def stop(self) -> None:
         try:

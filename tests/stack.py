@@ -104,6 +104,7 @@ class Stack:
         self.procs: list[Proc] = []
         self.tower: Proc | None = None
         self.url = ""
+        self.store_url: str | None = None  # a PostgreSQL store (start_tower(store=...)), else tower.db
         self.env = dict(os.environ)
         for key in list(self.env):
             if key.startswith("SUPCTL_"):
@@ -136,19 +137,23 @@ class Stack:
         keepalive: float | None = None,
         *,
         init: bool = True,
+        store: tuple[str, Path] | None = None,
         **popen: Any,
     ) -> int:
         """``control-tower init`` (unless ``init`` is false: a tower directory made already)
         and ``serve``, with ``[limits]`` and ``keepalive`` added to tower.toml if given;
-        return its port.  ``popen``: extra arguments of the tower's ``subprocess.Popen``
-        (e.g. ``preexec_fn``)."""
+        return its port.  ``store``: (URL, password file) of a PostgreSQL database for
+        the store, instead of ``tower.db``.  ``popen``: extra arguments of the tower's
+        ``subprocess.Popen`` (e.g. ``preexec_fn``)."""
         if init:
+            extra = [] if store is None else ["--store-url", store[0], "--store-password-file", str(store[1])]
             subprocess.run(
-                [program("control-tower"), "init", str(self.dir)],
+                [program("control-tower"), "init", str(self.dir), *extra],
                 check=True,
                 capture_output=True,
                 env=self.env,
             )
+            self.store_url = None if store is None else store[0]
         path = self.dir / "tower.toml"
         if limits or keepalive is not None:
             top = f"keepalive = {keepalive}\n" if keepalive is not None else ""
@@ -173,6 +178,9 @@ class Stack:
         from its store (tower.db, read-only) as ``control-tower audit --output jsonl`` prints
         them.  Records reach the store a few milliseconds after the tower makes them: to
         look for one, use :meth:`wait_audit`."""
+        if self.store_url is not None:
+            jsonl = self.control_tower("audit", "--config", str(self.dir / "tower.toml"), "--output", "jsonl")
+            return jsonl.splitlines()
         db = sqlite3.connect(f"file:{self.dir / 'tower.db'}?mode=ro", uri=True, timeout=20)
         try:
             return [line for (line,) in db.execute("SELECT record FROM audit ORDER BY id")]

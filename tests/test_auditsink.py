@@ -13,7 +13,6 @@ import asyncio
 import datetime
 import itertools
 import logging
-import os
 import sqlite3
 import time
 import uuid
@@ -24,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from pg_cluster import PostgresCluster, find_bindir
+from pg_cluster import PostgresCluster
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from towerkit import Kit
@@ -40,22 +39,6 @@ from supctl.tower.server import Tower
 T0 = datetime.datetime(2030, 1, 1, 12, 0, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)
 DEADLINE = 20.0
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
-@pytest.fixture(scope="module")
-def pg_cluster() -> Iterator[PostgresCluster]:
-    bindir = find_bindir()
-    if bindir is None:
-        message = "PostgreSQL is not installed (apt-get install postgresql)"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    with PostgresCluster(bindir) as cluster:  # stopped and removed on exit, also on failure
-        yield cluster
 
 
 @dataclass

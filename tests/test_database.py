@@ -1,6 +1,6 @@
 """The store (supctl.tower.database): one suite, run against SQLite and a real PostgreSQL.
 
-The PostgreSQL server is started once per session by ``pg_cluster`` (Debian's
+The PostgreSQL server is started once per session by ``pg_cluster`` (conftest; Debian's
 postgresql package), with a fresh database per test.  Without the package the
 PostgreSQL half is skipped, except in CI, where it fails.  Times are injected
 (``now=``): no test sleeps.
@@ -32,7 +32,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from oldformats import OldTower
-from pg_cluster import PostgresCluster, find_bindir
+from pg_cluster import PostgresCluster
 from sqlalchemy import text
 
 from supctl.errors import UsageError
@@ -53,23 +53,6 @@ effect = "allow"
 site = "paris-*"
 verb = "connect"
 """
-
-
-def in_ci() -> bool:
-    """As conftest.in_ci (conftest is not imported: pytest loads it itself)."""
-    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PostgresCluster]:
-    bindir = find_bindir()
-    if bindir is None:
-        message = "PostgreSQL is not installed (apt-get install postgresql: initdb, pg_ctl, psql)"
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    with PostgresCluster(bindir) as cluster:  # stopped and removed on exit, also on failure
-        yield cluster
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,13 +52,13 @@ async def _nothing(_store: SQLStore) -> None:
     return None
 
 
-def create_store(path: Path, *, replace: bool) -> str:
-    """``control-tower init``: a new SQLite store at the newest schema (mode 0600) with one
-    admin token, returned."""
+def create_store(target: str | os.PathLike[str], *, replace: bool, password_file: Path | None = None) -> str:
+    """``control-tower init``: a new store at the newest schema (an SQLite file is mode
+    0600) with one admin token, returned."""
 
     async def run() -> str:
-        await database.create(path, replace=replace)
-        store = await database.open(path)
+        await database.create(target, replace=replace, password_file=password_file)
+        store = await database.open(target, password_file=password_file)
         try:
             return await store.admins.add(now=now())
         finally:

@@ -28,7 +28,9 @@ from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_cer
 from supctl.tower.config import (
     CONFIG_NAME,
     DEFAULT_FILES,
+    PASSWORD_ENV,
     TowerConfig,
+    check_store_url,
     load_config,
     parse_listen,
     write_default_config,
@@ -110,14 +112,31 @@ def give_site_token(token: str, output: Path | None) -> None:
     click.echo(token)
 
 
-def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[str] = ()) -> str:
+def init_tower(
+    directory: Path,
+    *,
+    force: bool = False,
+    extra_names: Sequence[str] = (),
+    store_url: str | None = None,
+    store_password_file: Path | None = None,
+) -> str:
     """Create a complete tower in ``directory`` and return the admin token.
 
     ``extra_names`` are host names or IP addresses the server certificate covers
-    besides localhost, 127.0.0.1 and ::1.
+    besides localhost, 127.0.0.1 and ::1.  ``store_url`` names a PostgreSQL database
+    (its password in ``store_password_file``, else in the environment) instead of
+    ``DIRECTORY/tower.db``.
     """
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} exists and is not a directory")
+    if store_url is not None:
+        check_store_url(store_url, "--store-url")
+        if store_password_file is not None:
+            store_password_file = store_password_file.absolute()  # tower.toml lives elsewhere
+            if not store_password_file.is_file():
+                raise UsageError(f"--store-password-file {store_password_file}: no such file")
+    elif store_password_file is not None:
+        raise UsageError("--store-password-file goes with --store-url (SQLite has no password)")
     certs = cert_paths(directory)
     ours = [
         directory / CONFIG_NAME,
@@ -135,27 +154,37 @@ def init_tower(directory: Path, *, force: bool = False, extra_names: Sequence[st
             f"{existing[0]} already exists; use --force to replace the tower"
             " (new CA and tokens: clients and sites must be set up again)"
         )
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_certs(directory, [*DEFAULT_NAMES, *(n for n in extra_names if n not in DEFAULT_NAMES)])
     from supctl.tower import admincmds
 
-    token = admincmds.create_store(directory / DATABASE_NAME, replace=force)
+    token = None
+    if store_url is not None:
+        # First: a server that cannot be reached or refuses the password leaves nothing behind.
+        token = admincmds.create_store(store_url, replace=force, password_file=store_password_file)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_certs(directory, [*DEFAULT_NAMES, *(n for n in extra_names if n not in DEFAULT_NAMES)])
+    if token is None:
+        token = admincmds.create_store(directory / DATABASE_NAME, replace=force)
     atomic_write(directory / ADMIN_TOKEN_NAME, (token + "\n").encode(), 0o600)
     # Last, so that a tower.toml only exists next to a complete set of files.
-    write_default_config(directory)
+    write_default_config(directory, store_url=store_url, store_password_file=store_password_file)
     return token
 
 
-def _print_init_summary(directory: Path) -> None:
+def _print_init_summary(directory: Path, store_url: str | None) -> None:
     certs = cert_paths(directory)
     config = directory / CONFIG_NAME
     console = _console()
+    store = (
+        f"{directory / DATABASE_NAME}  (mode 0600: token and password hashes, audit log)"
+        if store_url is None
+        else f"{store_url}  (token and password hashes, audit log)"
+    )
     rows = [
         ("config", f"{config}"),
         ("CA certificate", f"{certs.ca}  (give this to clients)"),
         ("server certificate", f"{certs.cert}  sha256 {fingerprint(certs.cert)}"),
         ("private keys", f"{certs.ca_key}, {certs.key}  (mode 0600)"),
-        ("store", f"{directory / DATABASE_NAME}  (mode 0600: token and password hashes, audit log)"),
+        ("store", store),
         ("admin token", f"{directory / ADMIN_TOKEN_NAME}  (mode 0600)"),
     ]
     console.print(f"[bold green]Control tower created in {escape(str(directory))}[/]")
@@ -223,10 +252,33 @@ def make_cli() -> click.Group:
         metavar="NAME",
         help="Another host name or IP address for the server certificate (repeatable).",
     )
-    def init(directory: Path, force: bool, sans: tuple[str, ...]) -> None:
-        """Create a tower in DIRECTORY: CA, server certificate, config and an admin token."""
-        init_tower(directory, force=force, extra_names=sans)
-        _print_init_summary(directory)
+    @click.option(
+        "--store-url",
+        metavar="URL",
+        help='A PostgreSQL database for the store, "postgresql://USER@HOST/DB", instead of DIRECTORY/tower.db.',
+    )
+    @click.option(
+        "--store-password-file",
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help=f"The store's password, its first line (else ${PASSWORD_ENV}); named in tower.toml.",
+    )
+    def init(
+        directory: Path,
+        force: bool,
+        sans: tuple[str, ...],
+        store_url: str | None,
+        store_password_file: Path | None,
+    ) -> None:
+        """Create a tower in DIRECTORY: CA, server certificate, config, store and an admin token."""
+        init_tower(
+            directory,
+            force=force,
+            extra_names=sans,
+            store_url=store_url,
+            store_password_file=store_password_file,
+        )
+        _print_init_summary(directory, store_url)
 
     @cli.group()
     def site() -> None:

@@ -67,6 +67,17 @@ LISTEN = Rule("HOST:PORT, [IPV6]:PORT or :PORT", _listen)
 STORE_URL = Rule('a URL like "postgresql://USER@HOST/DB" or "sqlite:///PATH"', _store_url)
 
 
+def check_store_url(text: str, option: str) -> str:
+    """``text`` if ``[store] url`` would take it, else UsageError (one line) naming ``option``.
+    A URL with a password is not echoed: it would put the secret in a terminal's scrollback."""
+    try:
+        return _store_url(text)
+    except Invalid as error:
+        raise UsageError(f"{option} {error}") from None
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: use {STORE_URL.expected}") from None
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """A loaded ``tower.toml``, and its schema (:mod:`supctl.schema`); every path is
@@ -156,9 +167,21 @@ def toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEFAULT_LISTEN) -> Path:
-    """Write ``DIRECTORY/tower.toml`` naming the files ``control-tower init`` creates."""
+def write_default_config(
+    directory: str | os.PathLike[str],
+    *,
+    listen: str = DEFAULT_LISTEN,
+    store_url: str | None = None,
+    store_password_file: Path | None = None,
+) -> Path:
+    """Write ``DIRECTORY/tower.toml`` naming the files ``control-tower init`` creates; with
+    ``store_url``, a ``[store]`` table naming that store (and its password's file) instead
+    of the SQLite ``database``."""
     parse_listen(listen)
+    if store_url is None:
+        store = [f"database = {toml_string(DEFAULT_FILES['database'])}"]
+    else:
+        store = ["# database: unused, [store] url below names the store."]
     lines = [
         "# control-tower configuration. Relative paths are relative to this file's directory.",
         "",
@@ -171,7 +194,7 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         "# The store (SQLite, mode 0600): admin, site, login and API tokens (hashed), users,",
         "# policy sets and the audit log.",
         '# [store] url = "postgresql://USER@HOST/DB" uses PostgreSQL instead (docs/store.md).',
-        f"database = {toml_string(DEFAULT_FILES['database'])}",
+        *store,
         "",
         "# Named policies, default deny (docs/policies.md); optional: a running tower applies",
         "# it to the store when it changes (or use control-tower policy apply).",
@@ -188,6 +211,13 @@ def write_default_config(directory: str | os.PathLike[str], *, listen: str = DEF
         '# keep = "90d"',
         "",
     ]
+    if store_url is not None:
+        lines += ["[store]", f"url = {toml_string(check_store_url(store_url, '[store] url'))}"]
+        if store_password_file is not None:
+            lines.append(f"password-file = {toml_string(str(store_password_file))}")
+        else:
+            lines.append(f"# the password: ${PASSWORD_ENV} (or password-file = PATH)")
+        lines.append("")
     path = Path(directory) / CONFIG_NAME
     atomic_write(path, "\n".join(lines).encode("utf-8"), 0o644)
     return path
