@@ -10,7 +10,7 @@ socket, no sleep.  Time is whatever the test says it is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -56,6 +56,19 @@ def in_loop(body: Callable[[], T]) -> T:
     return asyncio.run(main())
 
 
+#: Every Rig of the running test, closed after it.
+_RIGS: list[Rig] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_rigs() -> Iterator[None]:
+    """Close each test's stores: an aiosqlite connection left open outlives its event loop
+    and fails in its thread when it is collected."""
+    yield
+    while _RIGS:
+        _RIGS.pop().kit.close()
+
+
 class Rig:
     """A tower on a fake clock with one connected site, its enforcer's end, and sessions."""
 
@@ -63,6 +76,7 @@ class Rig:
         self.clock = Clock()
         # A real store (SQLite) and the tower's copy of it; the tower's clock is the fake one.
         self.kit = Kit(tmp_path, Limits(**limits), clock=self.clock)  # type: ignore[arg-type]
+        _RIGS.append(self)
         self.token = token = self.kit.add_site(SITE)
         self.tower = self.kit.tower
         self.hub: Hub = self.tower.hub
