@@ -138,12 +138,13 @@ class Stack:
         *,
         init: bool = True,
         store: tuple[str, Path] | None = None,
+        login_expiry: str | None = None,
         **popen: Any,
     ) -> int:
         """``control-tower init`` (unless ``init`` is false: a tower directory made already)
         and ``serve``, with ``[limits]`` and ``keepalive`` added to tower.toml if given;
         return its port.  ``store``: (URL, password file) of a PostgreSQL database for
-        the store, instead of ``tower.db``.  ``popen``: extra arguments of the tower's
+        the store, instead of ``tower.db``; ``login_expiry``: tower.toml's, instead of 8h.  ``popen``: extra arguments of the tower's
         ``subprocess.Popen`` (e.g. ``preexec_fn``)."""
         if init:
             extra = [] if store is None else ["--store-url", store[0], "--store-password-file", str(store[1])]
@@ -155,6 +156,10 @@ class Stack:
             )
             self.store_url = None if store is None else store[0]
         path = self.dir / "tower.toml"
+        if login_expiry is not None:
+            path.write_text(
+                path.read_text().replace('login-expiry = "8h"', f"login-expiry = {json.dumps(login_expiry)}")
+            )
         if limits or keepalive is not None:
             top = f"keepalive = {keepalive}\n" if keepalive is not None else ""
             table = "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in (limits or {}).items())

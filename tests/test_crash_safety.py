@@ -32,7 +32,7 @@ import pytest
 from e2e_support import wait_until
 from pg_cluster import PostgresCluster
 from stack import Stack, program
-from tower_raw import basic, client_tls
+from tower_raw import add_user, basic, client_tls
 
 PASSWORD = "correct horse battery staple"
 CLIENTS = 8
@@ -138,10 +138,7 @@ def setup_tower(stack: Stack, store: tuple[str, Path] | None) -> int:
     (stack.root / "viewer.toml").write_text(VIEWER)
     stack.control_tower("policy", "apply", "--config", config, str(stack.root / "viewer.toml"))
     for i in range(CLIENTS):
-        subprocess.run(
-            [program("control-tower"), "user", "add", "--config", config, f"c{i}", "--policy", "viewer"],
-            input=PASSWORD + "\n", text=True, check=True, capture_output=True, env=stack.env,
-        )  # fmt: skip
+        add_user(stack, f"c{i}", PASSWORD, "viewer")
     return port
 
 

@@ -22,11 +22,12 @@ import pytest
 from e2e_support import echo_roundtrip, start_server, wait_until
 from pg_cluster import PostgresCluster
 from stack import Stack, do_args, one_line_error, program
+from test_users_policies import PASSWORD, login
+from tower_raw import add_user
 
 from supctl.errors import ExitCode
 
 SITE, APP, INSTANCE, SHELL = "stockholm-sergel", "popcorn", "popcorn-1", "shell"
-PASSWORD = "correct horse battery staple"
 INVENTORY = (
     f'[applications.{APP}.service-instances.{INSTANCE}]\nruntime = "host"\n'
     f"[applications.{APP}.service-instances.{INSTANCE}.containers.{SHELL}]\n"
@@ -46,22 +47,12 @@ def tower_on(stack: Stack, cluster: PostgresCluster, database: str, *, login_exp
     """``init --store-url`` a tower on ``database`` (new), start it, apply the policies, add
     user alice and the site."""
     url = cluster.create_database(database)
-    password_file = cluster.write_password_file(stack.root / "store.password")
-    subprocess.run(
-        [program("control-tower"), "init", str(stack.dir), "--store-url", url,
-         "--store-password-file", str(password_file)],
-        check=True, capture_output=True, env=stack.env,
-    )  # fmt: skip
-    config = stack.dir / "tower.toml"
-    config.write_text(config.read_text().replace('login-expiry = "8h"', f'login-expiry = "{login_expiry}"'))
-    stack.store_url = url
-    stack.start_tower(init=False)
+    stack.start_tower(
+        store=(url, cluster.write_password_file(stack.root / "store.password")), login_expiry=login_expiry
+    )
     (stack.root / "ops.toml").write_text(POLICIES)
-    stack.control_tower("policy", "apply", "--config", str(config), str(stack.root / "ops.toml"))
-    subprocess.run(
-        [program("control-tower"), "user", "add", "--config", str(config), "alice", "--policy", "ops"],
-        input=PASSWORD + "\n", text=True, check=True, capture_output=True, env=stack.env,
-    )  # fmt: skip
+    stack.control_tower("policy", "apply", "--config", config_of(stack), str(stack.root / "ops.toml"))
+    add_user(stack, "alice", PASSWORD, "ops")
     stack.add_site(SITE, INVENTORY)
 
 
@@ -79,16 +70,6 @@ def config_of(stack: Stack) -> str:
     return str(stack.dir / "tower.toml")
 
 
-def login(stack: Stack, name: str = "alice") -> tuple[dict[str, str], dict[str, str]]:
-    env = dict(stack.env)
-    del env["SUPCTL_TOKEN_FILE"]
-    env["XDG_CONFIG_HOME"] = str(stack.root / f"config-{name}-{len(stack.procs)}")
-    result = stack.supctl("do", "login", name, input=(PASSWORD + "\n").encode(), env=env)
-    assert result.returncode == 0, result.stderr
-    stored = json.loads((Path(env["XDG_CONFIG_HOME"]) / "supctl" / "token").read_text())
-    return env, stored
-
-
 def test_the_store_is_postgresql_not_a_file(stack: Stack) -> None:
     assert not (stack.dir / "tower.db").exists()
     text = (stack.dir / "tower.toml").read_text()
@@ -99,7 +80,7 @@ def test_the_store_is_postgresql_not_a_file(stack: Stack) -> None:
 
 
 def test_connect_relays_every_byte(stack: Stack) -> None:
-    env, _ = login(stack)
+    env, _ = login(stack, "alice")
     _, port = start_server(stack, "echo")
     payload = os.urandom(2_000_000)
     result = stack.supctl(*do_args(SITE, APP, INSTANCE, "connect", "tcp", str(port)), input=payload, env=env)
@@ -114,7 +95,7 @@ def test_exec_gives_the_commands_output_and_exit_code(stack: Stack) -> None:
 
 
 def test_policy_refusal_and_the_audit_log(stack: Stack) -> None:
-    env, stored = login(stack)
+    env, stored = login(stack, "alice")
     result = stack.supctl(
         *do_args(SITE, APP, INSTANCE, "connect", "tcp", "22", "--ip-address", "10.0.0.1"), env=env
     )
@@ -142,14 +123,14 @@ def test_policy_refusal_and_the_audit_log(stack: Stack) -> None:
 
 
 def test_logout_and_revoke(stack: Stack) -> None:
-    env, stored = login(stack)
+    env, stored = login(stack, "alice")
     assert stack.supctl("show", "sites", env=env).returncode == 0
     result = stack.supctl("do", "logout", env=env)
     assert result.returncode == 0, result.stderr
     result = stack.supctl("show", "sites", env=dict(env, SUPCTL_TOKEN=stored["token"]))
     assert result.returncode == ExitCode.DENIED and one_line_error(result.stderr).endswith("token revoked")
 
-    env, stored = login(stack)
+    env, stored = login(stack, "alice")
     stack.control_tower("token", "revoke", "--config", config_of(stack), stored["accessor"])
     result = stack.supctl("show", "sites", env=env)
     assert result.returncode == ExitCode.DENIED and one_line_error(result.stderr).endswith("token revoked")
@@ -213,7 +194,7 @@ def test_a_long_running_forward_renews_its_login(pg_cluster: PostgresCluster, tm
     try:
         with Stack(tmp_path) as stack:
             tower_on(stack, pg_cluster, "e2e_renew", login_expiry="3s")
-            env, stored = login(stack)
+            env, stored = login(stack, "alice")
             _, echo = start_server(stack, "echo")
             args = do_args(SITE, APP, INSTANCE, "connect", "tcp", str(echo), "--bind", "0")
             proc = stack.spawn("supctl", [program("supctl"), *args], env=env)

@@ -19,9 +19,11 @@ def start_tower(stack: Stack, limits: Mapping[str, float], **popen: Any) -> int:
     return stack.start_tower(limits, **popen)
 
 
-def add_user(stack: Stack, name: str, password: str) -> None:
+def add_user(stack: Stack, name: str, password: str, *policies: str) -> None:
+    """``control-tower user add NAME [--policy P]...``, the password on stdin."""
+    options = [arg for policy in policies for arg in ("--policy", policy)]
     subprocess.run(
-        [program("control-tower"), "user", "add", "--config", str(stack.dir / "tower.toml"), name],
+        [program("control-tower"), "user", "add", "--config", str(stack.dir / "tower.toml"), name, *options],
         input=password + "\n",
         text=True,
         check=True,

@@ -212,7 +212,7 @@ def write_default_config(
         "",
     ]
     if store_url is not None:
-        lines += ["[store]", f"url = {toml_string(check_store_url(store_url, '[store] url'))}"]
+        lines += ["[store]", f"url = {toml_string(store_url)}"]  # checked by init (check_store_url)
         if store_password_file is not None:
             lines.append(f"password-file = {toml_string(str(store_password_file))}")
         else:
