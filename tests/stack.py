@@ -220,10 +220,17 @@ class Stack:
         return self.start_enforcer(site, wait=wait)
 
     def start_enforcer(
-        self, site: str, *, wait: bool = True, token_file: Path | None = None, inventory: Path | None = None
+        self,
+        site: str,
+        *,
+        wait: bool = True,
+        token_file: Path | None = None,
+        inventory: Path | None = None,
+        towers: Sequence[str] | None = None,
     ) -> Proc:
         """Start an enforcer of ``site`` with ``token_file`` and ``inventory`` (by default
-        ``ROOT/SITE.token`` and ``ROOT/SITE.toml``, written by :meth:`add_site`)."""
+        ``ROOT/SITE.token`` and ``ROOT/SITE.toml``, written by :meth:`add_site`), dialling
+        ``towers`` (by default this stack's tower)."""
         assert self.tower is not None
         before = self.tower.log.count(rf"site {re.escape(site)} connected")
         proc = self.spawn(
@@ -231,8 +238,7 @@ class Stack:
             [
                 program("edge-enforcer"),
                 "run",
-                "--tower",
-                self.url,
+                *(arg for url in (towers or [self.url]) for arg in ("--tower", url)),
                 "--site",
                 site,
                 "--token-file",

@@ -541,7 +541,7 @@ async def in_process_site(tower: FakeTower, max_streams: int) -> None:
     context = ssl.create_default_context(cafile=str(tower.certs.ca))
     sockets = NamespaceSockets()
     agent = Agent(
-        tower=tower.url,
+        towers=[tower.url],
         site="in-process",
         token=TOKEN,
         ssl_context=context,

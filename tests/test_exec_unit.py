@@ -389,7 +389,7 @@ async def site(
     monkeypatch.setattr(agent_module, "connect", connect)
     sockets = NamespaceSockets()
     agent = Agent(
-        tower="ws://tower.invalid",
+        towers=["ws://tower.invalid"],
         site="s1",
         token="t",
         ssl_context=None,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlencode
 
 import websockets
@@ -18,6 +19,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.version import version as websockets_version
 
 from .. import __version__
+from ..backoff import Backoff
 from ..errors import StreamError, SupctlError
 from ..link import Channel, Link, WebSocketLike
 from ..protocol import (
@@ -43,6 +45,10 @@ log = logging.getLogger("supctl.enforcer")
 
 BACKOFF_START = 0.5
 BACKOFF_CAP = 30.0
+#: The cap after a failure that looks brief and cost the tower nothing: nothing listens
+#: (connection refused) or no route, HTTP 503, or a link that closed.  A tower restart
+#: ends in seconds; waiting up to 30 s then kept a site away up to 26 s after a 2 s restart.
+BRIEF_CAP = 5.0
 #: A link that stayed up this long resets the backoff.
 STABLE_AFTER = 10.0
 #: At most one STATUS frame per this many seconds: a crash-looping container, or
@@ -120,7 +126,7 @@ class Agent:
     def __init__(
         self,
         *,
-        tower: str,
+        towers: Sequence[str],
         site: str,
         token: str,
         ssl_context: ssl.SSLContext | None,
@@ -131,13 +137,21 @@ class Agent:
         tower_fingerprint: bytes | None = None,
         max_streams: int = MAX_SITE_STREAMS,
         read_token: Callable[[], str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         if not 1 <= max_streams <= MAX_SITE_STREAMS:
             raise ValueError(f"max_streams must be 1-{MAX_SITE_STREAMS}")
+        if not towers:
+            raise ValueError("at least one tower URL")
         self.max_streams = max_streams
-        self.url = f"{tower.rstrip('/')}/v1/enforcer?{urlencode({'site': site})}"
-        # With a pin, the certificate is checked before the request (and the site token) is sent.
-        self.pinned = pinned_connection(tower_fingerprint, tower.rstrip("/")) if tower_fingerprint else None
+        # Each failed attempt moves on to the next tower (replicas, or one load-balanced name).
+        self.towers = [tower.rstrip("/") for tower in towers]
+        self.current = 0
+        self.query = urlencode({"site": site})
+        self.tower_fingerprint = tower_fingerprint
+        self.clock = clock
+        self.backoff = Backoff(BACKOFF_START, BACKOFF_CAP, STABLE_AFTER, jitter=jitter)
         self.site = site
         self.token = token
         # Re-reads the token file after a 401: `control-tower site rotate --output FILE`
@@ -174,33 +188,47 @@ class Agent:
             link.flush()
             await asyncio.sleep(STATUS_INTERVAL)
 
+    @property
+    def tower(self) -> str:
+        """The tower URL the next attempt dials."""
+        return self.towers[self.current]
+
     async def run_forever(self) -> None:
-        attempt = 0
         while True:
-            started = time.monotonic()
+            started = self.clock()
             try:
                 await self.connect_once()
-                reason = "link closed"
-            except InvalidStatus as exc:
-                reason = f"the tower refused us: HTTP {exc.response.status_code} {_body(exc)}"
-                if exc.response.status_code == 401 and self.reload_token():
-                    attempt = 0  # a new token: try it soon, not after the backoff reached so far
-            except ssl.SSLCertVerificationError as exc:
-                reason = f"the tower's certificate is not trusted: {exc.verify_message}"
-            except FingerprintMismatch as exc:
-                reason = str(exc)
-            except (TimeoutError, OSError, WebSocketException) as exc:
-                reason = (
-                    f"cannot reach the tower: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}"
-                )
-            if time.monotonic() - started > STABLE_AFTER:
-                attempt = 0
-            # Full jitter (as AWS recommends) so a tower restart is not met by every
-            # site at the same instant.
-            delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_START * 2**attempt))  # noqa: S311
-            attempt = min(attempt + 1, 16)
+                reason, brief = "link closed", True
+            except Exception as exc:  # failure() raises again what is not a failure to reach the tower
+                reason, brief = self.failure(exc)
+            delay = self.next_delay(self.clock() - started, brief)
             log.warning("%s; reconnecting in %.1f s", reason, delay)
             await asyncio.sleep(delay)
+
+    def failure(self, exc: Exception) -> tuple[str, bool]:
+        """Why an attempt (or the link) ended, in one line, and whether it looks brief (the
+        tower restarting: connection refused, 503, or a link that closed).  Anything that is
+        not a failure to reach the tower is raised again."""
+        if isinstance(exc, InvalidStatus):
+            status = exc.response.status_code
+            if status == 401 and self.reload_token():
+                self.backoff.reset()  # a new token: try it soon, not after the backoff reached so far
+            return f"the tower refused us: HTTP {status} {_body(exc)}", status == 503
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return f"the tower's certificate is not trusted: {exc.verify_message}", False
+        if isinstance(exc, FingerprintMismatch):
+            return str(exc), False
+        if isinstance(exc, (TimeoutError, OSError, WebSocketException)):
+            text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            return f"cannot reach the tower: {text}", _no_connection(exc)
+        raise exc
+
+    def next_delay(self, ran_for: float, brief: bool) -> float:
+        """The wait before the next attempt, which goes to the next tower URL.  Full jitter
+        (as AWS recommends) so that a tower restart is not met by every site at once."""
+        if len(self.towers) > 1:
+            self.current = (self.current + 1) % len(self.towers)
+        return self.backoff.after(ran_for, cap=BRIEF_CAP if brief else None)
 
     def reload_token(self) -> bool:
         """Read the token file again (the same checks as at start); True if it holds a
@@ -220,10 +248,13 @@ class Agent:
         return True
 
     async def connect_once(self) -> None:
+        tower = self.tower
+        # With a pin, the certificate is checked before the request (and the site token) is sent.
+        pin = self.tower_fingerprint
         ws = await connect(
-            self.url,
+            f"{tower}/v1/enforcer?{self.query}",
             ssl=self.ssl_context,
-            create_connection=self.pinned or DirectClientConnection,
+            create_connection=pinned_connection(pin, tower) if pin else DirectClientConnection,
             additional_headers={"Authorization": f"Bearer {self.token}"},
             user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets_version}",
             subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
@@ -237,7 +268,7 @@ class Agent:
         self._status_changed.clear()  # HELLO carries the states as of now
         link.conn.send_hello(self.hello())
         link.flush()
-        log.warning("connected to the tower as site %s", self.site)
+        log.warning("connected to the tower as site %s (%s)", self.site, tower)
         pusher = asyncio.create_task(self._push_status(link))
         link.tasks.add(pusher)
         try:
@@ -304,6 +335,18 @@ class Agent:
                 time.monotonic() - started,
                 result,
             )
+
+
+def _no_connection(exc: BaseException) -> bool:
+    """Whether no TCP connection was made (nothing listens, no route): a tower restarting
+    or out of reach, which spent nothing on the attempt, so retrying soon costs it nothing.
+    A reset, a TLS failure or a timeout may be a loaded tower: those keep the long cap."""
+    if isinstance(exc, ssl.SSLError) or not isinstance(exc, OSError):
+        return False
+    if isinstance(exc, ConnectionRefusedError) or exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return True
+    # asyncio's create_connection when every address of a name failed, each its own way.
+    return type(exc) is OSError and exc.errno is None and str(exc).startswith("Multiple exceptions:")
 
 
 def _body(exc: InvalidStatus) -> str:

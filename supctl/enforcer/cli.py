@@ -43,7 +43,13 @@ def make_cli() -> click.Group:
         """The supctl agent on an edge host: dials out to the control tower, never listens."""
 
     @cli.command()
-    @click.option("--tower", required=True, help="Tower URL, e.g. wss://tower.example:4646.")
+    @click.option(
+        "--tower",
+        "towers",
+        required=True,
+        multiple=True,
+        help="Tower URL, e.g. wss://tower.example:4646; repeat it for several (tried in turn).",
+    )
     @click.option("--site", required=True, help="This site's name, as registered at the tower.")
     @click.option(
         "--token-file",
@@ -72,7 +78,7 @@ def make_cli() -> click.Group:
     )
     @click.option("-v", "--verbose", is_flag=True, help="Log every stream.")
     def run(
-        tower: str,
+        towers: tuple[str, ...],
         site: str,
         token_file: Path,
         ca_file: Path | None,
@@ -84,8 +90,12 @@ def make_cli() -> click.Group:
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
         setup_logging(logging.INFO if verbose else logging.WARNING)
-        if not tower.startswith(("wss://", "ws://")):
-            raise UsageError(f"--tower must look like wss://HOST:PORT, got {tower!r}")
+        for url in towers:
+            if not url.startswith(("wss://", "ws://")):
+                raise UsageError(f"--tower must look like wss://HOST:PORT, got {url!r}")
+        if len({url.partition(":")[0] for url in towers}) > 1:
+            raise UsageError("the --tower URLs must all be wss:// or all ws:// (one TLS setting for all)")
+        tower = towers[0]
         pin = parse_fingerprint(tower_fingerprint) if tower_fingerprint else None
         if pin is not None and not tower.startswith("wss://"):
             raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")
@@ -109,7 +119,7 @@ def make_cli() -> click.Group:
         supervisor = ContainerSupervisor(site_inventory, runtimes, output=sys.stderr.buffer, cgroups=cgroups)
         sockets = NamespaceSockets()
         agent = Agent(
-            tower=tower,
+            towers=list(dict.fromkeys(towers)),
             site=site,
             token=token,
             ssl_context=context,

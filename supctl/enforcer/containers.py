@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import IO, Any
 
+from ..backoff import Backoff
 from ..errors import StreamError
 from .api import Container, ServiceInstance
 from .cgroups import Cgroup, CgroupTree
@@ -135,7 +136,7 @@ class ContainerSupervisor:
         spec = ProcessSpec.for_container(
             container, list(container.command or ()), stdout=stdout, stderr=asyncio.subprocess.STDOUT
         )
-        attempt = 0
+        backoff = Backoff(self.backoff_start, self.backoff_cap, self.stable_after)
         first = True
         while not self._stopping.is_set():
             if not first:
@@ -162,10 +163,7 @@ class ContainerSupervisor:
                     return
                 log.warning("container %s exited with status %d", label, returncode)
                 self._changed(state, state="restarting", pid=None, exit_code=returncode)
-            if time.monotonic() - began >= self.stable_after:
-                attempt = 0
-            delay = min(self.backoff_cap, self.backoff_start * 2**attempt)
-            attempt = min(attempt + 1, 16)
+            delay = backoff.after(time.monotonic() - began)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
         self._changed(state, state="stopped", pid=None)
