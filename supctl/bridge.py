@@ -86,14 +86,16 @@ class SocketBridge(asyncio.Protocol):
     """One TCP connection (this protocol's transport) joined to one :class:`Channel`.
 
     ``open_channel`` is called in ``connection_made`` with the transport and returns
-    the channel (a new stream, or one the peer opened); if it raises StreamError the
-    connection is aborted and :attr:`done` carries the error.  ``on_done`` is
+    the channel (a new stream, or one the peer opened), or None if the stream comes
+    later (the caller then passes it to :meth:`start`, or ends the connection with
+    :meth:`abort`); if it raises StreamError the connection is aborted and
+    :attr:`done` carries the error.  ``on_done`` is
     called once, with the bridge and that result.
     """
 
     def __init__(
         self,
-        open_channel: Callable[[asyncio.Transport], Channel],
+        open_channel: Callable[[asyncio.Transport], Channel | None],
         on_done: Callable[[SocketBridge, StreamError | None], None] | None = None,
     ) -> None:
         self._open_channel = open_channel
@@ -121,7 +123,7 @@ class SocketBridge(asyncio.Protocol):
         arm_reset(transport.get_extra_info("socket"))
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         try:
-            self.channel = self._open_channel(transport)
+            channel = self._open_channel(transport)
         except StreamError as exc:
             self._abort(exc)
             return
@@ -129,13 +131,28 @@ class SocketBridge(asyncio.Protocol):
             log.exception("cannot open a stream for a connection")
             self._abort(StreamError(f"internal error: {exc}", code=ErrorCode.INTERNAL))
             return
-        self.channel.attach(self)
+        if channel is None:
+            # The stream comes later (start()), e.g. once supctl's session with the tower
+            # is back.  Reading pauses at the first bytes (uvloop starts reading only after
+            # connection_made, so a pause here would not hold): they, and an EOF, wait in
+            # _pending for start().
+            return
+        self.start(channel)
+
+    def start(self, channel: Channel) -> None:
+        """Join the socket to ``channel`` (at once, or later if ``open_channel`` said None)."""
+        if self.done.done():  # the socket went away while it waited
+            channel.reset(ErrorCode.CANCEL, "the local connection is gone")
+            return
+        self.channel = channel
+        channel.attach(self)
+        self._send_pending()  # what arrived meanwhile; resumes reading once it is sent
 
     def data_received(self, data: bytes) -> None:
         channel = self.channel
-        if channel is None or self.done.done():
+        if self.done.done():
             return
-        if self._pending:
+        if channel is None or self._pending:  # waiting for start(), or for credit
             self._pending.append(memoryview(data))
         else:
             sent = channel.send_nowait(data)

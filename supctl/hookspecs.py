@@ -92,7 +92,9 @@ def supctl_listener() -> Listener | None:
     """Return the backend that serves ``connect --bind``: it listens locally and
     turns each accepted connection into a stream.
 
-    Called once per ``connect`` invocation with ``--bind``.
+    Called once per ``connect`` invocation with ``--bind``.  Its ``serve`` gets the
+    :class:`supctl.client.api.Streams` of a session that may be lost and re-opened
+    while it runs: ``open_now()`` answers None meanwhile, and ``open()`` waits for it.
 
     :return: a :class:`supctl.client.api.Listener`; the first non-None result wins.
     """

@@ -26,7 +26,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.frames import DATA_OPCODES, Frame, Opcode
 from websockets.protocol import Event
 
-__all__ = ["DirectClientConnection", "DirectServerConnection", "Message", "Sink"]
+__all__ = ["DirectClientConnection", "DirectServerConnection", "Message", "Sink", "keepalive_options"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,21 @@ log = logging.getLogger(__name__)
 Message = bytes | bytearray | memoryview
 #: ``sink(message, is_text)``, called once per complete message, in order.
 Sink = Callable[[Message, bool], None]
+
+
+def keepalive_options(keepalive: float | None) -> dict[str, Any]:
+    """websockets' options for a keepalive of ``keepalive`` seconds (None or 0: off).
+
+    A ping ``keepalive`` seconds after the last one; a pong late by ``keepalive / 2`` fails
+    the link, whose closing handshake then gets ``keepalive / 2`` (a dead peer never
+    answers it; a live one does within a round trip).  So a link that went silent is
+    dropped within 2 x ``keepalive`` of its last sign of life (20 s by default), and a
+    pong may lag 5 s behind queued data before a live link is taken for dead.
+    """
+    if not keepalive:
+        return {"ping_interval": None, "ping_timeout": None}
+    return {"ping_interval": keepalive, "ping_timeout": keepalive / 2, "close_timeout": keepalive / 2}
+
 
 #: Bytes of early messages kept before the sink is attached; reading pauses beyond.
 PENDING_LIMIT = 4 * 1024 * 1024

@@ -190,7 +190,7 @@ class Rig:
         return target
 
     async def listen(
-        self, port: int, open_channel: Callable[[asyncio.Transport], Channel] | None = None
+        self, port: int, open_channel: Callable[[asyncio.Transport], Channel | None] | None = None
     ) -> int:
         """A ``connect --bind`` listener: each connection becomes a stream to 127.0.0.1:``port``."""
 
@@ -198,7 +198,7 @@ class Rig:
             return self.client.open_channel_now(OpenRequest(verb="connect", protocol="tcp", port=port))
 
         def new_connection() -> SocketBridge:
-            def opened(transport: asyncio.Transport) -> Channel:
+            def opened(transport: asyncio.Transport) -> Channel | None:
                 self.local[transport.get_extra_info("peername")[1]].set_result(bridge)
                 return (open_channel or default)(transport)
 

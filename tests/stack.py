@@ -48,6 +48,11 @@ def write_secret(path: Path, text: str) -> Path:
     return path
 
 
+def in_netns(netns: str | None) -> list[str]:
+    """The argv prefix that runs a program in network namespace ``netns`` (none: here)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
 class LogFile:
     """A process's stderr captured in a file, searched with a deadline."""
 
@@ -105,6 +110,7 @@ class Stack:
         self.tower: Proc | None = None
         self.url = ""
         self.store_url: str | None = None  # a PostgreSQL store (start_tower(store=...)), else tower.db
+        self.tower_netns: str | None = None  # where the tower runs (start_tower(netns=...))
         self.env = dict(os.environ)
         for key in list(self.env):
             if key.startswith("SUPCTL_"):
@@ -139,15 +145,20 @@ class Stack:
         init: bool = True,
         store: tuple[str, Path] | None = None,
         login_expiry: str | None = None,
+        netns: str | None = None,
+        host: str = "127.0.0.1",
         **popen: Any,
     ) -> int:
         """``control-tower init`` (unless ``init`` is false: a tower directory made already)
         and ``serve``, with ``[limits]`` and ``keepalive`` added to tower.toml if given;
         return its port.  ``store``: (URL, password file) of a PostgreSQL database for
-        the store, instead of ``tower.db``; ``login_expiry``: tower.toml's, instead of 8h.  ``popen``: extra arguments of the tower's
-        ``subprocess.Popen`` (e.g. ``preexec_fn``)."""
+        the store, instead of ``tower.db``; ``login_expiry``: tower.toml's, instead of 8h; ``netns``:
+        the network namespace to run it in, listening on ``host`` (which its certificate
+        then covers).  ``popen``: extra arguments of the tower's ``subprocess.Popen``
+        (e.g. ``preexec_fn``)."""
         if init:
             extra = [] if store is None else ["--store-url", store[0], "--store-password-file", str(store[1])]
+            extra += ["--san", host] if host != "127.0.0.1" else []
             subprocess.run(
                 [program("control-tower"), "init", str(self.dir), *extra],
                 check=True,
@@ -164,12 +175,23 @@ class Stack:
             top = f"keepalive = {keepalive}\n" if keepalive is not None else ""
             table = "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in (limits or {}).items())
             path.write_text(top + path.read_text() + table)
+        self.tower_netns = netns
         self.tower = self.spawn(
             "tower",
-            [program("control-tower"), "serve", "--config", str(path), "--listen", "127.0.0.1:0"],
+            [
+                *in_netns(netns),
+                program("control-tower"),
+                "serve",
+                "--config",
+                str(path),
+                "--listen",
+                f"{host}:0",
+            ],
             **popen,
         )
-        match = self.tower.log.wait_for(r"listening on (wss://127\.0\.0\.1:(\d+))", proc=self.tower.popen)
+        match = self.tower.log.wait_for(
+            rf"listening on (wss://{re.escape(host)}:(\d+))", proc=self.tower.popen
+        )
         self.url = match[1]
         self.env.update(
             SUPCTL_HOST=self.url,
@@ -177,6 +199,28 @@ class Stack:
             SUPCTL_CA_FILE=str(self.dir / "ca.pem"),
         )
         return int(match[2])
+
+    def restart_tower(self, sig: int | None = signal.SIGKILL) -> Proc:
+        """Start the tower again on its port, from its directory; with ``sig``, stop the
+        running one with it first (``None``: it is stopped already).  Returns once it listens."""
+        assert self.tower is not None
+        if sig is not None:
+            self.tower.stop(sig)
+        listen = self.url.split("://", 1)[1]
+        self.tower = self.spawn(
+            "tower",
+            [
+                *in_netns(self.tower_netns),
+                program("control-tower"),
+                "serve",
+                "--config",
+                str(self.dir / "tower.toml"),
+                "--listen",
+                listen,
+            ],
+        )
+        self.tower.log.wait_for(r"listening on wss://", proc=self.tower.popen)
+        return self.tower
 
     def audit_lines(self) -> list[str]:
         """The audit records the tower has written so far, as the JSON lines it stored, read
@@ -227,6 +271,8 @@ class Stack:
         token_file: Path | None = None,
         inventory: Path | None = None,
         towers: Sequence[str] | None = None,
+        netns: str | None = None,
+        extra: Sequence[str] = (),
     ) -> Proc:
         """Start an enforcer of ``site`` with ``token_file`` and ``inventory`` (by default
         ``ROOT/SITE.token`` and ``ROOT/SITE.toml``, written by :meth:`add_site`), dialling
@@ -236,6 +282,7 @@ class Stack:
         proc = self.spawn(
             f"enforcer-{site}",
             [
+                *in_netns(netns),
                 program("edge-enforcer"),
                 "run",
                 *(arg for url in (towers or [self.url]) for arg in ("--tower", url)),
@@ -248,6 +295,7 @@ class Stack:
                 "--inventory",
                 str(inventory or self.root / f"{site}.toml"),
                 "--verbose",
+                *extra,
             ],
         )
         if wait:

@@ -17,7 +17,7 @@ import pytest
 from e2e_support import inventory, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
-from stack import Stack, program, write_secret
+from stack import Stack, write_secret
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Response
@@ -162,7 +162,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def test_a_site_comes_back_after_its_tower_restarts(stack: Stack) -> None:
-    port = stack.start_tower()
+    stack.start_tower()
     enforcer = stack.add_site(SITE, inventory(APP, INSTANCE))
     assert stack.tower is not None
     stack.tower.stop()
@@ -173,11 +173,8 @@ def test_a_site_comes_back_after_its_tower_restarts(stack: Stack) -> None:
     wait_until(lambda: enforcer.log.count(refused) >= 3, 30, "three refused attempts")
     waits = [float(w) for w in re.findall(refused, enforcer.log.text())]
     assert max(waits) <= agent_module.BRIEF_CAP, waits
-    config = str(stack.dir / "tower.toml")
-    stack.tower = stack.spawn(
-        "tower", [program("control-tower"), "serve", "--config", config, "--listen", f"127.0.0.1:{port}"]
-    )
-    stack.tower.log.wait_for(rf"site {SITE} connected", deadline=30, proc=stack.tower.popen)
+    tower = stack.restart_tower(sig=None)
+    tower.log.wait_for(rf"site {SITE} connected", deadline=30, proc=tower.popen)
     assert enforcer.popen.poll() is None
 
 

@@ -34,6 +34,7 @@ from supctl.link import Channel
 from supctl.protocol import (
     DEFAULT_WINDOW,
     ErrorCode,
+    OpenRequest,
 )
 
 # --- tests ------------------------------------------------------------------------------------
@@ -256,3 +257,44 @@ def test_open_channel_failing_aborts_the_connection(failure: str) -> None:
             ("supctl.bridge", "cannot open a stream for a connection")
         ]
         assert records[0].exc_info is not None and isinstance(records[0].exc_info[1], RuntimeError)
+
+
+def test_a_stream_that_comes_later_gets_the_bytes_and_the_eof_sent_meanwhile() -> None:
+    """``connect --bind`` while its session with the tower is re-opened: the listener
+    answers None, the client sends its request and FIN, and the stream starts later
+    (SocketBridge.start).  Nothing is lost, and the client's half-close still holds."""
+    payload = os.urandom(3 * MiB)
+
+    async def body(rig: Rig) -> None:
+        port = (await rig.target(digest)).port
+        reader, writer, local = await rig.dial(await rig.listen(port, lambda _: None))
+
+        async def request() -> None:
+            await send_all(writer, payload)  # more than the bridge reads at once: it must pause
+            writer.write_eof()
+
+        sender = asyncio.ensure_future(request())
+        while not local._pending:  # the first bytes were read, and wait for a stream
+            await asyncio.sleep(0.001)  # polling; run()'s deadline bounds it
+        assert local.channel is None and not local.done.done()
+        local.start(rig.client.open_channel_now(OpenRequest(verb="connect", protocol="tcp", port=port)))
+        data, end = await read_end(reader)
+        await sender
+        assert (data.decode(), end) == (sha(payload), "eof")
+        assert await done(local) is None
+
+    assert run(body) == []
+
+
+def test_a_stream_that_comes_after_its_connection_ended_is_reset() -> None:
+    async def body(rig: Rig) -> None:
+        port = (await rig.target(echo)).port
+        _, writer, local = await rig.dial(await rig.listen(port, lambda _: None))
+        local.abort(ErrorCode.LINK_LOST, "no session with the tower for 1 s")
+        assert is_error(await done(local), ErrorCode.LINK_LOST, "no session with the tower for 1 s")
+        channel = rig.client.open_channel_now(OpenRequest(verb="connect", protocol="tcp", port=port))
+        local.start(channel)
+        assert channel.error is not None and channel.error.code == ErrorCode.CANCEL
+        writer.close()
+
+    assert run(body) == []

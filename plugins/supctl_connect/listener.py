@@ -8,10 +8,14 @@ import time
 from collections.abc import Callable
 
 from supctl.bridge import SocketBridge, arm_reset
-from supctl.client.api import BindAddress, OpenStream, Reporter
+from supctl.client.api import BindAddress, Reporter, Streams
 from supctl.errors import StreamError
-from supctl.link import Channel, Link
+from supctl.link import Channel
 from supctl.protocol import ErrorCode
+
+#: Local connections waiting for the session to come back, at most; more are reset
+#: at once (each waiting one holds a socket and a task).
+MAX_WAITING = 128
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -24,15 +28,27 @@ def _peer(transport: asyncio.BaseTransport) -> str:
 class TcpListener:
     async def serve(
         self,
-        link: Link,
-        open_stream: OpenStream,
+        streams: Streams,
         bind: BindAddress,
         ready: Callable[[BindAddress], None],
         reporter: Reporter,
     ) -> None:
         numbers = itertools.count(1)
         live: set[SocketBridge] = set()
+        waiting: set[asyncio.Future[Channel]] = set()
         stopping = False
+
+        def join(bridge: SocketBridge, task: asyncio.Future[Channel]) -> None:
+            waiting.discard(task)
+            if task.cancelled():
+                bridge.abort(ErrorCode.CANCEL, "supctl is stopping")
+            elif (error := task.exception()) is not None:
+                if isinstance(error, StreamError):
+                    bridge.abort(ErrorCode.parse(error.code), str(error))
+                else:
+                    bridge.abort(ErrorCode.INTERNAL, f"internal error: {error}")
+            else:
+                bridge.start(task.result())
 
         def new_connection() -> SocketBridge:
             # Each connection is a SocketBridge: bytes move in callbacks, no task per
@@ -40,9 +56,18 @@ class TcpListener:
             number = next(numbers)
             started = time.monotonic()
 
-            def opened(transport: asyncio.Transport) -> Channel:
+            def opened(transport: asyncio.Transport) -> Channel | None:
                 reporter.opened(number, _peer(transport))
-                return open_stream()
+                channel = streams.open_now()
+                if channel is None:  # the session is being re-opened: wait for it
+                    if len(waiting) >= MAX_WAITING:
+                        raise StreamError(
+                            f"{MAX_WAITING} connections already wait for the tower", code=ErrorCode.LIMIT
+                        )
+                    task = asyncio.ensure_future(streams.open())
+                    waiting.add(task)
+                    task.add_done_callback(lambda task: join(bridge, task))
+                return channel
 
             def closed(bridge: SocketBridge, error: StreamError | None) -> None:
                 live.discard(bridge)
@@ -75,5 +100,7 @@ class TcpListener:
             # The server's close() leaves accepted connections open: end them here,
             # while the session can still carry their RESETs.
             stopping = True
+            for task in list(waiting):
+                task.cancel()
             for bridge in list(live):
                 bridge.abort(ErrorCode.CANCEL, "supctl is stopping")

@@ -32,7 +32,7 @@ from supctl.errors import (
 from supctl.link import Link
 from supctl.protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL, Connection
 from supctl.tlspin import check_peer, pinned_connection, pinned_context
-from supctl.wsconn import DirectClientConnection
+from supctl.wsconn import DirectClientConnection, keepalive_options
 
 OPEN_TIMEOUT = 15.0
 
@@ -188,6 +188,8 @@ class WebSocketTransport:
                 max_size=MAX_MESSAGE_ACCEPTED,
                 open_timeout=OPEN_TIMEOUT,
                 write_limit=2**18,
+                # A silent partition ends the session within 2 x keepalive (then --bind reconnects).
+                **keepalive_options(settings.keepalive),
             )
         except InvalidStatus as exc:
             raise rejection_message(exc) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import signal
+from collections.abc import Coroutine
 from urllib.parse import quote
 
 import click
@@ -13,10 +14,9 @@ from rich.markup import escape
 
 from supctl import aio
 from supctl.client.api import BindAddress, Invocation, Listener, Netcat
-from supctl.errors import DeniedError, ExitCode, UnavailableError, UsageError
-from supctl.link import Channel, Link
-from supctl.protocol import ErrorCode, OpenRequest, check_ip_address
-from supctl.protocol.frames import CLOSE_CODE_BASE
+from supctl.client.session import TowerSession
+from supctl.errors import ExitCode, UsageError
+from supctl.protocol import OpenRequest, check_ip_address
 from supctl.protocol.targets import NOT_NUMERIC
 
 from .account import keep_renewed
@@ -59,6 +59,26 @@ def check_target_ip(inv: Invocation, value: str) -> str:
         ) from None
 
 
+class ConsoleSessionReport:
+    """The session's lines: lost, still lost (once a minute), back."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def lost(self, reason: str) -> None:
+        self.console.print(
+            f"[yellow]tower connection lost; reconnecting...[/] ({escape(reason)})", soft_wrap=True
+        )
+
+    def still_lost(self, seconds: float, reason: str) -> None:
+        self.console.print(
+            f"[yellow]still reconnecting after {seconds:.0f} s:[/] {escape(reason)}", soft_wrap=True
+        )
+
+    def back(self, seconds: float) -> None:
+        self.console.print(f"reconnected after {seconds:.1f} s", soft_wrap=True)
+
+
 class ConsoleReporter:
     def __init__(self, console: Console, quiet: bool) -> None:
         self.console = console
@@ -96,8 +116,19 @@ def make_connect_command() -> click.Group:
         help="Listen here (default address 127.0.0.1; 0 picks a free port). Without it: stdin/stdout.",
     )
     @click.option("-q", "--quiet", is_flag=True, help="No line per connection (failures are still shown).")
+    @click.option(
+        "--wait-tower",
+        metavar="SECONDS",
+        type=click.FloatRange(0, 3600),
+        default=10.0,
+        show_default=True,
+        help="With --bind: how long a local connection waits while the session with the tower "
+        "is re-opened, before it is reset.",
+    )
     @click.pass_obj
-    def tcp(inv: Invocation, port: int, ip_address: str | None, bind: str | None, quiet: bool) -> int:
+    def tcp(
+        inv: Invocation, port: int, ip_address: str | None, bind: str | None, quiet: bool, wait_tower: float
+    ) -> int:
         """Forward TCP to PORT on 127.0.0.1 inside the service instance (or on --ip-address)."""
         site = inv.require_site()
         target_ip = check_target_ip(inv, ip_address) if ip_address is not None else None
@@ -111,28 +142,36 @@ def make_connect_command() -> click.Group:
         if target_ip:
             query["ip-address"] = target_ip
         target = f"{BindAddress(target_ip or '127.0.0.1', port)} in {inv.where}"
-        return aio.run(_run(inv, path, query, target, bind_address, quiet))
+        return aio.run(_run(inv, path, query, target, bind_address, quiet, wait_tower))
 
     return connect
 
 
 async def _run(
-    inv: Invocation, path: str, query: dict[str, str], target: str, bind: BindAddress | None, quiet: bool
+    inv: Invocation,
+    path: str,
+    query: dict[str, str],
+    target: str,
+    bind: BindAddress | None,
+    quiet: bool,
+    wait_tower: float,
 ) -> int:
-    link = await inv.transport().open_session(path, query)
+    transport = inv.transport()
     request = OpenRequest(verb="connect")  # the tower fills in what it authorised
-
-    def open_stream() -> Channel:
-        # No wait for ACCEPT: the first bytes travel with the OPEN (EARLY_DATA), and a
-        # refusal arrives as StreamError from the channel, for this connection only.
-        return link.open_channel_now(request)
+    console = inv.console
+    session = TowerSession(
+        lambda: transport.open_session(path, query), request, ConsoleSessionReport(console), wait=wait_tower
+    )
+    link = await session.start()
 
     if bind is None:
+        # Netcat mode has one stream: a lost session ends it (StreamError, exit 6).
         netcat: Netcat | None = inv.pm.hook.supctl_netcat()
         if netcat is None:
             raise UsageError("no netcat backend plugin is installed")
         try:
-            await netcat.run(open_stream)
+            # No wait for ACCEPT: the first bytes travel with the OPEN (EARLY_DATA).
+            await netcat.run(lambda: link.open_channel_now(request))
         finally:
             await link.aclose()
         return ExitCode.OK
@@ -140,7 +179,6 @@ async def _run(
     listener: Listener | None = inv.pm.hook.supctl_listener()
     if listener is None:
         raise UsageError("no listener backend plugin is installed")
-    console = inv.console
 
     def ready(address: BindAddress) -> None:
         console.print(f"Forwarding from {address} -> {escape(target)}", soft_wrap=True)
@@ -150,7 +188,7 @@ async def _run(
     renewer = asyncio.ensure_future(keep_renewed(inv)) if from_login else None
     try:
         return await _serve_until_stopped(
-            link, listener.serve(link, open_stream, bind, ready, ConsoleReporter(console, quiet))
+            session, listener.serve(session, bind, ready, ConsoleReporter(console, quiet))
         )
     finally:
         if renewer is not None:
@@ -158,31 +196,28 @@ async def _run(
             await asyncio.gather(renewer, return_exceptions=True)
 
 
-async def _serve_until_stopped(link: Link, serving: object) -> int:
+async def _serve_until_stopped(session: TowerSession, serving: Coroutine[object, object, None]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    assert asyncio.iscoroutine(serving)
     server = asyncio.ensure_future(serving)
     stopper = asyncio.ensure_future(stop.wait())
-    assert link.task is not None
+    keeper = asyncio.ensure_future(session.keep())
     try:
-        done, _ = await asyncio.wait({server, stopper, link.task}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({server, stopper, keeper}, return_when=asyncio.FIRST_COMPLETED)
         if server in done:
             server.result()  # e.g. address already in use
-        if link.task in done and stopper not in done:
-            reason = f"the tower closed the session: {link.lost_reason}"
-            if link.lost_code == CLOSE_CODE_BASE + ErrorCode.DENIED:  # e.g. its token was revoked
-                raise DeniedError(reason)
-            raise UnavailableError(f"lost the connection to the tower: {link.lost_reason or 'closed'}")
+        if keeper in done and stopper not in done:
+            keeper.result()  # the error that ends the forward (a revoked token...)
         return ExitCode.OK
     except OSError as exc:
         raise UsageError(f"cannot listen: {exc.strerror or exc}") from None
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        for task in (server, stopper):
+        for task in (server, stopper, keeper):
             task.cancel()
-        await asyncio.gather(server, stopper, return_exceptions=True)
-        await link.aclose()
+        await asyncio.gather(server, stopper, keeper, return_exceptions=True)
+        if session.link is not None:
+            await session.link.aclose()

@@ -105,21 +105,37 @@ class BindAddress:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+class Streams(Protocol):
+    """Where a listener gets its streams: the verb's session with the tower, which may
+    be lost and re-opened while the listener runs (:mod:`supctl.client.session`)."""
+
+    def open_now(self) -> Channel | None:
+        """A new stream at once (the first bytes may go with the OPEN; a refusal
+        surfaces as StreamError from the channel), or None while the session is being
+        re-opened.  Raises StreamError once the session is over."""
+        ...
+
+    async def open(self) -> Channel:
+        """A new stream once the session is back; StreamError if that takes longer than
+        the user allows (``--wait-tower``) or the session is over."""
+        ...
+
+
 class Listener(Protocol):
     """Serves ``connect --bind``: every accepted local connection becomes a stream."""
 
     async def serve(
         self,
-        link: Link,
-        open_stream: OpenStream,
+        streams: Streams,
         bind: BindAddress,
         ready: Callable[[BindAddress], None],
         reporter: Reporter,
     ) -> None:
         """Listen on ``bind`` until cancelled; call ``ready`` with the real address.
 
-        ``open_stream`` returns a new :class:`~supctl.link.Channel` at once (see
-        :data:`OpenStream`); a refusal fails that connection only.
+        Each accepted connection gets ``streams.open_now()``, or, while the session is
+        being re-opened, waits for ``streams.open()``; a refusal or a wait that runs
+        out fails that connection only (an RST and a line from ``reporter``).
         """
         ...
 

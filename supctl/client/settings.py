@@ -2,7 +2,7 @@
 
 Precedence, highest first: command-line option, environment variable
 (``SUPCTL_HOST``, ``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, ``SUPCTL_CA_FILE``,
-``SUPCTL_TOWER_FINGERPRINT``), config
+``SUPCTL_TOWER_FINGERPRINT``, ``SUPCTL_KEEPALIVE``), config
 file (``~/.config/supctl/config.toml`` or ``--config``), built-in default.
 For the token, after the config file's ``token``/``token-file`` comes the login
 token ``supctl do login`` stored for this tower (:mod:`supctl.client.login`).
@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from ..errors import UsageError
-from ..schema import Source, load, parse_toml
+from ..protocol import KEEPALIVE
+from ..schema import SECONDS_OR_OFF, Source, load, parse_toml
 from ..tlspin import format_fingerprint, parse_fingerprint
 from .login import load_login
 
@@ -37,6 +39,8 @@ class ClientSettings:
     tower_fingerprint: bytes | None = None
     #: "login" when the token is the stored login token (renewed by long-running verbs).
     token_source: str = ""
+    #: WebSocket ping interval and pong timeout of sessions, in seconds; None: off.
+    keepalive: float | None = KEEPALIVE
 
     def __repr__(self) -> str:  # never show the token, not even in a debugger
         token = "***" if self.token else None
@@ -49,13 +53,26 @@ class ClientSettings:
 
 @dataclass(frozen=True)
 class ConfigFile:
-    """The schema of ``config.toml`` (:mod:`supctl.schema`): each key, when present, a string."""
+    """The schema of ``config.toml`` (:mod:`supctl.schema`): each key, when present, a string
+    (``keepalive``: seconds, 0 for off)."""
 
     host: str | None = None
     token: str | None = None
     token_file: str | None = None
     ca_file: str | None = None
     tower_fingerprint: str | None = None
+    keepalive: Annotated[float | None, SECONDS_OR_OFF] = None
+
+
+def keepalive_from(env: str | None, file: float | None) -> float | None:
+    """``SUPCTL_KEEPALIVE``, else the config file's ``keepalive``, else :data:`KEEPALIVE`; 0: off."""
+    value = file if file is not None else KEEPALIVE
+    if env is not None:
+        try:
+            value = SECONDS_OR_OFF.convert(float(env))
+        except ValueError:
+            raise UsageError(f"SUPCTL_KEEPALIVE must be {SECONDS_OR_OFF.expected}, got {env!r}") from None
+    return value or None
 
 
 def read_config(path: Path, *, explicit: bool) -> ConfigFile:
@@ -125,5 +142,10 @@ def resolve(
     if pin is not None and parts.scheme != "wss":
         raise UsageError("--tower-fingerprint needs a wss:// tower URL (there is no certificate to pin)")
     return ClientSettings(
-        host=host.rstrip("/"), token=token, ca_file=ca_path, tower_fingerprint=pin, token_source=source
+        host=host.rstrip("/"),
+        token=token,
+        ca_file=ca_path,
+        tower_fingerprint=pin,
+        token_source=source,
+        keepalive=keepalive_from(os.environ.get("SUPCTL_KEEPALIVE"), file.keepalive),
     )

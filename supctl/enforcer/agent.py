@@ -23,6 +23,7 @@ from ..backoff import Backoff
 from ..errors import StreamError, SupctlError
 from ..link import Channel, Link, WebSocketLike
 from ..protocol import (
+    KEEPALIVE,
     MAX_MESSAGE_ACCEPTED,
     MAX_SITE_STREAMS,
     SUBPROTOCOL,
@@ -35,7 +36,7 @@ from ..protocol import (
     StreamReset,
 )
 from ..tlspin import FingerprintMismatch, pinned_connection
-from ..wsconn import DirectClientConnection
+from ..wsconn import DirectClientConnection, keepalive_options
 from .api import Handler, HandlerContext, Serves
 from .containers import ContainerSupervisor
 from .dispatch import Dispatcher
@@ -139,12 +140,14 @@ class Agent:
         read_token: Callable[[], str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         jitter: Callable[[], float] = random.random,
+        keepalive: float | None = KEEPALIVE,
     ) -> None:
         if not 1 <= max_streams <= MAX_SITE_STREAMS:
             raise ValueError(f"max_streams must be 1-{MAX_SITE_STREAMS}")
         if not towers:
             raise ValueError("at least one tower URL")
         self.max_streams = max_streams
+        self.keepalive = keepalive  # ping interval and pong timeout; None: off
         # Each failed attempt moves on to the next tower (replicas, or one load-balanced name).
         self.towers = [tower.rstrip("/") for tower in towers]
         self.current = 0
@@ -262,6 +265,8 @@ class Agent:
             max_size=MAX_MESSAGE_ACCEPTED,
             open_timeout=15,
             write_limit=2**18,
+            # A silent partition (no RST, no FIN) is noticed within 2 x keepalive.
+            **keepalive_options(self.keepalive),
         )
         link = EnforcerLink(ws, self)
         self.link = link

@@ -15,7 +15,7 @@ from .. import aio
 from ..errors import SupctlError, UsageError
 from ..output import make_console, setup_logging
 from ..plugins import collect, make_plugin_manager
-from ..protocol import MAX_SITE_STREAMS
+from ..protocol import KEEPALIVE, MAX_SITE_STREAMS
 from ..tlspin import parse_fingerprint, pinned_context
 from .agent import Agent
 from .api import Handler, HandlerContext, Serves
@@ -76,6 +76,15 @@ def make_cli() -> click.Group:
         show_default=True,
         help="Most concurrent streams this site serves; more are refused with LIMIT.",
     )
+    @click.option(
+        "--keepalive",
+        metavar="SECONDS",
+        type=click.FloatRange(0, 3600),
+        default=KEEPALIVE,
+        show_default=True,
+        help="WebSocket ping interval and pong timeout towards the tower (0: off); a silent "
+        "partition is noticed within twice this.",
+    )
     @click.option("-v", "--verbose", is_flag=True, help="Log every stream.")
     def run(
         towers: tuple[str, ...],
@@ -86,6 +95,7 @@ def make_cli() -> click.Group:
         inventory: Path,
         connect_timeout: float,
         max_streams: int,
+        keepalive: float,
         verbose: bool,
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
@@ -126,6 +136,7 @@ def make_cli() -> click.Group:
             tower_fingerprint=pin,
             inventory=site_inventory,
             max_streams=max_streams,
+            keepalive=keepalive or None,
             read_token=lambda: read_site_token(token_file),
             handlers=load_handlers(),
             context=HandlerContext(

@@ -28,10 +28,16 @@ SUBPROTOCOL = "supctl.v1"
 #: sends (its own bound: about 10 KiB each when idle, docs/tower.md); the tower's
 #: ``[limits] streams-per-site`` may not be set higher.
 MAX_SITE_STREAMS = 16384
+#: WebSocket keepalive of every link (tower, enforcer and supctl), in seconds: a link
+#: that went silent is dropped within twice this (20 s), on both ends (the ping, pong
+#: and close timeouts: :func:`supctl.wsconn.keepalive_options`).  Set by the tower's ``keepalive``, ``edge-enforcer run --keepalive`` and
+#: supctl's ``keepalive`` (config file) or ``SUPCTL_KEEPALIVE``.
+KEEPALIVE = 10.0
 
 __all__ = [
     "DEFAULT_WINDOW",
     "EARLY_DATA",
+    "KEEPALIVE",
     "MAX_MESSAGE",
     "MAX_MESSAGE_ACCEPTED",
     "MAX_SITE_STREAMS",

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from ..protocol import MAX_SITE_STREAMS
+from ..protocol import KEEPALIVE, MAX_SITE_STREAMS
 from ..schema import COUNT, SECONDS, SECONDS_OR_OFF, Invalid, Rule, Source, load
 
 #: Default WebSocket keepalive (ping interval and ping timeout), in seconds.
-DEFAULT_KEEPALIVE = 10.0
+DEFAULT_KEEPALIVE = KEEPALIVE
 
 
 def _site_streams(value: int) -> int:

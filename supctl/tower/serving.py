@@ -13,6 +13,7 @@ from websockets.asyncio.server import serve as ws_serve
 from .. import aio
 from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
+from ..wsconn import keepalive_options
 from .auditsink import AuditSink
 from .config import TowerConfig
 from .directory import Directory
@@ -70,8 +71,7 @@ async def run_tower(
         write_limit=2**18,
         open_timeout=handshake,
         # A peer whose keepalive fails is dropped: a dead site link frees its site.
-        ping_interval=keepalive,
-        ping_timeout=keepalive,
+        **keepalive_options(keepalive),
         server_header="control-tower",
         backlog=BACKLOG,  # passed on to loop.create_server
     )
