@@ -27,6 +27,7 @@ from .protocol import (
     EndOfStream,
     ErrorCode,
     Event,
+    GoawayReceived,
     HelloReceived,
     OpenRequest,
     StatusReceived,
@@ -61,6 +62,10 @@ class Link:
         self.channels: dict[int, Channel] = {}
         self.lost_reason = ""
         self.lost_code: int | None = None  # the close code the peer sent, if it sent one
+        self.going_away: str | None = None  # the reason of the peer's GOAWAY, once it sent one
+        self.goaway = asyncio.Event()
+        self.emptied = asyncio.Event()  # set while no channel is open (see forget)
+        self.emptied.set()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._flush_scheduled = False
@@ -235,6 +240,9 @@ class Link:
         if isinstance(event, StatusReceived):
             self.on_status(event.payload)
             return
+        if isinstance(event, GoawayReceived):
+            self.on_goaway(event.payload)
+            return
         if isinstance(event, ConnectionClosed):
             self._close(event)
             return
@@ -267,11 +275,25 @@ class Link:
     def on_status(self, payload: dict[str, object]) -> None:
         """Called for each STATUS frame (site updates after HELLO)."""
 
+    def on_goaway(self, payload: dict[str, object]) -> None:
+        """The peer drains (GOAWAY, on links that accept one): ``going_away`` is set and
+        ``goaway`` fires; the streams open here go on, new ones belong elsewhere."""
+        reason = payload.get("reason")
+        self.going_away = reason if isinstance(reason, str) and reason else "the tower is going away"
+        self.goaway.set()
+
+    def forget(self, stream_id: int) -> None:
+        """A channel is done; :attr:`emptied` fires when the last one is."""
+        self.channels.pop(stream_id, None)
+        if not self.channels:
+            self.emptied.set()
+
     def on_lost(self, reason: str) -> None:
         error = StreamError(f"link lost: {reason}", code=ErrorCode.LINK_LOST)
         for channel in list(self.channels.values()):
             channel._fail(error)
         self.channels.clear()
+        self.emptied.set()
 
     # --- channels ------------------------------------------------------------
 
@@ -284,6 +306,7 @@ class Link:
             raise StreamError(f"link lost: {self.lost_reason or 'closed'}", code=ErrorCode.LINK_LOST)
         channel = Channel(self, self.conn.open_stream(request))
         self.channels[channel.id] = channel
+        self.emptied.clear()
         self.flush()
         return channel
 
@@ -304,6 +327,7 @@ class Link:
         """Wrap a stream the peer opened; call ``accept()`` on it to answer."""
         channel = Channel(self, stream_id)
         self.channels[stream_id] = channel
+        self.emptied.clear()
         return channel
 
 
@@ -404,7 +428,7 @@ class Channel:
             self.accepted.exception()  # mark retrieved: nobody may be waiting
         self._readable.set()
         self._writable.set()
-        self.link.channels.pop(self.id, None)
+        self.link.forget(self.id)
         if self._receiver is not None:
             receiver, self._receiver = self._receiver, None
             receiver.channel_failed(self.error or error)
@@ -513,12 +537,12 @@ class Channel:
         if self.error is None:
             self.error = StreamError(text or code.name.lower(), code=code)
         self.link.conn.reset_stream(self.id, code, text)
-        self.link.channels.pop(self.id, None)
+        self.link.forget(self.id)
         self.link.flush()
 
     def _maybe_forget(self) -> None:
         if self._eof and self._eof_sent:
-            self.link.channels.pop(self.id, None)
+            self.link.forget(self.id)
 
 
 def _close_text(exc: WsClosed) -> str:

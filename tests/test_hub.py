@@ -26,7 +26,7 @@ from supctl.protocol import (
     StreamOpened,
     StreamReset,
 )
-from supctl.tower.hub import Hub
+from supctl.tower.hub import DRAIN_REASON, Hub
 from supctl.tower.limits import Limits
 from supctl.tower.links import ClientLink, SiteLink
 from supctl.tower.route import Route, SiteClaim
@@ -296,5 +296,67 @@ def test_one_link_per_site(tmp_path: Path, rotated: bool) -> None:
         else:
             assert rig.hub.sites[SITE] is rig.site and closed(rig.site) is None
             assert closed(second) == (ErrorCode.DENIED, f"site {SITE} is already connected from 192.0.2.1:1")
+
+    in_loop(body)
+
+
+def test_a_drain_closes_idle_sessions_at_once_and_busy_ones_after_their_streams(tmp_path: Path) -> None:
+    """SIGTERM: GOAWAY to the sessions that understand it (they close themselves once their
+    streams ended); another session is closed when idle, a busy one once its streams ended,
+    the site links last (sans-I/O, fake clock)."""
+
+    def body() -> None:
+        rig = Rig(tmp_path)
+        moved, _ = rig.session()
+        moved.goaway_ok = True
+        moved_client = Connection(odd_ids=True, accept_streams=False, accept_goaway=True)
+        idle, _ = rig.session()
+        busy, busy_client = rig.session()
+        stream = rig.open(busy, busy_client)
+        rig.accept_all()
+        deadline = rig.hub.begin_drain(rig.clock.now, 30)
+        assert rig.hub.draining and deadline == rig.clock.now + 30
+        events = moved_client.receive_data(moved.conn.data_to_send())
+        assert [type(e).__name__ for e in events] == ["GoawayReceived"]
+        assert events[0].payload == {"reason": DRAIN_REASON, "deadline": 30}  # type: ignore[union-attr]
+        # No GOAWAY to a client that did not ask for it (it would take it for a protocol error).
+        assert [type(e).__name__ for e in busy_client.receive_data(busy.conn.data_to_send())] == [
+            "StreamAccepted"
+        ]
+
+        assert not rig.hub.drain_step(rig.clock.now, deadline)
+        assert closed(idle) == (ErrorCode.GOING_AWAY, DRAIN_REASON)
+        # The client that got GOAWAY closes its session itself: only it knows that none of
+        # its OPENs is still on the way.
+        assert closed(moved) is None and closed(busy) is None and closed(rig.site) is None
+
+        busy_client.reset_stream(stream, ErrorCode.CANCEL, "done")  # its last stream ends
+        for event in busy.conn.receive_data(busy_client.data_to_send()):
+            busy.handle_event(event)
+        rig.clock.now += 1
+        assert not rig.hub.drain_step(rig.clock.now, deadline)
+        assert closed(busy) == (ErrorCode.GOING_AWAY, DRAIN_REASON)
+        assert closed(rig.site) is None
+        rig.hub.close_session(moved)  # its client closed it (the handler's finally)
+        assert rig.hub.drain_step(rig.clock.now, deadline)
+        assert closed(rig.site) == (ErrorCode.GOING_AWAY, DRAIN_REASON)
+
+    in_loop(body)
+
+
+def test_a_drain_cuts_what_is_left_at_its_deadline(tmp_path: Path) -> None:
+    def body() -> None:
+        rig = Rig(tmp_path)
+        busy, busy_client = rig.session()
+        rig.open(busy, busy_client)
+        rig.accept_all()
+        deadline = rig.hub.begin_drain(rig.clock.now, 5)
+        rig.clock.now += 4.9
+        assert not rig.hub.drain_step(rig.clock.now, deadline)
+        assert closed(busy) is None
+        rig.clock.now += 0.1
+        assert rig.hub.drain_step(rig.clock.now, deadline)
+        assert closed(busy) == (ErrorCode.GOING_AWAY, f"{DRAIN_REASON}; 1 streams cut at the drain deadline")
+        assert closed(rig.site) == (ErrorCode.GOING_AWAY, DRAIN_REASON)
 
     in_loop(body)

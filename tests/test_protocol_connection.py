@@ -32,6 +32,7 @@ from supctl.protocol import (
     ErrorCode,
     Event,
     FrameType,
+    GoawayReceived,
     HelloReceived,
     LocalProtocolError,
     OpenRequest,
@@ -1700,3 +1701,37 @@ LinkedConnections.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestLinkedConnections = LinkedConnections.TestCase
+
+
+# --- GOAWAY ---------------------------------------------------------------------------------
+
+
+def test_goaway_reaches_a_client_that_accepts_it_and_streams_go_on() -> None:
+    client = Connection(odd_ids=True, accept_streams=False, accept_goaway=True)
+    tower = Connection(odd_ids=False, accept_streams=True)
+    sid = client.open_stream(OpenRequest(verb="connect"))
+    pump(client, tower)
+    tower.accept_stream(sid)
+    tower.send_goaway({"reason": "the control tower is shutting down", "deadline": 30})
+    tower.send_data(sid, b"still here")
+    events = pump(tower, client)
+    assert GoawayReceived({"reason": "the control tower is shutting down", "deadline": 30}) in events
+    assert DataReceived(sid, b"still here") in events
+    assert client.closed is None
+
+
+def test_goaway_not_expected_closes() -> None:
+    """An older peer, or one that did not offer Supctl-Features: goaway, never gets one; if it
+    does, that is a protocol error, as for any frame it does not expect."""
+    a, b = pair()
+    for conn in (a, b):
+        closed = assert_closed(
+            conn.receive_data(encode(FrameType.GOAWAY, 0, b"{}")), ErrorCode.PROTOCOL, conn
+        )
+        assert "unexpected GOAWAY" in closed.reason
+
+
+@pytest.mark.parametrize(("sid", "payload"), [(1, b"{}"), (0, b"[]"), (0, b""), (0, b"\xff")])
+def test_goaway_on_a_stream_or_not_a_json_object_closes(sid: int, payload: bytes) -> None:
+    client = Connection(odd_ids=True, accept_streams=False, accept_goaway=True)
+    assert_closed(client.receive_data(encode(FrameType.GOAWAY, sid, payload)), ErrorCode.PROTOCOL, client)

@@ -58,6 +58,7 @@ def test_frame_type_values_are_the_wire_values() -> None:
         "RESET": 6,
         "CONTROL": 7,
         "STATUS": 8,
+        "GOAWAY": 9,
     }
 
 
@@ -77,10 +78,11 @@ def test_error_code_values_are_the_wire_values() -> None:
         "FLOW_CONTROL": 12,
         "FRAME_SIZE": 13,
         "LIMIT": 14,
+        "GOING_AWAY": 15,
     }
 
 
-@pytest.mark.parametrize("value", [0, 15, 999, 0xFFFF])
+@pytest.mark.parametrize("value", [0, 16, 999, 0xFFFF])
 def test_unknown_error_codes_parse_as_internal(value: int) -> None:
     assert ErrorCode.parse(value) is ErrorCode.INTERNAL
 
@@ -278,7 +280,7 @@ def test_oversize_frame_is_frame_size_error_even_before_the_bytes_arrive(length:
     assert info.value.code is ErrorCode.FRAME_SIZE
 
 
-@pytest.mark.parametrize("type_", [9, 10, 0x7F, 0xFF])
+@pytest.mark.parametrize("type_", [10, 11, 0x7F, 0xFF])
 def test_unknown_frame_type(type_: int) -> None:
     with pytest.raises(FrameError, match=f"unknown frame type {type_}") as info:
         split_frames(struct.pack("!BII", type_, 1, 0))
@@ -287,7 +289,7 @@ def test_unknown_frame_type(type_: int) -> None:
 
 def test_unknown_frame_type_after_a_valid_frame() -> None:
     with pytest.raises(FrameError, match="unknown frame type"):
-        split_frames(encode(FrameType.EOF, 1) + struct.pack("!BII", 9, 1, 0))
+        split_frames(encode(FrameType.EOF, 1) + struct.pack("!BII", 10, 1, 0))
 
 
 _frames = st.lists(

@@ -28,7 +28,7 @@ class FakeConn:
     closed: object = None
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, as a Link
 class FakeLink:
     """What TowerSession uses of a Link: its task, how it ended, and opening a stream."""
 
@@ -37,6 +37,15 @@ class FakeLink:
     lost_reason: str = ""
     conn: FakeConn = field(default_factory=FakeConn)
     opened: list[OpenRequest] = field(default_factory=list)
+    goaway: asyncio.Event = field(default_factory=asyncio.Event)
+    going_away: str | None = None
+    channels: dict[int, object] = field(default_factory=dict)
+    emptied: asyncio.Event = field(default_factory=asyncio.Event)
+    closed_by_us: str | None = None
+
+    async def aclose(self, code: ErrorCode, reason: str) -> None:
+        self.closed_by_us = reason
+        self.end(CLOSE_CODE_BASE + code, reason)
 
     def end(self, code: int | None, reason: str = "") -> None:
         self.lost_code, self.lost_reason = code, reason
@@ -59,6 +68,9 @@ class Report:
 
     def back(self, seconds: float) -> None:
         self.lines.append(f"back {seconds:.2f}")
+
+    def moving(self, reason: str) -> None:
+        self.lines.append(f"moving: {reason}")
 
 
 class Clock:
@@ -317,4 +329,31 @@ async def test_a_tower_that_drops_each_new_session_at_once_is_not_hammered() -> 
         link.end(1012, "service restart")
         await settle(lambda link=link: not same(s.link, link) and s.link is not None)  # type: ignore[misc]
     assert clock.slept == [0.25, 0.5, 1.0]
+    keeper.cancel()
+
+
+@in_loop
+async def test_goaway_moves_new_streams_to_a_new_session_and_the_old_one_finishes() -> None:
+    clock, report = Clock(), Report()
+    first, second = FakeLink(), FakeLink()
+    tower = Tower(first, second, clock=clock)
+    s = session(tower, report, clock)
+    await s.start()
+    keeper = asyncio.ensure_future(s.keep())
+    first.going_away = "the control tower is shutting down"
+    first.channels[1] = "a stream in flight"
+    first.goaway.set()
+    await settle(lambda: same(s.link, second))
+    assert report.lines[0] == "moving: the control tower is shutting down"
+    assert report.lines[1].startswith("back ")
+    assert not any(line.startswith("lost") for line in report.lines)
+    # New streams go to the new session; the old one is kept for the streams it has...
+    assert same_value(s.open_now(), ("channel", id(second), 1))
+    assert [same(link, first) for link in s.draining] == [True]
+    # ...and closed by us once the last of them ended.
+    first.emptied.set()
+    first.channels.clear()
+    await settle(lambda: not s.draining)
+    assert first.closed_by_us == "moved to a new session"
+    assert not s.draining and not keeper.done()  # its end is not the session's
     keeper.cancel()

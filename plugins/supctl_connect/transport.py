@@ -181,7 +181,8 @@ class WebSocketTransport:
                 create_connection=pinned_connection(pin, settings.host)
                 if pin is not None
                 else DirectClientConnection,
-                additional_headers={"Authorization": f"Bearer {settings.token}"},
+                # GOAWAY: a draining tower may tell this session to move (docs/protocol.md).
+                additional_headers={"Authorization": f"Bearer {settings.token}", "Supctl-Features": "goaway"},
                 user_agent_header=f"supctl/{__version__} websockets/{websockets_version}",
                 subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
                 compression=None,  # payloads are usually encrypted or compressed already
@@ -211,7 +212,7 @@ class WebSocketTransport:
         if ws.subprotocol != SUBPROTOCOL:
             await ws.close()
             raise UnavailableError(f"the tower at {settings.host} does not speak {SUBPROTOCOL}")
-        link = Link(ws, Connection(odd_ids=True, accept_streams=False), name="tower")
+        link = Link(ws, Connection(odd_ids=True, accept_streams=False, accept_goaway=True), name="tower")
         link.start()
         return link
 

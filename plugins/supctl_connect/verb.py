@@ -78,6 +78,11 @@ class ConsoleSessionReport:
     def back(self, seconds: float) -> None:
         self.console.print(f"reconnected after {seconds:.1f} s", soft_wrap=True)
 
+    def moving(self, reason: str) -> None:
+        self.console.print(
+            f"[yellow]the tower is draining ({escape(reason)}); moving to a new session...[/]", soft_wrap=True
+        )
+
 
 class ConsoleReporter:
     def __init__(self, console: Console, quiet: bool) -> None:
@@ -219,5 +224,6 @@ async def _serve_until_stopped(session: TowerSession, serving: Coroutine[object,
         for task in (server, stopper, keeper):
             task.cancel()
         await asyncio.gather(server, stopper, keeper, return_exceptions=True)
-        if session.link is not None:
-            await session.link.aclose()
+        for link in [session.link, *session.draining]:
+            if link is not None:
+                await link.aclose()

@@ -7,7 +7,9 @@ that WebSocket (a :class:`~supctl.link.Link`) and opens a new one when it is *lo
 
 * lost means the connection dropped without the tower deciding it (no close frame,
   1006), or the tower said it goes away (1001 on shutdown, 1012 restart, 1013 try
-  later, 1011 a failure of its own);
+  later, 1011 a failure of its own, ``4000 + GOING_AWAY`` at the end of its drain);
+* a draining tower's GOAWAY moves the session: new streams go to a new link at once,
+  while the old one carries the streams it has until the tower closes it;
 * anything else the tower closed on purpose (a revoked token, a policy that no
   longer allows the target, a session-duration limit, a protocol error) is final, as
   is a refusal of the new WebSocket that retrying cannot change (401/403, 404, 400):
@@ -57,8 +59,9 @@ RETRY_CAP = 3.0
 STABLE_AFTER = 10.0
 #: While the tower stays unreachable, the last reason is repeated this often.
 STILL_EVERY = 60.0
-#: WebSocket close codes by which a tower says "not me, not now": try again.
-GOING_AWAY_CODES = frozenset({1001, 1011, 1012, 1013})
+#: WebSocket close codes by which a tower says "not me, not now": try again (1001 going
+#: away, 1011 its own failure, 1012 restart, 1013 try later, and GOING_AWAY after a drain).
+GOING_AWAY_CODES = frozenset({1001, 1011, 1012, 1013, CLOSE_CODE_BASE + ErrorCode.GOING_AWAY})
 #: Refusals of a new session that a retry cannot change.
 FINAL_ERRORS = (DeniedError, NotFoundError, UsageError, ProtocolError)
 
@@ -74,6 +77,9 @@ class SessionReport(Protocol):
 
     def back(self, seconds: float) -> None:
         """A new WebSocket is up, ``seconds`` after the loss."""
+
+    def moving(self, reason: str) -> None:
+        """The tower drains (GOAWAY): new streams go to a new session, open ones finish."""
 
 
 def final_close(link: Link) -> SupctlError | None:
@@ -116,6 +122,7 @@ class TowerSession:
         self._since = 0.0  # when the current link came up
         self.final: SupctlError | None = None  # set once the session cannot come back
         self.reconnects = 0
+        self.draining: set[Link] = set()  # links that got GOAWAY, finishing their streams
         self._changed = asyncio.Event()  # set whenever link or final changes
 
     async def start(self) -> Link:
@@ -140,7 +147,20 @@ class TowerSession:
             while True:
                 link = self.link
                 assert link is not None and link.task is not None, "start() first"
-                await asyncio.wait({link.task})
+                goaway = asyncio.ensure_future(link.goaway.wait())
+                try:
+                    await asyncio.wait({link.task, goaway}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    goaway.cancel()
+                if not link.task.done():
+                    # GOAWAY: the old link carries its open streams until the tower closes
+                    # it (GOING_AWAY once they end, or its drain deadline); new ones wait
+                    # for the new session, as after a loss.
+                    self._drain(link)
+                    self.report.moving(link.going_away or "the tower is going away")
+                    self._set(None)
+                    self._set(await self._reopen(None))
+                    continue
                 final = final_close(link)
                 if final is not None:
                     raise final
@@ -151,9 +171,32 @@ class TowerSession:
             self._set(None)
             raise
 
-    async def _reopen(self, reason: str) -> Link:
+    def _drain(self, link: Link) -> None:
+        """Keep ``link`` (it got GOAWAY) in :attr:`draining` until it ends, and close it
+        once its last stream ended.  The client closes, not the tower: only this end
+        knows that no OPEN of its own is still on the way (the race HTTP/2's GOAWAY
+        solves with a last stream id)."""
+        assert link.task is not None
+        self.draining.add(link)
+        closer = asyncio.ensure_future(self._close_when_empty(link))
+
+        def ended(_: object) -> None:
+            self.draining.discard(link)
+            closer.cancel()
+
+        link.task.add_done_callback(ended)
+
+    @staticmethod
+    async def _close_when_empty(link: Link) -> None:
+        while link.channels:
+            await link.emptied.wait()
+        await link.aclose(ErrorCode.CANCEL, "moved to a new session")
+
+    async def _reopen(self, reason: str | None) -> Link:
+        """A new link after the loss of the last (``reason``; None: it was asked to move)."""
         lost_at = self.clock()
-        self.report.lost(reason)
+        if reason is not None:
+            self.report.lost(reason)
         said_at = lost_at
         lasted = lost_at - self._since  # a stable session starts the delays over
         while True:

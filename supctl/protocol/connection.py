@@ -24,6 +24,7 @@ from .events import (
     DataReceived,
     EndOfStream,
     Event,
+    GoawayReceived,
     HelloReceived,
     StatusReceived,
     StreamAccepted,
@@ -63,6 +64,7 @@ __all__ = [  # the events are re-exported: the connection is where callers meet 
     "DataReceived",
     "EndOfStream",
     "Event",
+    "GoawayReceived",
     "HelloReceived",
     "LocalProtocolError",
     "StatusReceived",
@@ -107,6 +109,7 @@ class Connection:
         odd_ids: bool,
         accept_streams: bool,
         accept_hello: bool = False,
+        accept_goaway: bool = False,
         window: int = DEFAULT_WINDOW,
         max_streams: int = 1024,
         early_data: int = EARLY_DATA,
@@ -121,6 +124,7 @@ class Connection:
         self._peer_parity = 0 if odd_ids else 1
         self._accept_streams = accept_streams
         self._accept_hello = accept_hello
+        self._accept_goaway = accept_goaway
         self._hello_seen = False
         self.window = window
         self.max_streams = max_streams
@@ -244,6 +248,11 @@ class Connection:
         self._check_usable()
         self._emit(encode(FrameType.STATUS, 0, encode_hello(payload)))
 
+    def send_goaway(self, payload: Mapping[str, object]) -> None:
+        """Tell a peer that accepts it (``accept_goaway``) to open new streams elsewhere."""
+        self._check_usable()
+        self._emit(encode(FrameType.GOAWAY, 0, encode_hello(payload)))
+
     def send_control(self, stream_id: int, payload: Mapping[str, object]) -> None:
         """Send a small JSON object on an open stream, ahead of any flow-controlled DATA.
 
@@ -333,6 +342,11 @@ class Connection:
             if sid != 0 or not self._hello_seen:
                 raise FrameError("unexpected STATUS")
             events.append(StatusReceived(decode_object(frame.payload, "STATUS")))
+            return
+        if ftype is FrameType.GOAWAY:
+            if sid != 0 or not self._accept_goaway:
+                raise FrameError("unexpected GOAWAY")
+            events.append(GoawayReceived(decode_object(frame.payload, "GOAWAY")))
             return
         if sid == 0:
             raise FrameError(f"{ftype.name} on stream 0")

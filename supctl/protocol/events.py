@@ -67,6 +67,14 @@ class StatusReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class GoawayReceived:
+    """The tower drains: streams open on this connection go on (up to its deadline), new
+    ones belong on a new connection.  ``payload``: ``reason`` and ``deadline`` (seconds)."""
+
+    payload: dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
 class ControlReceived:
     """A small JSON message on a stream, outside flow control (a signal, an exit status).
 
@@ -100,6 +108,7 @@ Event = (
     | StreamReset
     | HelloReceived
     | StatusReceived
+    | GoawayReceived
     | ControlReceived
     | ConnectionClosed
 )

@@ -46,6 +46,7 @@ class FrameType(enum.IntEnum):
     RESET = 6  # abort the stream; payload: u16 ErrorCode + UTF-8 text
     CONTROL = 7  # stream-scoped JSON object outside flow control (signals, exit status)
     STATUS = 8  # stream 0: enforcer -> tower, JSON update of the site after HELLO
+    GOAWAY = 9  # stream 0: tower -> supctl, JSON: "open new streams on a new session"
 
 
 _FRAME_TYPES: dict[int, FrameType] = {int(t): t for t in FrameType}
@@ -71,6 +72,7 @@ class ErrorCode(enum.IntEnum):
     FLOW_CONTROL = 12  # the peer sent more than its window allowed
     FRAME_SIZE = 13  # a frame longer than allowed
     LIMIT = 14  # a configured limit (e.g. concurrent streams) was reached
+    GOING_AWAY = 15  # the peer shuts down: connect again (to it once it is back, or another)
 
     @classmethod
     def parse(cls, value: int) -> ErrorCode:

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from supctl.errors import UsageError
 from supctl.schema import DURATION, DURATION_TEXT, SECONDS_OR_OFF, Invalid, Rule, Source, load, parse_toml
-from supctl.tower.limits import DEFAULT_KEEPALIVE, Limits
+from supctl.tower.limits import DEFAULT_DRAIN_TIMEOUT, DEFAULT_KEEPALIVE, Limits
 from supctl.tower.store import atomic_write
 
 CONFIG_NAME = "tower.toml"
@@ -107,6 +107,8 @@ class TowerConfig:
     listen: Annotated[str, LISTEN] = DEFAULT_LISTEN
     insecure: bool = False  # serve plain ws:// (no TLS); the CLI's --insecure does the same
     keepalive: Annotated[float, SECONDS_OR_OFF] = DEFAULT_KEEPALIVE  # WebSocket ping interval and timeout
+    # SIGTERM: how long streams in flight may go on before they are cut (0: at once).
+    drain_timeout: Annotated[float, SECONDS_OR_OFF] = DEFAULT_DRAIN_TIMEOUT
     limits: Limits = field(default_factory=Limits)  # [limits] (docs/tower.md)
     login_expiry: Annotated[str, DURATION_TEXT] = "8h"  # lifetime of a login token (and of each renewal)
 

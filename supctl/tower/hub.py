@@ -33,6 +33,9 @@ log = logging.getLogger("supctl.tower")
 #: Seconds between two sweeps: a timer fires at most this late.
 SWEEP_INTERVAL = 0.5
 
+#: What sessions and site links are told when the tower drains (SIGTERM).
+DRAIN_REASON = "the control tower is shutting down"
+
 #: Why an accepted session may no longer be used (its token, the policies in force), or None.
 Authority = Callable[[Route], str | None]
 
@@ -63,6 +66,9 @@ class Session(Protocol):
     @property
     def relays(self) -> Mapping[int, Stream]: ...
     def close(self, code: ErrorCode = ..., reason: str = ...) -> None: ...
+    @property
+    def goaway_ok(self) -> bool: ...
+    def go_away(self, reason: str, deadline: float) -> None: ...
 
 
 class Site(Protocol):
@@ -89,6 +95,7 @@ class Hub:
         # Per user: live sessions, and concurrent streams over all of them.
         self.user_sessions: Counter[str] = Counter()
         self.user_streams: Counter[str] = Counter()
+        self.draining = False  # SIGTERM: no new session; see begin_drain
 
     # --- site links: one per site -------------------------------------------------------
 
@@ -230,6 +237,49 @@ class Hub:
                 elif idle and now - relay.last_activity >= idle:
                     relay.abort(ErrorCode.TIMEOUT, f"idle for {seconds(idle)} s", "timeout")
 
+    # --- draining (SIGTERM) ------------------------------------------------------------------
+
+    def begin_drain(self, now: float, timeout: float) -> float:
+        """Start draining at ``now``: tell every session (those that understand GOAWAY) to
+        open new streams elsewhere.  Returns the deadline for :meth:`drain_step`."""
+        self.draining = True
+        for session in list(self.sessions):
+            if session.conn.closed is None:
+                session.go_away(DRAIN_REASON, timeout)
+        return now + timeout
+
+    def drain_step(self, now: float, deadline: float) -> bool:
+        """One pass of a drain at ``now``; True once nothing is left open.
+
+        A session that got GOAWAY closes itself once its streams ended (only the client
+        knows that none of its OPENs is still on the way).  Another is closed
+        (``GOING_AWAY``) as soon as it holds no stream.  At ``deadline`` every session is
+        closed, whatever it holds (its streams are reset: an end the user sees, never a
+        silent cut).  Site links go last, once no session is left,
+        since every stream crosses one; their enforcers reconnect within about 5 s."""
+        final = now >= deadline
+        open_sessions = 0
+        for session in list(self.sessions):
+            if session.conn.closed is not None:
+                continue
+            if (session.relays or session.goaway_ok) and not final:
+                open_sessions += 1
+                continue
+            reason = DRAIN_REASON
+            if session.relays:
+                reason += f"; {len(session.relays)} streams cut at the drain deadline"
+                log.warning("closing session %s: %s", session.route.summary, reason)
+            session.close(ErrorCode.GOING_AWAY, reason)
+        if open_sessions:
+            return False
+        sites_open = False
+        for link in list(self.sites.values()):
+            if link.relays and not final:  # a stream of a session already closed, still ending
+                sites_open = True
+                continue
+            link.close(ErrorCode.GOING_AWAY, DRAIN_REASON)
+        return not sites_open
+
     def sweep_sites(self) -> None:
         """Close every site link whose token is no longer the site's (rotated, or the site
         removed): a thief holding an old site token loses the link within a sweep."""
@@ -264,3 +314,28 @@ async def sweep_forever(
             hub.sweep_sites()
         except Exception:  # nor the site checks, nor one stop the other
             log.exception("internal error in the sweep of site links")
+
+
+#: Seconds between two passes of a drain: a session is closed at most this late after its
+#: last stream ended.
+DRAIN_INTERVAL = 0.1
+
+
+async def drain(
+    hub: Hub,
+    timeout: float,
+    *,
+    interval: float = DRAIN_INTERVAL,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+) -> None:
+    """Drain ``hub`` (the tower got SIGTERM; it no longer accepts sessions): GOAWAY to
+    every session, then :meth:`Hub.drain_step` every ``interval`` until nothing is left
+    open, at most ``timeout`` seconds at its clock's time (then what is left is cut)."""
+    streams = sum(len(session.relays) for session in hub.sessions)
+    log.warning(
+        "control-tower draining: %d sessions, %d sites, %d streams; at most %s s",
+        len(hub.sessions), len(hub.sites), streams, seconds(timeout),
+    )  # fmt: skip
+    deadline = hub.begin_drain(hub.clock(), timeout)
+    while not hub.drain_step(hub.clock(), deadline):
+        await sleep(interval)

@@ -16,6 +16,8 @@ from ..schema import COUNT, SECONDS, SECONDS_OR_OFF, Invalid, Rule, Source, load
 
 #: Default WebSocket keepalive (ping interval and ping timeout), in seconds.
 DEFAULT_KEEPALIVE = KEEPALIVE
+#: Default seconds a draining tower (SIGTERM) lets streams in flight finish.
+DEFAULT_DRAIN_TIMEOUT = 30.0
 
 
 def _site_streams(value: int) -> int:

@@ -12,6 +12,7 @@ from ..protocol import (
     ConnectionClosed,
     ErrorCode,
     Event,
+    GoawayReceived,
     HelloReceived,
     StatusReceived,
     StreamOpened,
@@ -44,8 +45,9 @@ class LinkServices(Services, Protocol):
 class ClientLink(Link):
     """A supctl session: every stream it opens is relayed to its route's site."""
 
-    def __init__(self, ws: WebSocketLike, tower: LinkServices, route: Route) -> None:
+    def __init__(self, ws: WebSocketLike, tower: LinkServices, route: Route, *, goaway: bool = False) -> None:
         super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name=f"session {route.who}")
+        self.goaway_ok = goaway  # the client said it understands GOAWAY (Supctl-Features)
         self.tower = tower
         self.route = route
         self.user = route.user
@@ -60,8 +62,8 @@ class ClientLink(Link):
         elif isinstance(event, ConnectionClosed):
             log.warning("closing session %s: %s", self.route.summary, event.reason)
             super().handle_event(event)
-        elif isinstance(event, HelloReceived | StatusReceived):
-            pass  # impossible: the core refuses HELLO and STATUS on a session link
+        elif isinstance(event, HelloReceived | StatusReceived | GoawayReceived):
+            pass  # impossible: the core refuses HELLO, STATUS and GOAWAY on a session link
         else:
             relay = self.relays.get(event.stream_id)
             if relay is not None:
@@ -135,6 +137,13 @@ class ClientLink(Link):
         if fields is not None and self.tower.audit is not None:
             self.tower.audit.append(audit.refusals_record(self.route, **fields))
 
+    def go_away(self, reason: str, deadline: float) -> None:
+        """Drain: a client that understands GOAWAY opens its next streams on a new session
+        (another replica, or this tower once restarted); the open ones go on here."""
+        if self.goaway_ok and self.conn.closed is None:
+            self.conn.send_goaway({"reason": reason, "deadline": deadline})
+            self.flush()
+
     def on_lost(self, reason: str) -> None:
         for relay in list(self.relays.values()):
             relay.abort(ErrorCode.CANCEL, f"client went away: {reason}", "client-lost")
@@ -192,8 +201,8 @@ class SiteLink(Link):
         elif isinstance(event, ConnectionClosed):
             log.warning("closing link of site %s: %s", self.site, event.reason)
             super().handle_event(event)
-        elif isinstance(event, StreamOpened):
-            pass  # impossible: the core refuses OPEN from an enforcer and closes the link
+        elif isinstance(event, StreamOpened | GoawayReceived):
+            pass  # impossible: the core refuses OPEN and GOAWAY from an enforcer
         else:
             relay = self.relays.get(event.stream_id)
             if relay is not None:

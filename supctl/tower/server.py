@@ -129,6 +129,11 @@ class Tower:
         requests never interleave.
         """
         path = urlsplit(request.path).path
+        if self.hub.draining and upgrading(request):
+            message = "the control tower is shutting down; connect again"
+            self._requester = ""
+            self._audit_refused(connection, request, 503, message)
+            return error_response(503, message)
         try:
             await self.store.fresh()
         except StoreUnavailable as exc:
@@ -480,7 +485,8 @@ class Tower:
             await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
         log.info("session opened %s from %s", route.summary, peer(connection))
-        session = ClientLink(connection, self, route)
+        features = connection.request.headers.get("Supctl-Features", "") if connection.request else ""
+        session = ClientLink(connection, self, route, goaway="goaway" in features.replace(" ", "").split(","))
         self.hub.open_session(session)
         try:
             await session.run()

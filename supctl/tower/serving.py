@@ -8,6 +8,7 @@ import resource
 import signal
 import ssl
 
+from websockets.asyncio.server import Server
 from websockets.asyncio.server import serve as ws_serve
 
 from .. import aio
@@ -17,6 +18,7 @@ from ..wsconn import keepalive_options
 from .auditsink import AuditSink
 from .config import TowerConfig
 from .directory import Directory
+from .hub import drain
 from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .server import Tower
@@ -88,11 +90,27 @@ async def run_tower(
         sweeper = asyncio.create_task(tower.sweep_forever(), name="limits-sweep")
         poller = asyncio.create_task(directory.poll_forever(), name="store-poll")
         await stop.wait()
+        await _drain(server, tower, config.drain_timeout, stop)
         sweeper.cancel()
         poller.cancel()
         log.warning("control-tower stopping")
     await audit_log.stop()  # writes what is queued; says how many records were lost, if any
     await store.close()
+
+
+async def _drain(server: Server, tower: Tower, timeout: float, stop: asyncio.Event) -> None:
+    """SIGTERM: stop accepting, let streams in flight finish (at most ``timeout`` s), close
+    the rest with GOING_AWAY; a second SIGTERM or SIGINT cuts the wait short."""
+    server.close(close_connections=False)  # the listening sockets close now
+    stop.clear()
+    drainer = asyncio.ensure_future(drain(tower.hub, timeout))
+    again = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({drainer, again}, return_when=asyncio.FIRST_COMPLETED)
+    again.cancel()
+    if not drainer.done():
+        log.warning("control-tower: second signal, not waiting for streams in flight")
+        drainer.cancel()
+    await asyncio.gather(drainer, again, return_exceptions=True)
 
 
 def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
