@@ -76,6 +76,16 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
         ),
         (do_args(SITE, APP, INSTANCE, "connect", "tcp", "0"), ExitCode.USAGE, "0 is not in the range"),
         (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--wait-tower", "5"),
+            ExitCode.USAGE,
+            "--wait-tower needs --bind (netcat mode does not reconnect)",
+        ),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "0", "--wait-tower", "-1"),
+            ExitCode.USAGE,
+            "-1.0 is not in the range 0<=x<=3600",
+        ),
+        (
             do_args(SITE, APP, INSTANCE, "connect", "tcp", "https"),
             ExitCode.USAGE,
             "'https' is not a valid integer",
@@ -101,6 +111,8 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
         "bad-ip",
         "port-too-big",
         "port-zero",
+        "wait-tower-without-bind",
+        "wait-tower-negative",
         "port-not-number",
         "bind-port",
         "bind-name",

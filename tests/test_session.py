@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import pytest
 
+from supctl.client.api import BindAddress
 from supctl.client.session import RETRY_CAP, STILL_EVERY, TowerSession, final_close
 from supctl.errors import DeniedError, NotFoundError, StreamError, SupctlError, UnavailableError
 from supctl.link import Link
@@ -357,3 +358,67 @@ async def test_goaway_moves_new_streams_to_a_new_session_and_the_old_one_finishe
     assert first.closed_by_us == "moved to a new session"
     assert not s.draining and not keeper.done()  # its end is not the session's
     keeper.cancel()
+
+
+class NoSession:
+    """Streams while the session is being re-opened, for ever."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+
+    def open_now(self) -> None:
+        return None
+
+    async def open(self) -> Any:
+        self.waiting += 1
+        await asyncio.get_running_loop().create_future()  # never comes
+
+
+@dataclass
+class Lines:
+    closed: dict[int, str | None] = field(default_factory=dict)
+
+    def opened(self, number: int, peer: str) -> None:
+        pass
+
+    def closed_(self, number: int, error: str | None) -> None:
+        self.closed[number] = error
+
+
+def test_at_most_max_waiting_local_connections_wait_for_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local flood while the tower is away holds at most MAX_WAITING sockets and tasks;
+    the rest are reset at once, each with a line."""
+    from supctl_connect import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "MAX_WAITING", 3)
+
+    async def body() -> None:
+        streams, lines = NoSession(), Lines()
+        reporter = type(
+            "R", (), {"opened": lines.opened, "closed": lambda _s, n, *a: lines.closed_(n, a[-1])}
+        )()
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        serving = asyncio.ensure_future(
+            listener_module.TcpListener().serve(
+                streams, BindAddress("127.0.0.1", 0), lambda a: ready.set_result(a.port), reporter
+            )
+        )
+        port = await ready
+        clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        await settle(lambda: streams.waiting == 3 and len(lines.closed) == 2)
+        assert lines.closed == {
+            4: "3 connections already wait for the tower",
+            5: "3 connections already wait for the tower",
+        }
+        for reader, _ in clients[3:]:
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+        serving.cancel()  # supctl stops: the waiting ones are reset too, without a failure line
+        await asyncio.gather(serving, return_exceptions=True)
+        for reader, writer in clients[:3]:
+            with pytest.raises(ConnectionResetError):
+                await reader.read()
+            writer.close()
+        assert sorted(lines.closed) == [1, 2, 3, 4, 5] and lines.closed[1] is None
+
+    asyncio.run(body())

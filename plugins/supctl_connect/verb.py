@@ -21,6 +21,9 @@ from supctl.protocol.targets import NOT_NUMERIC
 
 from .account import keep_renewed
 
+#: Seconds a local connection waits for a re-opened session by default (--wait-tower).
+WAIT_TOWER = 10.0
+
 
 def parse_bind(value: str) -> BindAddress:
     """``PORT``, ``ADDR:PORT`` or ``[IPv6]:PORT``; the address defaults to 127.0.0.1."""
@@ -125,19 +128,24 @@ def make_connect_command() -> click.Group:
         "--wait-tower",
         metavar="SECONDS",
         type=click.FloatRange(0, 3600),
-        default=10.0,
-        show_default=True,
         help="With --bind: how long a local connection waits while the session with the tower "
-        "is re-opened, before it is reset.",
+        "is re-opened, before it is reset  [default: 10].",
     )
     @click.pass_obj
     def tcp(
-        inv: Invocation, port: int, ip_address: str | None, bind: str | None, quiet: bool, wait_tower: float
+        inv: Invocation,
+        port: int,
+        ip_address: str | None,
+        bind: str | None,
+        quiet: bool,
+        wait_tower: float | None,
     ) -> int:
         """Forward TCP to PORT on 127.0.0.1 inside the service instance (or on --ip-address)."""
         site = inv.require_site()
         target_ip = check_target_ip(inv, ip_address) if ip_address is not None else None
         bind_address = parse_bind(bind) if bind is not None else None
+        if wait_tower is not None and bind is None:
+            raise UsageError("--wait-tower needs --bind (netcat mode does not reconnect)")
         assert inv.application is not None and inv.service_instance is not None
         path = (
             f"/v1/state/applications/{quote(inv.application, safe='')}"
@@ -147,7 +155,17 @@ def make_connect_command() -> click.Group:
         if target_ip:
             query["ip-address"] = target_ip
         target = f"{BindAddress(target_ip or '127.0.0.1', port)} in {inv.where}"
-        return aio.run(_run(inv, path, query, target, bind_address, quiet, wait_tower))
+        return aio.run(
+            _run(
+                inv,
+                path,
+                query,
+                target,
+                bind_address,
+                quiet,
+                WAIT_TOWER if wait_tower is None else wait_tower,
+            )
+        )
 
     return connect
 
