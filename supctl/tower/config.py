@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 from supctl.errors import UsageError
 from supctl.schema import DURATION, DURATION_TEXT, SECONDS_OR_OFF, Invalid, Rule, Source, load, parse_toml
 from supctl.tower.limits import DEFAULT_DRAIN_TIMEOUT, DEFAULT_KEEPALIVE, Limits
-from supctl.tower.store import atomic_write
+from supctl.tower.store import atomic_write, valid_site_name
 
 CONFIG_NAME = "tower.toml"
 DEFAULT_LISTEN = "127.0.0.1:4646"  # loopback by default: exposing the tower is a decision
@@ -63,7 +63,14 @@ def _store_url(text: str) -> str:
     return text
 
 
+def _replica_id(text: str) -> str:
+    if not valid_site_name(text):  # the same DNS-label rule as site names
+        raise ValueError(text)
+    return text
+
+
 LISTEN = Rule("HOST:PORT, [IPV6]:PORT or :PORT", _listen)
+REPLICA_ID = Rule("1-63 lowercase letters, digits and '-' (a DNS label)", _replica_id)
 STORE_URL = Rule('a URL like "postgresql://USER@HOST/DB" or "sqlite:///PATH"', _store_url)
 
 
@@ -111,6 +118,8 @@ class TowerConfig:
     drain_timeout: Annotated[float, SECONDS_OR_OFF] = DEFAULT_DRAIN_TIMEOUT
     limits: Limits = field(default_factory=Limits)  # [limits] (docs/tower.md)
     login_expiry: Annotated[str, DURATION_TEXT] = "8h"  # lifetime of a login token (and of each renewal)
+    # This process's name among the replicas serving the store (docs/tower.md, "Replicas").
+    cluster_id: Annotated[str, REPLICA_ID] = field(default="tower", metadata={"key": "cluster.id"})
 
 
 def valid_hostname(name: str) -> bool:

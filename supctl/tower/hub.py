@@ -86,6 +86,15 @@ class Site(Protocol):
     def close(self, code: ErrorCode = ..., reason: str = ...) -> None: ...
 
 
+class SitePresence(Protocol):
+    """Where a replica records the site links it holds (:class:`.presence.Presence`)."""
+
+    def claim(self, site: str, peer: str, granted: Callable[[str | None], None]) -> None:
+        """Record the claim, then ``granted(None)``, or ``granted(reason)`` if refused."""
+
+    def release(self, site: str) -> None: ...
+
+
 class Hub:
     def __init__(self, limits: Limits, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
@@ -96,6 +105,9 @@ class Hub:
         self.user_sessions: Counter[str] = Counter()
         self.user_streams: Counter[str] = Counter()
         self.draining = False  # SIGTERM: no new session; see begin_drain
+        # The store's record of which replica holds which site (None: a tower alone, as
+        # in the unit tests): a site's link counts only once claimed there.
+        self.presence: SitePresence | None = None
 
     # --- site links: one per site -------------------------------------------------------
 
@@ -117,14 +129,39 @@ class Hub:
         # The same rule as the upgrade's, for two handshakes that raced past it (or a
         # token rotated between the upgrade and the HELLO): a link holding a valid token
         # takes over from one that no longer does; the first link wins while both are valid.
-        if link.evict_if_invalid():
+        if link.evict_if_invalid() or not self._first_here(link):
             return
+        presence = self.presence
+        if presence is None:
+            self._register(link)
+            return
+
+        def granted(refusal: str | None) -> None:
+            # The same rule across replicas: a stolen site token reaching another replica
+            # cannot push a live enforcer off either.
+            if refusal is not None:
+                log.warning("refused a link of site %s from %s: %s", link.site, link.peer, refusal)
+                link.close(ErrorCode.DENIED, refusal)
+            elif link.evict_if_invalid():  # lost (or its token rotated) while the claim was written
+                if self.site_link(link.site) is None:
+                    presence.release(link.site)
+            elif self._first_here(link):
+                self._register(link)
+
+        presence.claim(link.site, link.peer, granted)
+
+    def _first_here(self, link: Site) -> bool:
+        """True unless another valid link of ``link``'s site is live on this tower (then
+        ``link`` is closed)."""
         old = self.site_link(link.site)
         if old is not None and old is not link:
             reason = f"site {link.site} is already connected from {old.peer}"
             log.warning("refused a second link of site %s from %s: %s", link.site, link.peer, reason)
             link.close(ErrorCode.DENIED, reason)
-            return
+            return False
+        return True
+
+    def _register(self, link: Site) -> None:
         self.sites[link.site] = link
         info = link.info
         assert info is not None
@@ -139,6 +176,8 @@ class Hub:
         if self.sites.get(link.site) is link:
             del self.sites[link.site]
             log.warning("site %s disconnected: %s", link.site, reason)
+            if self.presence is not None:
+                self.presence.release(link.site)
 
     # --- sessions -------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from .directory import Directory
 from .hub import drain
 from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
+from .presence import Presence
 from .server import Tower
 from .storeconfig import open_store
 from .users import parse_duration
@@ -39,7 +40,10 @@ async def run_tower(
     config: TowerConfig, host: str, port: int, insecure: bool, started: asyncio.Event | None = None
 ) -> None:
     store = await open_store(config)
+    presence = Presence(store.cluster, config.cluster_id)
     try:
+        # Refused (one line, exit 2) if this replica id runs already, or SQLite is served.
+        await presence.join()
         directory = await Directory.load(store, watch=PolicyWatch(config.policies))
     except BaseException:
         await store.close()
@@ -48,6 +52,7 @@ async def run_tower(
     audit_log.start()
     tower = Tower(directory, audit_log, config.limits)
     tower.login_expiry = parse_duration(config.login_expiry)
+    tower.hub.presence = presence
     keepalive = config.keepalive or None
     handshake = config.limits.handshake_timeout
     context = None if insecure else server_ssl_context(config)
@@ -89,11 +94,13 @@ async def run_tower(
             loop.add_signal_handler(signum, stop.set)
         sweeper = asyncio.create_task(tower.sweep_forever(), name="limits-sweep")
         poller = asyncio.create_task(directory.poll_forever(), name="store-poll")
+        heart = asyncio.create_task(presence.beat_forever(), name="heartbeat")
         await stop.wait()
         await _drain(server, tower, config.drain_timeout, stop)
-        sweeper.cancel()
-        poller.cancel()
+        for task in (sweeper, poller, heart):
+            task.cancel()
         log.warning("control-tower stopping")
+    await presence.leave()
     await audit_log.stop()  # writes what is queued; says how many records were lost, if any
     await store.close()
 

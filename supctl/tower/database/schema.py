@@ -148,3 +148,27 @@ generation = Table(
     Column("id", Integer(), primary_key=True, autoincrement=False),
     Column("value", BigInteger(), nullable=False),
 )
+
+#: The tower processes serving this store (revision 0004): each one updates its
+#: ``heartbeat`` every few seconds; a row whose heartbeat is older than the expiry is a
+#: replica that is gone (``supctl.tower.database.cluster``).
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(63), primary_key=True),  # [cluster] id, or "tower"
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer(), nullable=False),
+    Column("started", Moment(), nullable=False),
+    Column("heartbeat", Moment(), nullable=False),
+)
+
+#: Which replica holds each connected site's link (revision 0004).  A row counts only
+#: while its replica's heartbeat is fresh: one heartbeat per replica, not per site.
+site_presence = Table(
+    "site_presence",
+    metadata,
+    Column("site", String(63), primary_key=True),
+    Column("replica", String(63), nullable=False, index=True),
+    Column("peer", String(255), nullable=False),  # the enforcer's address
+    Column("since", Moment(), nullable=False),
+)

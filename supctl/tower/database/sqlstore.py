@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .accounts import Users, UserTokens
 from .auditlog import AuditRecords
+from .cluster import Cluster
 from .credentials import AdminTokens, Sites
 from .engine import Database
 from .policysets import PolicySets
@@ -26,6 +27,7 @@ class SQLStore:
         self.tokens = UserTokens(db)
         self.policies = PolicySets(db)
         self.audit = AuditRecords(db)
+        self.cluster = Cluster(db)
 
     @property
     def description(self) -> str:

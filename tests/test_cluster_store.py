@@ -1,0 +1,99 @@
+"""Replicas and site presence in the store (supctl.tower.database.cluster), on SQLite and
+on a real PostgreSQL, with the time given (no clock): joining, heartbeats and their
+expiry, one live holder per site, and SQLite's one replica."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import pytest
+from test_database import T0, Target, blank, pg_target, target  # noqa: F401 - fixtures (SQLite, then PostgreSQL)
+
+from supctl.errors import UsageError
+from supctl.tower import database
+from supctl.tower.database.cluster import EXPIRY, Holder
+
+SECOND = datetime.timedelta(seconds=1)
+
+
+@pytest.fixture
+def pg_store(request: pytest.FixtureRequest) -> Target:
+    """A new store on PostgreSQL: several replicas."""
+    found: Target = request.getfixturevalue("pg_target")
+    found.create()
+    return found
+
+
+def alive(pid: int) -> bool:
+    return pid != 666  # the test's dead process
+
+
+def test_a_site_has_one_live_holder_until_its_replica_is_gone(pg_store: Target) -> None:
+    async def body(store: database.SQLStore) -> None:
+        cluster = store.cluster
+        await cluster.join("tower-a", "host-a", 10, now=T0, alive=alive)
+        await cluster.join("tower-b", "host-b", 20, now=T0, alive=alive)
+        assert await cluster.claim("paris-1", "tower-a", "192.0.2.7:5000", now=T0) is None
+        # A second link of the site at another replica (a thief with the site's token, or
+        # the enforcer itself while its old link is not yet known dead) is refused.
+        held = Holder("tower-a", "192.0.2.7:5000", "host-a")
+        assert await cluster.claim("paris-1", "tower-b", "198.51.100.9:6000", now=T0 + SECOND) == held
+        assert await cluster.holders(now=T0 + SECOND) == {"paris-1": held}
+        # tower-a keeps beating: still its site.
+        assert await cluster.heartbeat("tower-a", 10, now=T0 + 5 * SECOND)
+        assert await cluster.claim("paris-1", "tower-b", "x", now=T0 + 14 * SECOND) == held
+        # tower-a stops beating (killed): once its heartbeat expired, the site is free.
+        gone = T0 + 5 * SECOND + EXPIRY
+        assert await cluster.heartbeat("tower-b", 20, now=gone)
+        assert await cluster.holders(now=gone) == {}
+        assert await cluster.claim("paris-1", "tower-b", "192.0.2.7:5001", now=gone) is None
+        assert await cluster.holders(now=gone) == {"paris-1": Holder("tower-b", "192.0.2.7:5001", "host-b")}
+        assert not await cluster.heartbeat("tower-a", 11, now=gone)  # not its row (pid 10)
+        # Releasing is only the holder's.
+        await cluster.release("paris-1", "tower-a")
+        assert "paris-1" in await cluster.holders(now=gone)
+        await cluster.release("paris-1", "tower-b")
+        assert await cluster.holders(now=gone) == {}
+
+    pg_store.run(body)
+
+
+def test_concurrent_claims_have_one_winner(pg_store: Target) -> None:
+    async def body(store: database.SQLStore) -> None:
+        for replica, pid in (("tower-a", 1), ("tower-b", 2), ("tower-c", 3)):
+            await store.cluster.join(replica, "h", pid, now=T0, alive=lambda _: True)
+        results = await asyncio.gather(
+            *(store.cluster.claim("lyon", r, "p", now=T0) for r in ("tower-a", "tower-b", "tower-c") * 5)
+        )
+        winners = {
+            r
+            for r, result in zip(("tower-a", "tower-b", "tower-c") * 5, results, strict=True)
+            if result is None
+        }
+        assert len(winners) == 1, results
+
+    pg_store.run(body)
+
+
+def test_one_process_per_replica_id_and_sqlite_serves_one(target: Target) -> None:  # noqa: F811 - the fixture
+    async def body(store: database.SQLStore) -> None:
+        cluster = store.cluster
+        await cluster.join("tower", "host-a", 10, now=T0, alive=alive)
+        with pytest.raises(UsageError, match=r"replica 'tower' is already running \(pid 10 on host-a"):
+            await cluster.join("tower", "host-b", 20, now=T0 + SECOND, alive=alive)
+        if store.backend == "sqlite":
+            with pytest.raises(UsageError, match="a second replica needs a PostgreSQL store"):
+                await cluster.join("tower-2", "host-a", 30, now=T0 + SECOND, alive=alive)
+        else:
+            await cluster.join("tower-2", "host-a", 30, now=T0 + SECOND, alive=alive)
+        # After the expiry, or at once for a dead process of the same host, the id is free.
+        await cluster.join("tower", "host-b", 20, now=T0 + EXPIRY, alive=alive)
+        await cluster.leave("tower", 20)
+        await cluster.join("tower", "host-a", 666, now=T0 + EXPIRY, alive=alive)
+        assert await cluster.claim("nice", "tower", "p", now=T0 + EXPIRY) is None
+        await cluster.join("tower", "host-a", 40, now=T0 + EXPIRY + SECOND, alive=alive)  # 666 is dead
+        # What the dead process held is forgotten with it.
+        assert await cluster.holders(now=T0 + EXPIRY + SECOND) == {}
+
+    target.run(body)
