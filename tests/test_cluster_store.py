@@ -13,6 +13,7 @@ from test_database import T0, Target, blank, pg_target, target  # noqa: F401 - f
 from supctl.errors import UsageError
 from supctl.tower import database
 from supctl.tower.database.cluster import EXPIRY, Holder
+from supctl.tower.presence import Presence
 
 SECOND = datetime.timedelta(seconds=1)
 
@@ -97,3 +98,42 @@ def test_one_process_per_replica_id_and_sqlite_serves_one(target: Target) -> Non
         assert await cluster.holders(now=T0 + EXPIRY + SECOND) == {}
 
     target.run(body)
+
+
+class FakeCluster:
+    """What Presence uses of the store's cluster, answering the heartbeat as told."""
+
+    def __init__(self, beats: list[bool]) -> None:
+        self.beats = beats
+        self.calls: list[str] = []
+
+    async def join(self, replica: str, host: str, pid: int, **_: object) -> None:
+        self.calls.append(f"join {replica}")
+
+    async def heartbeat(self, replica: str, pid: int, **_: object) -> bool:
+        self.calls.append("beat")
+        return self.beats.pop(0)
+
+    async def holders(self, **_: object) -> dict[str, Holder]:
+        return {"paris-1": Holder("tower", "192.0.2.7:5000", "h")}
+
+
+def test_a_replica_taken_over_closes_its_site_links_and_joins_again() -> None:
+    """A pause longer than the expiry voids this replica's claims: its links must go (their
+    enforcers come back and claim again) before it counts as a member again.  Fake sleeps."""
+    cluster = FakeCluster([True, False, True])
+    closed: list[str] = []
+    presence = Presence(cluster, "tower", on_taken_over=closed.append, host="h", pid=1)  # type: ignore[arg-type]
+    sleeps = 0
+
+    async def sleep(_: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        if sleeps > 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(presence.beat_forever(sleep))
+    assert cluster.calls == ["beat", "beat", "join tower", "beat"]
+    assert closed == ["replica tower lost its registration in the store"]
+    assert presence.holders == {"paris-1": Holder("tower", "192.0.2.7:5000", "h")}

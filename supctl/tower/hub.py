@@ -172,6 +172,12 @@ class Hub:
             ",".join(info.handlers),
         )
 
+    def close_sites(self, reason: str) -> None:
+        """Close every site link (their enforcers reconnect): this replica's claims on them
+        in the store are void."""
+        for link in list(self.sites.values()):
+            link.close(ErrorCode.GOING_AWAY, reason)
+
     def site_lost(self, link: Site, reason: str) -> None:
         if self.sites.get(link.site) is link:
             del self.sites[link.site]

@@ -53,6 +53,7 @@ class Presence:
         now: Callable[[], datetime.datetime] = utc_now,
         host: str | None = None,
         pid: int | None = None,
+        on_taken_over: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.cluster = cluster
         self.replica = replica
@@ -61,6 +62,9 @@ class Presence:
         self.pid = os.getpid() if pid is None else pid
         self.tasks: set[asyncio.Task[None]] = set()
         self.holders: dict[str, Holder] = {}  # every live claim, as of the last heartbeat
+        # Called when this replica finds its row gone or taken over: its site links' claims
+        # are void (another replica may hold those sites now), so the tower closes them.
+        self.on_taken_over = on_taken_over
 
     async def join(self) -> None:
         """Register; UsageError (one line) if another live process is this replica, or
@@ -85,8 +89,11 @@ class Presence:
             try:
                 if not await self.cluster.heartbeat(self.replica, self.pid, now=self.now()):
                     # Silent for longer than the expiry (a pause, a store outage) and taken
-                    # over, or deleted: join again, so that our claims count again.
-                    log.error("replica %s was no longer registered; joining again", self.replica)
+                    # over, or deleted: our claims are void, so our site links go (their
+                    # enforcers come back and claim again), and we join again.
+                    reason = f"replica {self.replica} lost its registration in the store"
+                    log.error("%s; closing its site links and joining again", reason)
+                    self.on_taken_over(reason)
                     await self.join()
                 self.holders = await self.cluster.holders(now=self.now())
             except StoreUnavailable as exc:

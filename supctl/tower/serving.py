@@ -53,6 +53,7 @@ async def run_tower(
     tower = Tower(directory, audit_log, config.limits)
     tower.login_expiry = parse_duration(config.login_expiry)
     tower.hub.presence = presence
+    presence.on_taken_over = tower.hub.close_sites
     keepalive = config.keepalive or None
     handshake = config.limits.handshake_timeout
     context = None if insecure else server_ssl_context(config)
