@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e_support import wait_until
 from netlab import NetLab, try_connect, wait_for_port
 from servers import pattern, pattern_sha256, send_pattern_and_read
 from stack import Stack, do_args, program
@@ -83,7 +84,9 @@ def test_service_namespace_is_reached_only_through_connect(
     assert sorted(results) == list(range(CONCURRENT))
     for digest, received in results.values():
         assert (digest, received) == (expected_down, SIZE)
-    # What the server received, per connection, is exactly what each client sent.
+    # What the server received, per connection, is exactly what each client sent.  The
+    # server writes each record after closing its socket: the client may be done first.
+    wait_until(lambda: len(report.read_text().splitlines()) >= CONCURRENT, 30, "every server record")
     records = [json.loads(line) for line in report.read_text().splitlines()]
     assert sorted(r["sha256"] for r in records) == sorted(
         pattern_sha256(seed, SIZE) for seed in range(CONCURRENT)
