@@ -12,7 +12,7 @@ from test_database import T0, Target, blank, pg_target, target  # noqa: F401 - f
 
 from supctl.errors import UsageError
 from supctl.tower import database
-from supctl.tower.database.cluster import EXPIRY, Holder
+from supctl.tower.database.cluster import EXPIRY, HEARTBEAT, Holder
 from supctl.tower.presence import Presence
 
 SECOND = datetime.timedelta(seconds=1)
@@ -43,7 +43,7 @@ def test_a_site_has_one_live_holder_until_its_replica_is_gone(pg_store: Target) 
         assert await cluster.holders(now=T0 + SECOND) == {"paris-1": held}
         # tower-a keeps beating: still its site.
         assert await cluster.heartbeat("tower-a", 10, now=T0 + 5 * SECOND)
-        assert await cluster.claim("paris-1", "tower-b", "x", now=T0 + 14 * SECOND) == held
+        assert await cluster.claim("paris-1", "tower-b", "x", now=T0 + 4 * SECOND + EXPIRY) == held
         # tower-a stops beating (killed): once its heartbeat expired, the site is free.
         gone = T0 + 5 * SECOND + EXPIRY
         assert await cluster.heartbeat("tower-b", 20, now=gone)
@@ -137,3 +137,59 @@ def test_a_replica_taken_over_closes_its_site_links_and_joins_again() -> None:
     assert cluster.calls == ["beat", "beat", "join tower", "beat"]
     assert closed == ["replica tower lost its registration in the store"]
     assert presence.holders == {"paris-1": Holder("tower", "192.0.2.7:5000", "h")}
+
+
+class SlowHolder(FakeCluster):
+    """A holder that missed heartbeats: the first claim sees it 2.5 s silent, the next none."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.claims: list[Holder | None] = [Holder("tower-a", "192.0.2.7:5000", "h", silent=2.5), None]
+
+    async def claim(self, site: str, replica: str, peer: str, **_: object) -> Holder | None:
+        self.calls.append(f"claim {site}")
+        return self.claims.pop(0)
+
+
+def claim_with_fake_sleeps(cluster: FakeCluster, peer: str) -> tuple[list[str | None], list[float]]:
+    """Replica tower-b claims paris-1 for ``peer``: what ``granted`` got, and the sleeps."""
+    slept: list[float] = []
+    answers: list[str | None] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def body() -> None:
+        presence = Presence(cluster, "tower-b", host="h", pid=2, sleep=sleep)  # type: ignore[arg-type]
+        presence.claim("paris-1", peer, answers.append)
+        await asyncio.gather(*presence.tasks)
+
+    asyncio.run(body())
+    return answers, slept
+
+
+def test_a_claim_on_a_silent_holder_waits_for_its_expiry_instead_of_refusing() -> None:
+    """The holder was killed: its heartbeat is late.  The new link is held (asking again
+    after each heartbeat) until the holder's claim expires, then granted, so the enforcer
+    does not back off for seconds more (bench/replica_takeover.py)."""
+    cluster = SlowHolder()
+    answers, slept = claim_with_fake_sleeps(cluster, "192.0.2.7:5001")
+    assert answers == [None] and cluster.calls == ["claim paris-1", "claim paris-1"]
+    assert slept == [pytest.approx(min(HEARTBEAT, EXPIRY.total_seconds() - 2.5 + 0.05))]
+
+
+class LiveHolder(FakeCluster):
+    """A holder that keeps beating (its link is alive)."""
+
+    async def claim(self, site: str, replica: str, peer: str, **_: object) -> Holder | None:
+        self.calls.append("claim")
+        return Holder("tower-a", "192.0.2.7:5000", "h", silent=0.2)
+
+
+def test_a_claim_on_a_live_holder_is_refused_after_the_expiry() -> None:
+    """A second link while the first is alive (a thief with the site's token): held for
+    at most EXPIRY, then refused with the holder named."""
+    cluster = LiveHolder([])
+    answers, slept = claim_with_fake_sleeps(cluster, "198.51.100.9:6000")
+    assert answers == ["site paris-1 is already connected to replica tower-a (from 192.0.2.7:5000)"]
+    assert sum(slept) == pytest.approx(EXPIRY.total_seconds()) and len(cluster.calls) == len(slept) + 1

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from .database import StoreUnavailable
-from .database.cluster import HEARTBEAT, Cluster, Holder
+from .database.cluster import EXPIRY, HEARTBEAT, Cluster, Holder
 
 log = logging.getLogger("supctl.tower")
 
@@ -54,6 +54,7 @@ class Presence:
         host: str | None = None,
         pid: int | None = None,
         on_taken_over: Callable[[str], None] = lambda reason: None,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         self.cluster = cluster
         self.replica = replica
@@ -65,6 +66,7 @@ class Presence:
         # Called when this replica finds its row gone or taken over: its site links' claims
         # are void (another replica may hold those sites now), so the tower closes them.
         self.on_taken_over = on_taken_over
+        self.sleep = sleep
 
     async def join(self) -> None:
         """Register; UsageError (one line) if another live process is this replica, or
@@ -117,6 +119,17 @@ class Presence:
     async def _claim(self, site: str, peer: str, granted: Callable[[str | None], None]) -> None:
         try:
             holder = await self.cluster.claim(site, self.replica, peer, now=self.now())
+            # Held by another replica: that one may have just died (the enforcer is here
+            # because its link there broke).  Ask again after each heartbeat until the
+            # holder's claim would have expired, instead of refusing an enforcer that would
+            # then back off for seconds more.  A holder that keeps beating (a live link, and
+            # this one a thief's or a duplicate) is refused after EXPIRY.
+            waited = 0.0
+            while holder is not None and waited < EXPIRY.total_seconds():
+                pause = min(HEARTBEAT, EXPIRY.total_seconds() - holder.silent + 0.05)
+                await self.sleep(max(pause, 0.05))
+                waited += max(pause, 0.05)
+                holder = await self.cluster.claim(site, self.replica, peer, now=self.now())
         except StoreUnavailable:
             granted("the control tower cannot reach its store")
             return

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import and_, delete, insert, select, update
 
@@ -28,10 +28,11 @@ from .engine import Database, serialise
 from .schema import replicas, site_presence
 
 #: Seconds between two heartbeats of a replica.
-HEARTBEAT = 2.0
-#: A replica whose heartbeat is older than this is gone (so are its sites' links):
-#: several missed heartbeats, so a slow store or a pause does not evict a live one.
-EXPIRY = datetime.timedelta(seconds=10)
+HEARTBEAT = 1.0
+#: A replica whose heartbeat is older than this is gone (so are its sites' links): four
+#: missed heartbeats, so that a slow store write or a short pause does not evict a live
+#: one, while a killed replica's sites move within about 5 s (bench/replica_takeover.py).
+EXPIRY = datetime.timedelta(seconds=4)
 #: pg_advisory_xact_lock key of membership changes and claims.
 LOCK_CLUSTER = 0x5C7A0D19
 
@@ -43,6 +44,7 @@ class Holder:
     replica: str
     peer: str  # the enforcer's address, as that replica saw it
     host: str  # the replica's host
+    silent: float = field(default=0.0, compare=False)  # seconds since its last heartbeat, when asked
 
 
 def _age(now: datetime.datetime, then: datetime.datetime) -> float:
@@ -121,7 +123,7 @@ class Cluster:
                 )
             ).first()
             if row is not None and row.replica != replica and now - row.heartbeat < EXPIRY:
-                return Holder(row.replica, row.peer, row.host)
+                return Holder(row.replica, row.peer, row.host, _age(now, row.heartbeat))
             await conn.execute(delete(site_presence).where(site_presence.c.site == site))
             await conn.execute(insert(site_presence).values(site=site, replica=replica, peer=peer, since=now))
         return None
