@@ -76,3 +76,12 @@ def pg_cluster() -> Iterator[PostgresCluster]:
     creates a database of its own in it."""
     with PostgresCluster(require_postgresql()) as cluster:  # stopped and removed on exit, also on failure
         yield cluster
+
+
+@pytest.fixture(autouse=True)
+def _close_kits() -> Iterator[None]:
+    """Close the stores of every towerkit.Kit a test opened (see towerkit.OPEN_KITS)."""
+    yield
+    towerkit = sys.modules.get("towerkit")  # not imported: no Kit was built
+    while towerkit is not None and towerkit.OPEN_KITS:
+        towerkit.OPEN_KITS[-1].close()

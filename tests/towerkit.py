@@ -50,6 +50,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return result[0]
 
 
+#: Every Kit not closed yet; conftest closes them after each test: an aiosqlite connection
+#: left open outlives its event loop, and its thread fails when it is collected (pytest's
+#: PytestUnhandledThreadExceptionWarning, in whichever test runs then).
+OPEN_KITS: list[Kit] = []
+
+
 class Kit:
     """A store, its directory (watching ``DIR/policies.toml``) and a tower on them."""
 
@@ -65,6 +71,7 @@ class Kit:
         self.policies = directory / "policies.toml"
         run(database.create(self.path))
         self.store: SQLStore = run(database.open(self.path))
+        OPEN_KITS.append(self)
         self.directory: Directory = run(
             Directory.load(self.store, watch=PolicyWatch(self.policies), clock=wall_clock)
         )
@@ -119,7 +126,9 @@ class Kit:
         return issued.token
 
     def close(self) -> None:
-        run(self.store.close())
+        if self in OPEN_KITS:  # once
+            OPEN_KITS.remove(self)
+            run(self.store.close())
 
 
 def open_directory(path: Path) -> Directory:
