@@ -34,6 +34,18 @@ def inventory(app: str, instance: str) -> str:
     return f'[applications.{app}.service-instances."{instance}"]\n'
 
 
+def connect_policy(site: str, name: str = "ops") -> str:
+    """A policy file allowing ``connect tcp`` to the service itself (127.0.0.1) at ``site``."""
+    return f"""
+[[policies.{name}.rules]]
+effect = "allow"
+site = "{site}"
+verb = "connect"
+protocol = "tcp"
+addresses = ["127.0.0.1/32"]
+"""
+
+
 def wait_until(predicate: Callable[[], T], deadline: float = 10.0, what: str = "") -> T:
     """Poll ``predicate`` until it returns something truthy; AssertionError after ``deadline``."""
     end = time.monotonic() + deadline

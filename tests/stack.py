@@ -147,6 +147,8 @@ class Stack:
         login_expiry: str | None = None,
         netns: str | None = None,
         host: str = "127.0.0.1",
+        config: str = "",
+        prelude: str = "",
         **popen: Any,
     ) -> int:
         """``control-tower init`` (unless ``init`` is false: a tower directory made already)
@@ -154,7 +156,7 @@ class Stack:
         return its port.  ``store``: (URL, password file) of a PostgreSQL database for
         the store, instead of ``tower.db``; ``login_expiry``: tower.toml's, instead of 8h; ``netns``:
         the network namespace to run it in, listening on ``host`` (which its certificate
-        then covers).  ``popen``: extra arguments of the tower's ``subprocess.Popen``
+        then covers); ``config``: TOML appended to tower.toml, ``prelude``: prepended (top-level keys).  ``popen``: extra arguments of the tower's ``subprocess.Popen``
         (e.g. ``preexec_fn``)."""
         if init:
             extra = [] if store is None else ["--store-url", store[0], "--store-password-file", str(store[1])]
@@ -175,6 +177,8 @@ class Stack:
             top = f"keepalive = {keepalive}\n" if keepalive is not None else ""
             table = "\n[limits]\n" + "".join(f"{key} = {value}\n" for key, value in (limits or {}).items())
             path.write_text(top + path.read_text() + table)
+        if config or prelude:
+            path.write_text(prelude + path.read_text() + "\n" + config)
         self.tower_netns = netns
         self.tower = self.spawn(
             "tower",

@@ -12,8 +12,8 @@ from test_database import T0, Target, blank, pg_target, target  # noqa: F401 - f
 
 from supctl.errors import UsageError
 from supctl.tower import database
-from supctl.tower.database.cluster import EXPIRY, HEARTBEAT, Holder
-from supctl.tower.presence import Presence
+from supctl.tower.database.cluster import EXPIRY, Holder
+from supctl.tower.presence import CLAIM_RETRY, Presence
 
 SECOND = datetime.timedelta(seconds=1)
 
@@ -56,6 +56,31 @@ def test_a_site_has_one_live_holder_until_its_replica_is_gone(pg_store: Target) 
         assert "paris-1" in await cluster.holders(now=gone)
         await cluster.release("paris-1", "tower-b")
         assert await cluster.holders(now=gone) == {}
+
+    pg_store.run(body)
+
+
+def test_where_a_replica_relays_what_a_site_reported_and_a_drain_letting_go(pg_store: Target) -> None:
+    """Revision 0005: the others read where a replica takes relayed streams and what each
+    site it holds reported (HELLO, then STATUS); a draining holder's sites are claimed at once."""
+
+    async def body(store: database.SQLStore) -> None:
+        cluster = store.cluster
+        await cluster.join("tower-a", "host-a", 10, now=T0, alive=alive, advertise="wss://a.internal:4647")
+        await cluster.join("tower-b", "host-b", 20, now=T0, alive=alive)
+        await cluster.advertise("tower-b", 20, "wss://b.internal:4647")
+        assert await cluster.claim("lyon", "tower-a", "192.0.2.7:5000", now=T0, info='{"v": 1}') is None
+        await cluster.report("lyon", "tower-a", '{"v": 2}')
+        await cluster.report("lyon", "tower-b", '{"v": 3}')  # not its site: nothing changes
+        (held,) = (await cluster.holders(now=T0)).values()
+        assert (held.replica, held.advertise, held.info) == ("tower-a", "wss://a.internal:4647", '{"v": 2}')
+        # tower-a drains: its enforcer, told to move, claims the site at tower-b at once.
+        await cluster.drain("tower-a", 10)
+        assert await cluster.claim("lyon", "tower-b", "192.0.2.7:5001", now=T0 + SECOND, info="{}") is None
+        (held,) = (await cluster.holders(now=T0 + SECOND)).values()
+        assert (held.replica, held.advertise) == ("tower-b", "wss://b.internal:4647")
+        await cluster.release("lyon", "tower-a")  # the old link closing: not its claim any more
+        assert "lyon" in await cluster.holders(now=T0 + SECOND)
 
     pg_store.run(body)
 
@@ -161,7 +186,7 @@ def claim_with_fake_sleeps(cluster: FakeCluster, peer: str) -> tuple[list[str | 
 
     async def body() -> None:
         presence = Presence(cluster, "tower-b", host="h", pid=2, sleep=sleep)  # type: ignore[arg-type]
-        presence.claim("paris-1", peer, answers.append)
+        presence.claim("paris-1", peer, "{}", answers.append)
         await asyncio.gather(*presence.tasks)
 
     asyncio.run(body())
@@ -175,7 +200,7 @@ def test_a_claim_on_a_silent_holder_waits_for_its_expiry_instead_of_refusing() -
     cluster = SlowHolder()
     answers, slept = claim_with_fake_sleeps(cluster, "192.0.2.7:5001")
     assert answers == [None] and cluster.calls == ["claim paris-1", "claim paris-1"]
-    assert slept == [pytest.approx(min(HEARTBEAT, EXPIRY.total_seconds() - 2.5 + 0.05))]
+    assert slept == [pytest.approx(min(CLAIM_RETRY, EXPIRY.total_seconds() - 2.5 + 0.05))]
 
 
 class LiveHolder(FakeCluster):

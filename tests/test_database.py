@@ -822,4 +822,5 @@ def test_every_package_is_listed_in_setup_cfg() -> None:
         "0002_site_rotation.py",
         "0003_generation.py",
         "0004_cluster.py",
+        "0005_peering.py",
     ]

@@ -35,7 +35,7 @@ from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 from websockets.http11 import Request, Response
 
-from supctl.enforcer.agent import Agent
+from supctl.enforcer.agent import MAX_MOVING, STABLE_AFTER, Agent
 from supctl.enforcer.api import HandlerContext, Serves
 from supctl.enforcer.inventory import parse_inventory
 from supctl.enforcer.netns import NamespaceSockets
@@ -581,3 +581,42 @@ def test_the_fake_tower_is_a_real_one_to_the_enforcer(site: Site) -> None:
     link = site.run(site.tower.site())
     assert link.hello is not None and link.hello["site"] == SITE
     assert {"exec", "tcp"} <= set(link.hello["handlers"])  # type: ignore[call-overload]
+
+
+def test_a_tower_that_keeps_asking_to_move_costs_bounded_links_and_a_backoff(tmp_path: Path) -> None:
+    """A compromised tower answers every link with GOAWAY and never closes the old ones:
+    the enforcer keeps at most MAX_MOVING of them (it closes the oldest, LIMIT), and after
+    a short link it links again only after its backoff, not in a loop."""
+
+    async def body(tower: FakeTower) -> None:
+        agent = Agent(
+            towers=[tower.url],
+            site="mover",
+            token=TOKEN,
+            ssl_context=ssl.create_default_context(cafile=str(tower.certs.ca)),
+            inventory=parse_inventory({"applications": {APP: {"service-instances": {INST: {}}}}}),
+            handlers={},
+            context=HandlerContext(site="mover", sockets=NamespaceSockets()),
+        )
+        seen: list[TowerSide] = []
+        try:
+            for _ in range(MAX_MOVING + 2):
+                running = asyncio.create_task(agent.connect_once())
+                async with asyncio.timeout(20):
+                    while not (links := [x for x in tower.links if x.live and x not in seen]):
+                        await asyncio.sleep(0.01)  # polling; the timeout above is the bound
+                seen.append(links[0])
+                links[0].conn.send_goaway({"reason": "move, again"})
+                links[0].flush()
+                assert await running is True
+            async with asyncio.timeout(20):
+                while sum(x.live for x in seen) > MAX_MOVING:  # the oldest are closed by the enforcer
+                    await asyncio.sleep(0.01)  # polling; the timeout above is the bound
+            assert len(agent.moving) == MAX_MOVING
+            assert [x.live for x in seen] == [False, False, True, True]
+            assert agent.after_goaway(0.5) > 0 and agent.after_goaway(STABLE_AFTER) == 0
+        finally:
+            await agent.shutdown()
+
+    with FakeTower(tmp_path / "tower") as tower:
+        tower.run(body(tower))

@@ -156,8 +156,14 @@ def test_malformed_exit_status(status: object) -> None:
 # --- rendering --------------------------------------------------------------------------
 
 SITES = [
-    {"name": "gbg", "connected": False, "version": None, "applications": []},
-    {"name": "sthlm", "connected": True, "version": "0.1.0", "applications": ["popcorn", "kettle"]},
+    {"name": "gbg", "connected": False, "version": None, "applications": [], "replica": None},
+    {
+        "name": "sthlm",
+        "connected": True,
+        "version": "0.1.0",
+        "applications": ["popcorn", "kettle"],
+        "replica": "tower-b",
+    },
 ]
 INSTANCES = [
     {
@@ -206,9 +212,9 @@ def test_table_of_instances_has_a_row_per_container() -> None:
 
 def test_table_of_sites_and_applications() -> None:
     assert table_text("sites", SITES) == [
-        ["SITE", "CONNECTED", "VERSION", "APPLICATIONS"],
-        ["gbg", "no", "-", "-"],
-        ["sthlm", "yes", "0.1.0", "popcorn,", "kettle"],
+        ["SITE", "CONNECTED", "VERSION", "REPLICA", "APPLICATIONS"],
+        ["gbg", "no", "-", "-", "-"],
+        ["sthlm", "yes", "0.1.0", "tower-b", "popcorn,", "kettle"],
     ]
     apps = [{"name": "popcorn", "service-instances": ["p-1", "p-2"]}]
     assert table_text("applications", apps)[1] == ["popcorn", "p-1,", "p-2"]
@@ -540,7 +546,10 @@ def parsed(stack: Stack, output: str, *args: str) -> Any:
 def test_show_sites(stack: Stack, output: str) -> None:
     sites = {site["name"]: site for site in parsed(stack, output, "sites")}
     assert sites[SITE]["connected"] is True and sites[SITE]["applications"] == [APP]
-    assert sites[IDLE_SITE] == {"name": IDLE_SITE, "connected": False, "version": None, "applications": []}
+    assert sites[SITE]["replica"] == "tower"  # the default [cluster] id
+    assert sites[IDLE_SITE] == {
+        "name": IDLE_SITE, "connected": False, "version": None, "applications": [], "replica": None
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("output", ["yaml", "json"])
@@ -565,7 +574,7 @@ def test_show_default_output_is_yaml(stack: Stack) -> None:
 
 def test_show_tables(stack: Stack) -> None:
     sites = show(stack, "-o", "table", "sites").splitlines()
-    assert sites[0].split() == ["SITE", "CONNECTED", "VERSION", "APPLICATIONS"]
+    assert sites[0].split() == ["SITE", "CONNECTED", "VERSION", "REPLICA", "APPLICATIONS"]
     assert [line.split()[:2] for line in sites[2:]] == [[IDLE_SITE, "no"], [SITE, "yes"]]
     apps = show(stack, "-s", SITE, "--output", "table", "applications").splitlines()
     assert apps[2].split() == [APP, "popcorn-1,", "popcorn-2"]

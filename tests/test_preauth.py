@@ -182,7 +182,8 @@ def test_over_the_total_the_oldest_make_room(tmp_path: Path) -> None:
             wait_until(lambda: closed_by_peer(socks) >= 50, what="the oldest sockets closed")
             assert closed_by_peer(socks[:50]) == 50 and closed_by_peer(socks[50:]) == 0
             assert bystanders(stack, port) == [200] * 10
-            assert closed_by_peer(socks[50:60]) == 10  # the next oldest made room
+            # The next oldest made room (their FIN may still be on its way under load).
+            wait_until(lambda: closed_by_peer(socks[50:60]) == 10, what="the next oldest closed")
         finally:
             for sock in socks:
                 sock.close()

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import echo_roundtrip, inventory, start_server
+from e2e_support import connect_policy, echo_roundtrip, inventory, start_server
 from stack import Proc, Stack, do_args, one_line_error, program
 from test_users_policies import login
 from tower_raw import add_user
@@ -33,14 +33,7 @@ from tower_raw import add_user
 from supctl.errors import ExitCode
 
 SITE, APP, INSTANCE = "reconnect-site", "web", "web-1"
-POLICIES = f"""
-[[policies.ops.rules]]
-effect = "allow"
-site = "{SITE}"
-verb = "connect"
-protocol = "tcp"
-addresses = ["127.0.0.1/32"]
-"""
+POLICIES = connect_policy(SITE)
 
 
 @pytest.fixture

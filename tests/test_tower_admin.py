@@ -101,13 +101,12 @@ def test_init_creates_files_with_modes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""
     assert mode(d) == 0o700
-    for name in ("ca-key.pem", "server-key.pem", "tower.db", "admin.token"):
+    for name in ("ca-key.pem", "server-key.pem", "peer-key.pem", "tower.db", "admin.token"):
         assert mode(d / name) == 0o600, name
-    for name in ("ca.pem", "server.pem", "tower.toml"):
+    for name in ("ca.pem", "server.pem", "peer.pem", "tower.toml"):
         assert (d / name).is_file()
-    assert sorted(p.name for p in d.iterdir()) == sorted(
-        ["admin.token", "ca-key.pem", "ca.pem", "server-key.pem", "server.pem", "tower.db", "tower.toml"]
-    )
+    made = ["admin.token", "ca-key.pem", "ca.pem", "server-key.pem", "server.pem", "peer-key.pem", "peer.pem"]
+    assert sorted(p.name for p in d.iterdir()) == sorted([*made, "tower.db", "tower.toml"])
     # The summary tells the operator what to run next, with the real config path.
     assert f"control-tower site add --config {d}/tower.toml SITE" in proc.stderr
     assert f"control-tower serve --config {d}/tower.toml" in proc.stderr

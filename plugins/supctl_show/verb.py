@@ -107,12 +107,11 @@ def make_table(kind: str, data: Any) -> Table:
     rows: list[dict[str, Any]] = data if isinstance(data, list) else [data]
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     if kind == "sites":
-        for header in ("SITE", "CONNECTED", "VERSION", "APPLICATIONS"):
+        for header in ("SITE", "CONNECTED", "VERSION", "REPLICA", "APPLICATIONS"):
             table.add_column(header)
+        keys = ("name", "connected", "version", "replica", "applications")
         for site in rows:
-            table.add_row(
-                *map(_cell, (site.get(k) for k in ("name", "connected", "version", "applications")))
-            )
+            table.add_row(*map(_cell, (site.get(k) for k in keys)))
     elif kind == "applications":
         table.add_column("APPLICATION")
         table.add_column("SERVICE INSTANCES")

@@ -10,6 +10,7 @@ import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlencode
 
@@ -52,6 +53,9 @@ BACKOFF_CAP = 30.0
 BRIEF_CAP = 5.0
 #: A link that stayed up this long resets the backoff.
 STABLE_AFTER = 10.0
+#: Old links kept at once after GOAWAYs (each ends its streams): a tower that asks to
+#: move again and again, and never closes them, costs at most this many.
+MAX_MOVING = 2
 #: At most one STATUS frame per this many seconds: a crash-looping container, or
 #: every container stopping at once, becomes one update, not a burst.
 STATUS_INTERVAL = 0.2
@@ -75,6 +79,7 @@ class EnforcerLink(Link):
                 accept_streams=True,
                 max_streams=agent.max_streams,
                 control_bound=ControlBound(),
+                accept_goaway=True,  # a draining tower asks us to move (docs/protocol.md)
             ),
             name="tower",
         )
@@ -167,6 +172,8 @@ class Agent:
         self.supervisor = supervisor
         self._status_changed = asyncio.Event()
         self.link: EnforcerLink | None = None
+        # Links a draining tower asked us to leave, still ending their streams; oldest first.
+        self.moving: deque[tuple[EnforcerLink, asyncio.Task[None]]] = deque()
         if supervisor is not None:
             supervisor.on_change = self._status_changed.set
 
@@ -200,13 +207,29 @@ class Agent:
         while True:
             started = self.clock()
             try:
-                await self.connect_once()
+                if await self.connect_once():
+                    # GOAWAY: the old link serves its streams to their end meanwhile.
+                    delay = self.after_goaway(self.clock() - started)
+                    if delay:
+                        log.warning("asked to move again after a short link; reconnecting in %.1f s", delay)
+                        await asyncio.sleep(delay)
+                    continue
                 reason, brief = "link closed", True
             except Exception as exc:  # failure() raises again what is not a failure to reach the tower
                 reason, brief = self.failure(exc)
             delay = self.next_delay(self.clock() - started, brief)
             log.warning("%s; reconnecting in %.1f s", reason, delay)
             await asyncio.sleep(delay)
+
+    def after_goaway(self, ran_for: float) -> float:
+        """The wait before linking again after a GOAWAY on a link that lasted ``ran_for`` s:
+        none after a stable link (a drain), the backoff after a short one, so that a tower
+        answering every link with GOAWAY is not dialled in a loop."""
+        if ran_for >= STABLE_AFTER:
+            if len(self.towers) > 1:
+                self.current = (self.current + 1) % len(self.towers)
+            return 0.0
+        return self.next_delay(ran_for, True)
 
     def failure(self, exc: Exception) -> tuple[str, bool]:
         """Why an attempt (or the link) ended, in one line, and whether it looks brief (the
@@ -250,7 +273,10 @@ class Agent:
         log.warning("the site token file holds a new token; connecting with it")
         return True
 
-    async def connect_once(self) -> None:
+    async def connect_once(self) -> bool:
+        """One link to the tower, until it is lost (False), or until the tower asks us to
+        move (GOAWAY: True), leaving the old link to end by itself: make before break,
+        so that the site is not away while it moves to another replica."""
         tower = self.tower
         # With a pin, the certificate is checked before the request (and the site token) is sent.
         pin = self.tower_fingerprint
@@ -258,7 +284,7 @@ class Agent:
             f"{tower}/v1/enforcer?{self.query}",
             ssl=self.ssl_context,
             create_connection=pinned_connection(pin, tower) if pin else DirectClientConnection,
-            additional_headers={"Authorization": f"Bearer {self.token}"},
+            additional_headers={"Authorization": f"Bearer {self.token}", "Supctl-Features": "goaway"},
             user_agent_header=f"edge-enforcer/{__version__} websockets/{websockets_version}",
             subprotocols=[websockets.Subprotocol(SUBPROTOCOL)],
             compression=None,
@@ -276,13 +302,46 @@ class Agent:
         log.warning("connected to the tower as site %s (%s)", self.site, tower)
         pusher = asyncio.create_task(self._push_status(link))
         link.tasks.add(pusher)
+        runner = asyncio.create_task(self._run_link(link), name="tower-link")
+        moved = asyncio.ensure_future(link.goaway.wait())
+        try:
+            await asyncio.wait({runner, moved}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            runner.cancel()
+            await asyncio.wait({runner})
+            raise
+        finally:
+            moved.cancel()
+        if not runner.done():
+            pusher.cancel()  # its STATUS goes to the new link from now on
+            log.warning(
+                "the tower asks us to move (%s); connecting again while %d streams end on this link",
+                link.going_away, len(link.stream_tasks),
+            )  # fmt: skip
+            while len(self.moving) >= MAX_MOVING:  # a tower that never closes them: the oldest goes
+                self.moving.popleft()[0].close(ErrorCode.LIMIT, "asked to move too often")
+            entry = (link, runner)
+            self.moving.append(entry)
+            runner.add_done_callback(lambda _: self._moved(entry))
+            return True
+        await runner
+        return False
+
+    def _moved(self, entry: tuple[EnforcerLink, asyncio.Task[None]]) -> None:
+        if entry in self.moving:
+            self.moving.remove(entry)
+
+    async def _run_link(self, link: EnforcerLink) -> None:
         try:
             await link.run()
         finally:
             for task in list(link.tasks):
                 task.cancel()
             await asyncio.gather(*link.tasks, return_exceptions=True)
-        log.warning("link to the tower lost: %s", link.lost_reason or "closed")
+        if link.going_away is None:
+            log.warning("link to the tower lost: %s", link.lost_reason or "closed")
+        else:
+            log.warning("the link the tower asked us to leave is closed: %s", link.lost_reason or "closed")
 
     async def shutdown(self) -> None:
         """Reset every stream with a reason the user sees, then close the link.
@@ -290,6 +349,9 @@ class Agent:
         Done before the link is torn down so the resets reach the tower: cancelled
         after the close, they would be lost and users would only see "link lost".
         """
+        for old, runner in list(self.moving):  # links we were moving away from
+            old.close(ErrorCode.LINK_LOST, "the edge enforcer is shutting down")
+            await asyncio.wait({runner}, timeout=5)
         link, self.link = self.link, None
         if link is None or link.conn.closed is not None:
             return

@@ -78,6 +78,8 @@ class Sites:
 
     exists: Callable[[str], bool]
     info: Callable[[str], SiteInfo | None]
+    # Which replica holds a connected site's link (shown by show sites; never judged).
+    replica: Callable[[str], str | None] = lambda site: None
 
 
 def authorise(

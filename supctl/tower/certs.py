@@ -29,6 +29,8 @@ from supctl.tower.store import atomic_write
 
 CA_COMMON_NAME = "supctl control tower CA"
 SERVER_COMMON_NAME = "supctl control tower"
+#: The replicas' certificate (peering.py): the only one the peer listener accepts.
+PEER_COMMON_NAME = "supctl control tower peer"
 DEFAULT_NAMES = ("localhost", "127.0.0.1", "::1")
 
 # Both live 10 years: there is no renewal command yet, and a private CA pinned
@@ -44,12 +46,21 @@ class CertPaths:
     ca_key: Path
     cert: Path
     key: Path
+    peer_cert: Path
+    peer_key: Path
 
 
 def cert_paths(directory: str | os.PathLike[str]) -> CertPaths:
     """Where :func:`write_certs` puts its files inside ``directory``."""
     d = Path(directory)
-    return CertPaths(d / "ca.pem", d / "ca-key.pem", d / "server.pem", d / "server-key.pem")
+    return CertPaths(
+        d / "ca.pem",
+        d / "ca-key.pem",
+        d / "server.pem",
+        d / "server-key.pem",
+        d / "peer.pem",
+        d / "peer-key.pem",
+    )
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -107,12 +118,18 @@ def _make_server_cert(
     ca_cert: x509.Certificate,
     names: Sequence[x509.GeneralName],
     now: datetime.datetime,
+    *,
+    peer: bool = False,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The client-facing server certificate, or with ``peer`` the replicas' certificate:
+    another name, and clientAuth besides serverAuth (each replica is both ends)."""
     key = ec.generate_private_key(ec.SECP256R1())
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if peer else [])
+    common_name = PEER_COMMON_NAME if peer else SERVER_COMMON_NAME
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_COMMON_NAME)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -134,7 +151,7 @@ def _make_server_cert(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
@@ -159,7 +176,40 @@ def write_certs(directory: str | os.PathLike[str], names: Sequence[str] = DEFAUL
     atomic_write(paths.ca, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     atomic_write(paths.key, _key_pem(key), 0o600)
     atomic_write(paths.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_peer(paths, ca_key, ca_cert, general_names, now)
     return paths
+
+
+def write_peer_cert(directory: str | os.PathLike[str], names: Sequence[str] = DEFAULT_NAMES) -> CertPaths:
+    """A new replicas' certificate (``peer.pem``) from the CA in ``directory`` (for a tower
+    directory made before replicas had one, or to replace it)."""
+    general_names = [_general_name(n) for n in names]
+    paths = cert_paths(directory)
+    try:
+        ca_cert = x509.load_pem_x509_certificate(paths.ca.read_bytes())
+        ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+    except FileNotFoundError as exc:
+        raise UsageError(
+            f"{exc.filename} not found: the tower's CA is needed to sign the peer certificate"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the tower's CA from {paths.ca_key.parent}: {exc}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise UsageError(f"{paths.ca_key} is not the tower CA's key")
+    _write_peer(paths, ca_key, ca_cert, general_names, datetime.datetime.now(datetime.UTC))
+    return paths
+
+
+def _write_peer(
+    paths: CertPaths,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    names: Sequence[x509.GeneralName],
+    now: datetime.datetime,
+) -> None:
+    key, cert = _make_server_cert(ca_key, ca_cert, names, now, peer=True)
+    atomic_write(paths.peer_key, _key_pem(key), 0o600)
+    atomic_write(paths.peer_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def fingerprint(pem_path: str | os.PathLike[str]) -> str:

@@ -24,7 +24,7 @@ from rich.markup import escape
 from supctl.errors import ExitCode, SupctlError, UsageError
 from supctl.output import make_console
 from supctl.tower.auditcli import add_audit_command
-from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs
+from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs, write_peer_cert
 from supctl.tower.config import (
     CONFIG_NAME,
     DEFAULT_FILES,
@@ -146,6 +146,8 @@ def init_tower(
         certs.ca_key,
         certs.cert,
         certs.key,
+        certs.peer_cert,
+        certs.peer_key,
     ]
     existing = [p for p in ours if p.exists()]
     if existing and not force:
@@ -448,6 +450,16 @@ def make_cli() -> click.Group:
     def fingerprint_cmd(config_path: Path) -> None:
         """Print the SHA-256 fingerprint of the server certificate."""
         click.echo(fingerprint(load_config(config_path).cert))
+
+    @cli.command("peer-cert")
+    @_config_option
+    def peer_cert_cmd(config_path: Path) -> None:
+        """Write a new replicas' certificate (peer.pem) from the tower's CA (docs/tower.md)."""
+        config = load_config(config_path)
+        paths = write_peer_cert(config.ca.parent)
+        if (paths.peer_cert, paths.peer_key) != (config.peer_cert, config.peer_key):
+            raise UsageError(f"wrote {paths.peer_cert}, but [cluster] cert is {config.peer_cert}")
+        _console().print(f"wrote {escape(str(paths.peer_cert))} and {escape(str(paths.peer_key))}")
 
     @cli.command()
     @_config_option

@@ -31,6 +31,8 @@ DEFAULT_FILES = {
     "users": "users.json",
     "policies": "policies.toml",
     "database": "tower.db",
+    "peer-cert": "peer.pem",
+    "peer-key": "peer-key.pem",
 }
 #: The stores ``[store] url`` may name (docs/store.md); ``+driver`` may follow the name.
 STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
@@ -69,7 +71,19 @@ def _replica_id(text: str) -> str:
     return text
 
 
+def _advertise(text: str) -> str:
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "wss" or not parts.hostname or not port or parts.path not in ("", "/") or parts.query:
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
 LISTEN = Rule("HOST:PORT, [IPV6]:PORT or :PORT", _listen)
+ADVERTISE = Rule('a URL like "wss://tower-2.internal:4647"', _advertise)
 REPLICA_ID = Rule("1-63 lowercase letters, digits and '-' (a DNS label)", _replica_id)
 STORE_URL = Rule('a URL like "postgresql://USER@HOST/DB" or "sqlite:///PATH"', _store_url)
 
@@ -120,6 +134,30 @@ class TowerConfig:
     login_expiry: Annotated[str, DURATION_TEXT] = "8h"  # lifetime of a login token (and of each renewal)
     # This process's name among the replicas serving the store (docs/tower.md, "Replicas").
     cluster_id: Annotated[str, REPLICA_ID] = field(default="tower", metadata={"key": "cluster.id"})
+    # Where the other replicas relay the streams of the sites this one holds (wss://HOST:PORT);
+    # without it, peer-listen's address.  Either one turns peering on.
+    cluster_advertise: Annotated[str | None, ADVERTISE] = field(
+        default=None, metadata={"key": "cluster.advertise"}
+    )
+    # The peer listener (mutual TLS, replicas only); without it, all interfaces on advertise's port.
+    cluster_peer_listen: Annotated[str | None, LISTEN] = field(
+        default=None, metadata={"key": "cluster.peer-listen"}
+    )
+    # The replicas' certificate and key, from the tower's CA (control-tower peer-cert).
+    peer_cert: Path = field(default=Path(DEFAULT_FILES["peer-cert"]), metadata={"key": "cluster.cert"})
+    peer_key: Path = field(default=Path(DEFAULT_FILES["peer-key"]), metadata={"key": "cluster.key"})
+
+    def peering(self) -> tuple[str, int, str | None] | None:
+        """(host, port) of the peer listener and the advertised URL (None: the listener's
+        own address, known once it is bound), or None if peering is off."""
+        if self.cluster_peer_listen is not None:
+            host, port = parse_listen(self.cluster_peer_listen)
+            return host, port, self.cluster_advertise
+        if self.cluster_advertise is not None:
+            advertised = urlsplit(self.cluster_advertise).port
+            assert advertised is not None  # checked by ADVERTISE
+            return "", advertised, self.cluster_advertise
+        return None
 
 
 def valid_hostname(name: str) -> bool:

@@ -26,12 +26,18 @@ from typing import Protocol
 from ..protocol import Connection, ErrorCode
 from .limits import Limits, seconds
 from .route import Route
-from .siteinfo import SiteInfo
+from .siteinfo import RemoteSite, SiteInfo
 
 log = logging.getLogger("supctl.tower")
 
 #: Seconds between two sweeps: a timer fires at most this late.
 SWEEP_INTERVAL = 0.5
+
+#: Seconds a draining replica keeps a moved site's old link once another replica holds the
+#: site: the others read the claims every heartbeat (1 s), and relay here until then.
+MOVE_GRACE = 1.5
+#: Seconds a draining replica waits for an enforcer told to move to link elsewhere.
+MOVE_WAIT = 5.0
 
 #: What sessions and site links are told when the tower drains (SIGTERM).
 DRAIN_REASON = "the control tower is shutting down"
@@ -81,18 +87,47 @@ class Site(Protocol):
     @property
     def info(self) -> SiteInfo | None: ...
     @property
+    def hello(self) -> str:
+        """What ``info`` was parsed from, as JSON: for the other replicas."""
+
+    @property
     def relays(self) -> Mapping[int, Stream]: ...
     def evict_if_invalid(self) -> bool: ...
     def close(self, code: ErrorCode = ..., reason: str = ...) -> None: ...
+    @property
+    def moving_since(self) -> float | None:
+        """When the enforcer was told to move (GOAWAY), if it was and understands it."""
+
+    def go_away(self, reason: str, now: float) -> None: ...
 
 
 class SitePresence(Protocol):
     """Where a replica records the site links it holds (:class:`.presence.Presence`)."""
 
-    def claim(self, site: str, peer: str, granted: Callable[[str | None], None]) -> None:
-        """Record the claim, then ``granted(None)``, or ``granted(reason)`` if refused."""
+    @property
+    def replica(self) -> str: ...
+
+    def claim(self, site: str, peer: str, info: str, granted: Callable[[str | None], None]) -> None:
+        """Record the claim (``info``: the site's HELLO as JSON), then ``granted(None)``,
+        or ``granted(reason)`` if refused."""
+
+    def report(self, site: str, info: str) -> None:
+        """Record what the site held here reports now (its STATUS, as JSON)."""
 
     def release(self, site: str) -> None: ...
+
+    def suspect(self, site: str) -> None:
+        """The holder of ``site`` could not be reached: read the claims again soon."""
+
+    async def drain(self) -> None:
+        """Record that this replica drains: its sites may be claimed by another at once."""
+
+    def remote_site(self, site: str) -> RemoteSite | None:
+        """The site as another replica holds it, or None."""
+
+    async def lookup(self, site: str, *, again: bool = False) -> RemoteSite | None:
+        """:meth:`remote_site`, after reading the store again if the site is held nowhere
+        (or with ``again``)."""
 
 
 class Hub:
@@ -108,6 +143,10 @@ class Hub:
         # The store's record of which replica holds which site (None: a tower alone, as
         # in the unit tests): a site's link counts only once claimed there.
         self.presence: SitePresence | None = None
+        # Peering is on: a drain moves the sites to other replicas before it closes their
+        # links (GOAWAY to their enforcers), so that they are not away meanwhile.
+        self.move_sites = False
+        self._moved: dict[str, float] = {}  # site: when a drain first saw another replica hold it
 
     # --- site links: one per site -------------------------------------------------------
 
@@ -121,9 +160,25 @@ class Hub:
         return link
 
     def site_info(self, site: str) -> SiteInfo | None:
-        """What ``site`` reported, if a valid link serves it (for :class:`.authorise.Sites`)."""
+        """What ``site`` reported, if a valid link serves it here or another replica holds
+        it (for :class:`.authorise.Sites`)."""
         link = self.site_link(site)
-        return link.info if link is not None else None
+        if link is not None:
+            return link.info
+        remote = self.presence.remote_site(site) if self.presence is not None else None
+        return remote.info if remote is not None else None
+
+    def site_replica(self, site: str) -> str | None:
+        """Which replica holds ``site``'s link (this one's id, if here), or None."""
+        if self.site_link(site) is not None:
+            return self.presence.replica if self.presence is not None else ""
+        remote = self.presence.remote_site(site) if self.presence is not None else None
+        return remote.replica if remote is not None else None
+
+    def site_status(self, link: Site) -> None:
+        """``link``'s site sent a STATUS: the other replicas learn it from the store."""
+        if self.presence is not None and self.sites.get(link.site) is link:
+            self.presence.report(link.site, link.hello)
 
     def site_connected(self, link: Site) -> None:
         # The same rule as the upgrade's, for two handshakes that raced past it (or a
@@ -148,7 +203,7 @@ class Hub:
             elif self._first_here(link):
                 self._register(link)
 
-        presence.claim(link.site, link.peer, granted)
+        presence.claim(link.site, link.peer, link.hello, granted)
 
     def _first_here(self, link: Site) -> bool:
         """True unless another valid link of ``link``'s site is live on this tower (then
@@ -206,8 +261,11 @@ class Hub:
 
     # --- streams --------------------------------------------------------------------------
 
-    def stream_refusal(self, session: Session, site: Site) -> str | None:
+    def stream_refusal(self, session: Session, site: Site | None) -> str | None:
         """Why ``session`` may not open one more stream to ``site`` now (naming the limit), or None.
+
+        ``site`` None: the site's link is another replica's, which judges the site's
+        budget (:meth:`site_full`) when the relayed stream reaches it.
 
         A session's streams all go to its route's site.  Besides the fixed per-session
         and per-user counts, the site's ``streams-per-site`` is shared: a session may
@@ -216,7 +274,8 @@ class Hub:
         a session that comes next, so no session - nor a few - can take a site's whole
         budget, while one alone may still use half of it.  Checked only when a stream
         opens (nothing already open is cut): a session that took more while the site was
-        quiet opens no more until it is back under its share.
+        quiet opens no more until it is back under its share.  (The shares count this
+        replica's sessions; across replicas only the budget itself binds.)
         """
         limits = self.limits
         held = len(session.relays)
@@ -224,9 +283,11 @@ class Hub:
             return f"more than {limits.streams_per_session} concurrent streams in this session (streams-per-session)"
         if self.user_streams[session.user] >= limits.streams_per_user:
             return f"more than {limits.streams_per_user} concurrent streams for user {session.user} (streams-per-user)"
+        if site is None:
+            return None
+        if (full := self.site_full(site)) is not None:
+            return full
         budget = limits.streams_per_site
-        if len(site.relays) >= budget:
-            return f"site {site.site} has {budget} concurrent streams, its limit (streams-per-site)"
         # Counting the sessions on the site is O(sessions): only when the share can bind.
         if held >= budget // (len(self.sessions) + 2):
             using = 1 + sum(
@@ -240,6 +301,13 @@ class Hub:
                     f"more than {share} concurrent streams in this session, its fair share of the"
                     f" {budget} of site {site.site} with {using} sessions using it (streams-per-site)"
                 )
+        return None
+
+    def site_full(self, site: Site) -> str | None:
+        """Why ``site``'s link takes no more streams (``streams-per-site``), or None."""
+        budget = self.limits.streams_per_site
+        if len(site.relays) >= budget:
+            return f"site {site.site} has {budget} concurrent streams, its limit (streams-per-site)"
         return None
 
     def open_stream(self, user: str) -> None:
@@ -291,6 +359,9 @@ class Hub:
         for session in list(self.sessions):
             if session.conn.closed is None:
                 session.go_away(DRAIN_REASON, timeout)
+        if self.move_sites:
+            for link in list(self.sites.values()):
+                link.go_away(DRAIN_REASON, now)
         return now + timeout
 
     def drain_step(self, now: float, deadline: float) -> bool:
@@ -300,8 +371,11 @@ class Hub:
         knows that none of its OPENs is still on the way).  Another is closed
         (``GOING_AWAY``) as soon as it holds no stream.  At ``deadline`` every session is
         closed, whatever it holds (its streams are reset: an end the user sees, never a
-        silent cut).  Site links go last, once no session is left,
-        since every stream crosses one; their enforcers reconnect within about 5 s."""
+        silent cut).  A site link closes once it carries no stream and either its
+        enforcer, told to move, is linked to another replica (for :data:`MOVE_GRACE`
+        seconds: the others have seen it by then), or no session is left here (every
+        stream of a session here crosses one) and its enforcer did not move within
+        :data:`MOVE_WAIT` or cannot; such enforcers reconnect within about 5 s."""
         final = now >= deadline
         open_sessions = 0
         for session in list(self.sessions):
@@ -315,15 +389,24 @@ class Hub:
                 reason += f"; {len(session.relays)} streams cut at the drain deadline"
                 log.warning("closing session %s: %s", session.route.summary, reason)
             session.close(ErrorCode.GOING_AWAY, reason)
-        if open_sessions:
-            return False
         sites_open = False
         for link in list(self.sites.values()):
-            if link.relays and not final:  # a stream of a session already closed, still ending
+            if not final and (link.relays or not self._may_leave(link, now, open_sessions)):
                 sites_open = True
                 continue
             link.close(ErrorCode.GOING_AWAY, DRAIN_REASON)
-        return not sites_open
+        return not open_sessions and not sites_open
+
+    def _may_leave(self, link: Site, now: float, open_sessions: int) -> bool:
+        """Whether a draining site link without streams may close now (:meth:`drain_step`)."""
+        asked = link.moving_since
+        if asked is not None:
+            if self.presence is not None and self.presence.remote_site(link.site) is not None:
+                seen = self._moved.setdefault(link.site, now)
+                return now - seen >= MOVE_GRACE
+            if now - asked < MOVE_WAIT:
+                return False  # its enforcer is linking to another replica
+        return not open_sessions
 
     def sweep_sites(self) -> None:
         """Close every site link whose token is no longer the site's (rotated, or the site
@@ -381,6 +464,8 @@ async def drain(
         "control-tower draining: %d sessions, %d sites, %d streams; at most %s s",
         len(hub.sessions), len(hub.sites), streams, seconds(timeout),
     )  # fmt: skip
+    if hub.move_sites and hub.presence is not None:
+        await hub.presence.drain()  # first: the replica an enforcer moves to claims its site at once
     deadline = hub.begin_drain(hub.clock(), timeout)
     while not hub.drain_step(hub.clock(), deadline):
         await sleep(interval)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import UsageError
@@ -17,16 +18,31 @@ from ..protocol import (
     StatusReceived,
     StreamOpened,
 )
+from ..protocol.messages import encode_hello
 from . import audit
 from .limits import Limits
 from .refusals import Refusals
-from .relay import Relay, Services
+from .relay import End, Relay, Services
 from .route import Route, SiteClaim
-from .siteinfo import SiteInfo
+from .siteinfo import RemoteSite, SiteInfo
 
-__all__ = ["ClientLink", "LinkServices", "Route", "SiteClaim", "SiteLink"]
+__all__ = ["ClientLink", "LinkServices", "PeerRoutes", "Route", "SiteClaim", "SiteLink"]
 
 log = logging.getLogger("supctl.tower")
+
+
+class PeerRoutes(Protocol):
+    """The links to the other replicas (:class:`.peering.Peers`)."""
+
+    def link(self, remote: RemoteSite) -> tuple[End | None, str]:
+        """The live link to the replica holding ``remote``, or (None, why there is none
+        now; a dial starts if none is under way)."""
+
+    async def ready(self, remote: RemoteSite, timeout: float) -> None:
+        """Wait at most ``timeout`` s for a link to ``remote``'s replica (a dial, if needed)."""
+
+    def when_up(self, replica: str, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` when the dial to ``replica`` under way ends; False if none is."""
 
 
 class LinkServices(Services, Protocol):
@@ -41,6 +57,10 @@ class LinkServices(Services, Protocol):
     def site_refusal(self, site: str, token_hash: str) -> str | None:
         """Why a site link's token is no longer the site's (rotated, removed), or None."""
 
+    @property
+    def peers(self) -> PeerRoutes | None:
+        """The links to the other replicas; None: this one has no [cluster] advertise."""
+
 
 class ClientLink(Link):
     """A supctl session: every stream it opens is relayed to its route's site."""
@@ -48,11 +68,15 @@ class ClientLink(Link):
     def __init__(self, ws: WebSocketLike, tower: LinkServices, route: Route, *, goaway: bool = False) -> None:
         super().__init__(ws, Connection(odd_ids=False, accept_streams=True), name=f"session {route.who}")
         self.goaway_ok = goaway  # the client said it understands GOAWAY (Supctl-Features)
+        self.accounted = True  # its streams' counts and audit records are kept here (relay.py)
         self.tower = tower
         self.route = route
         self.user = route.user
         self.started = tower.hub.clock()  # for the session-duration limit, in the sweep's time
         self.relays: dict[int, Relay] = {}
+        # OPENs waiting for a peer link being dialled, with what the client sent on them
+        # meanwhile (at most the early-data window: the core enforces it).
+        self.waiting: dict[int, list[Event]] = {}
         limits = tower.limits
         self.refusals = Refusals(limits.refused_streams, limits.refused_window, tower.clock)
 
@@ -68,6 +92,8 @@ class ClientLink(Link):
             relay = self.relays.get(event.stream_id)
             if relay is not None:
                 relay.from_client(event)
+            elif (held := self.waiting.get(event.stream_id)) is not None:
+                held.append(event)
 
     def _open(self, event: StreamOpened) -> None:
         if self.conn.closed is not None:
@@ -79,18 +105,65 @@ class ClientLink(Link):
             self._refuse(event, ErrorCode.DENIED, refusal, "denied")
             self.close(ErrorCode.DENIED, refusal)
             return
-        site = self.tower.hub.site_link(self.route.site)
+        hub = self.tower.hub
+        site = hub.site_link(self.route.site)
         args = event.request.args
         # Not a SiteLink: None (no valid link).  Closed: lost, its on_lost not run yet.
         if not isinstance(site, SiteLink) or site.conn.closed is not None:
-            self._refuse(event, ErrorCode.LINK_LOST, f"site {self.route.site} is not connected", "site-lost")
+            self._open_remote(event)
             return
-        if (text := self.tower.hub.stream_refusal(self, site)) is not None:
+        if (text := hub.stream_refusal(self, site)) is not None:
             self._refuse(event, ErrorCode.LIMIT, text, "limit")
             return
         site_id = site.conn.open_stream(self.route.request(args))
-        Relay(self, event.stream_id, site, site_id, self.route.summary, audit.exec_command(self.route, args))
+        Relay(self, event.stream_id, site, site_id, self.route, audit.exec_command(self.route, args))
         site.flush()
+
+    def _open_remote(self, event: StreamOpened) -> None:
+        """Relay the stream to the replica that holds the site, if another one does: the
+        request it carries is the one judged here; that replica checks only that the site
+        is still its own, and the site's budget (docs/tower.md, "Replicas")."""
+        route, hub, presence = self.route, self.tower.hub, self.tower.hub.presence
+        remote = presence.remote_site(route.site) if presence is not None else None
+        if presence is None or remote is None:
+            self._refuse(event, ErrorCode.LINK_LOST, f"site {route.site} is not connected", "site-lost")
+            return
+        peers = self.tower.peers
+        if peers is None:
+            link, why = None, "this replica has no [cluster] advertise, so it relays to no other"
+        else:
+            link, why = peers.link(remote)
+            sid = event.stream_id
+            if (
+                link is None
+                and sid not in self.waiting
+                and len(self.waiting) < self.tower.limits.streams_per_session
+                and peers.when_up(remote.replica, lambda: self._dialled(event))
+            ):
+                self.waiting[sid] = []  # judged again, and routed, once the dial ended
+                return
+        if link is None:
+            presence.suspect(route.site)  # dead, or the site moved: the next stream knows
+            text = f"site {route.site} is connected to replica {remote.replica}, which this replica cannot reach: {why}"
+            self._refuse(event, ErrorCode.LINK_LOST, text, "site-lost")
+            return
+        if (limit := hub.stream_refusal(self, None)) is not None:
+            self._refuse(event, ErrorCode.LIMIT, limit, "limit")
+            return
+        args = event.request.args
+        peer_id = link.conn.open_stream(route.peer_request(args))
+        Relay(self, event.stream_id, link, peer_id, route, audit.exec_command(route, args))
+        link.flush()
+
+    def _dialled(self, event: StreamOpened) -> None:
+        held = self.waiting.pop(event.stream_id, [])
+        if self.conn.closed is None and self.conn.is_pending(event.stream_id):  # not reset meanwhile
+            self._open(event)
+            relay = self.relays.get(event.stream_id)
+            if relay is not None:  # the early data and EOF that came meanwhile, in order
+                for early in held:
+                    relay.from_client(early)
+            self.flush()
 
     def _refuse(self, event: StreamOpened, code: ErrorCode, text: str, close: str) -> None:
         """Reset a stream the tower does not relay, and count it."""
@@ -153,15 +226,26 @@ class ClientLink(Link):
 class SiteLink(Link):
     """An enforcer's link: the tower opens streams on it, the enforcer may not."""
 
-    def __init__(self, ws: WebSocketLike, tower: LinkServices, claim: SiteClaim, peer: str = "?") -> None:
+    def __init__(
+        self,
+        ws: WebSocketLike,
+        tower: LinkServices,
+        claim: SiteClaim,
+        peer: str = "?",
+        *,
+        goaway: bool = False,
+    ) -> None:
         super().__init__(
             ws, Connection(odd_ids=True, accept_streams=False, accept_hello=True), name=f"site {claim.site}"
         )
+        self.goaway_ok = goaway  # the enforcer said it understands GOAWAY (Supctl-Features)
+        self.moving_since: float | None = None  # when it was told to move (hub clock), if it was
         self.tower = tower
         self.site = claim.site
         self.token_hash = claim.token_hash
         self.peer = peer  # the enforcer's address, for logs and refusals of a second link
         self.info: SiteInfo | None = None
+        self.hello = ""  # the HELLO or last STATUS that ``info`` was parsed from, as JSON
         self.relays: dict[int, Relay] = {}
 
     def refusal(self) -> str | None:
@@ -215,8 +299,19 @@ class SiteLink(Link):
         except (ValueError, AttributeError) as exc:
             self.close(ErrorCode.PROTOCOL, f"bad {'HELLO' if first else 'STATUS'}: {exc}")
             return
+        self.hello = encode_hello(payload).decode()
         if first:
             self.tower.hub.site_connected(self)
+        else:
+            self.tower.hub.site_status(self)
+
+    def go_away(self, reason: str, now: float) -> None:
+        """Drain: an enforcer that understands GOAWAY links to another replica, which takes
+        the site over; this link carries its streams to their end (hub.drain_step)."""
+        if self.goaway_ok and self.conn.closed is None:
+            self.moving_since = now
+            self.conn.send_goaway({"reason": reason})
+            self.flush()
 
     def on_lost(self, reason: str) -> None:
         self.tower.hub.site_lost(self, reason)

@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from .database import StoreUnavailable
 from .database.cluster import EXPIRY, HEARTBEAT, Cluster, Holder
+from .siteinfo import RemoteSite, SiteInfo
 
 log = logging.getLogger("supctl.tower")
+
+#: Seconds between two claims of a site held by another live replica (see _claim).
+CLAIM_RETRY = 0.25
+#: Seconds a read of the claims stays fresh for requests naming a site held nowhere.
+REFRESH = 0.25
 
 
 def utc_now() -> datetime.datetime:
@@ -55,9 +63,12 @@ class Presence:
         pid: int | None = None,
         on_taken_over: Callable[[str], None] = lambda reason: None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
+        advertise: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.replica = replica
+        self.advertise = advertise  # this replica's peer listener, once it listens
         self.now = now
         self.host = host or socket.gethostname()
         self.pid = os.getpid() if pid is None else pid
@@ -67,12 +78,30 @@ class Presence:
         # are void (another replica may hold those sites now), so the tower closes them.
         self.on_taken_over = on_taken_over
         self.sleep = sleep
+        self.monotonic = monotonic
+        self._refreshed = -REFRESH
+        self._refreshing: asyncio.Future[None] | None = None
+        self._parsed: dict[str, tuple[str, SiteInfo | None]] = {}  # site: (its info, parsed)
 
     async def join(self) -> None:
         """Register; UsageError (one line) if another live process is this replica, or
         if the store is SQLite and another replica runs."""
-        await self.cluster.join(self.replica, self.host, self.pid, now=self.now(), alive=pid_alive)
+        await self.cluster.join(
+            self.replica, self.host, self.pid, now=self.now(), alive=pid_alive, advertise=self.advertise
+        )
         log.info("joined the store's cluster as replica %s", self.replica)
+
+    async def set_advertise(self, url: str) -> None:
+        """This replica's peer listener is up at ``url``: the others may relay to it."""
+        self.advertise = url
+        await self.cluster.advertise(self.replica, self.pid, url)
+
+    async def drain(self) -> None:
+        """SIGTERM: say in the store that our sites may move to another replica at once."""
+        try:
+            await self.cluster.drain(self.replica, self.pid)
+        except StoreUnavailable as exc:  # they move once our claims expire, after we left
+            log.warning("cannot record the drain: %s", exc)
 
     async def leave(self) -> None:
         for task in list(self.tasks):
@@ -97,7 +126,7 @@ class Presence:
                     log.error("%s; closing its site links and joining again", reason)
                     self.on_taken_over(reason)
                     await self.join()
-                self.holders = await self.cluster.holders(now=self.now())
+                await self.refresh()
             except StoreUnavailable as exc:
                 if not down:
                     log.error("cannot write the heartbeat: %s", exc)
@@ -110,26 +139,95 @@ class Presence:
                 log.warning("the heartbeat works again")
             down = False
 
-    def claim(self, site: str, peer: str, granted: Callable[[str | None], None]) -> None:
-        """Record that this replica holds ``site``'s link, then ``granted(None)``, or
-        ``granted(reason)`` if it may not (another live replica holds it, or the store
-        cannot be reached: fail closed)."""
-        self._spawn(self._claim(site, peer, granted))
+    async def refresh(self) -> None:
+        """Read every live claim back (after each heartbeat; and when a request names a
+        site held nowhere, at most every :data:`REFRESH` seconds: see :meth:`lookup`)."""
+        self.holders = await self.cluster.holders(now=self.now())
+        self._refreshed = self.monotonic()
 
-    async def _claim(self, site: str, peer: str, granted: Callable[[str | None], None]) -> None:
+    def remote(self, site: str) -> Holder | None:
+        """The other replica that holds ``site``, as of the last read, or None."""
+        holder = self.holders.get(site)
+        return holder if holder is not None and holder.replica != self.replica else None
+
+    def remote_site(self, site: str) -> RemoteSite | None:
+        """:meth:`remote`, with what the site reported there (parsed once per report)."""
+        holder = self.remote(site)
+        if holder is None or holder.info is None:
+            return None
+        cached = self._parsed.get(site)
+        if cached is None or cached[0] != holder.info:
+            try:
+                payload = json.loads(holder.info)
+                cached = (holder.info, SiteInfo.parse(payload) if isinstance(payload, dict) else None)
+            except (ValueError, AttributeError):  # written by a replica of another version?
+                cached = (holder.info, None)
+            self._parsed[site] = cached
+            if len(self._parsed) > 2 * len(self.holders) + 64:  # sites gone stay no longer
+                self._parsed = {name: self._parsed[name] for name in self.holders if name in self._parsed}
+        info = cached[1]
+        return None if info is None else RemoteSite(holder.replica, holder.advertise, info)
+
+    async def lookup(self, site: str, *, again: bool = False) -> RemoteSite | None:
+        """:meth:`remote_site`, read again from the store if ``site`` is held nowhere as of
+        the last read (a site that just connected to another replica), or with ``again``
+        (its holder cannot be reached: it may have died and the site moved), unless the
+        last read is younger than :data:`REFRESH`: requests, however many, cost one store
+        read per REFRESH, shared."""
+        if (again or site not in self.holders) and self.monotonic() - self._refreshed >= REFRESH:
+            if self._refreshing is None:
+                self._refreshing = asyncio.ensure_future(self._refresh_once())
+            await asyncio.shield(self._refreshing)
+        return self.remote_site(site)
+
+    def suspect(self, site: str) -> None:
+        """``site``'s holder could not be reached: read the claims again soon (at most every
+        :data:`REFRESH` s), so that the next stream finds where the site went."""
+        if self._refreshing is None and self.monotonic() - self._refreshed >= REFRESH:
+            self._refreshing = asyncio.ensure_future(self._refresh_once())
+
+    async def _refresh_once(self) -> None:
         try:
-            holder = await self.cluster.claim(site, self.replica, peer, now=self.now())
+            await self.refresh()
+        except StoreUnavailable:
+            self._refreshed = self.monotonic()  # the heartbeat says so, once; not every request
+        except Exception:
+            log.exception("internal error reading the site claims")
+        finally:
+            self._refreshing = None
+
+    def claim(self, site: str, peer: str, info: str, granted: Callable[[str | None], None]) -> None:
+        """Record that this replica holds ``site``'s link (and ``info``, the site's HELLO as
+        JSON, for the other replicas), then ``granted(None)``, or ``granted(reason)`` if it
+        may not (another live replica holds it, or the store cannot be reached: fail closed)."""
+        self._spawn(self._claim(site, peer, info, granted))
+
+    def report(self, site: str, info: str) -> None:
+        """The site held here sent a STATUS: the other replicas see it within a heartbeat."""
+        self._spawn(self._report(site, info))
+
+    async def _report(self, site: str, info: str) -> None:
+        try:
+            await self.cluster.report(site, self.replica, info)
+        except StoreUnavailable as exc:
+            log.warning("cannot record the status of site %s: %s", site, exc)
+
+    async def _claim(self, site: str, peer: str, info: str, granted: Callable[[str | None], None]) -> None:
+        try:
+            holder = await self.cluster.claim(site, self.replica, peer, now=self.now(), info=info)
             # Held by another replica: that one may have just died (the enforcer is here
             # because its link there broke).  Ask again after each heartbeat until the
             # holder's claim would have expired, instead of refusing an enforcer that would
             # then back off for seconds more.  A holder that keeps beating (a live link, and
             # this one a thief's or a duplicate) is refused after EXPIRY.
             waited = 0.0
+            # Asked every CLAIM_RETRY seconds: a holder that drains releases the site when
+            # its link closes, and the enforcer, already here, should not wait a heartbeat.
             while holder is not None and waited < EXPIRY.total_seconds():
-                pause = min(HEARTBEAT, EXPIRY.total_seconds() - holder.silent + 0.05)
+                pause = min(CLAIM_RETRY, EXPIRY.total_seconds() - holder.silent + 0.05)
                 await self.sleep(max(pause, 0.05))
                 waited += max(pause, 0.05)
-                holder = await self.cluster.claim(site, self.replica, peer, now=self.now())
+                holder = await self.cluster.claim(site, self.replica, peer, now=self.now(), info=info)
         except StoreUnavailable:
             granted("the control tower cannot reach its store")
             return

@@ -69,18 +69,19 @@ class End(Protocol):
     def flush(self) -> None: ...
 
 
-class SiteEnd(End, Protocol):
-    @property
-    def site(self) -> str: ...
+#: Where a relay's streams go: a site's link, or the peer link to the replica holding it.
+SiteEnd = End
 
 
 class ClientEnd(End, Protocol):
     @property
-    def route(self) -> Route: ...
-    @property
-    def user(self) -> str: ...
-    @property
     def tower(self) -> Services: ...
+    @property
+    def accounted(self) -> bool:
+        """True where the streams were authorised (a supctl session): their user's counts
+        and audit records are kept here.  False on a peer link: the replica that relays
+        for another keeps neither, the one that authorised the stream does."""
+
     def stream_refused(self, close: str, result: str) -> bool: ...
 
 
@@ -160,6 +161,7 @@ class Relay:
         "down",
         "exit",
         "last_activity",
+        "route",
         "site",
         "site_id",
         "started",
@@ -174,23 +176,25 @@ class Relay:
         client_id: int,
         site: SiteEnd,
         site_id: int,
-        summary: str,
+        route: Route,
         command: str | None = None,
     ) -> None:
         self.client, self.client_id, self.site, self.site_id = client, client_id, site, site_id
+        self.route = route
         self.up = Direction(client, client_id, site, site_id)
         self.down = Direction(site, site_id, client, client_id)
         self.clock = client.tower.hub.clock  # the sweep compares its stamps with this clock
         self.started = self.last_activity = self.clock()
         # Read by the tower's limits sweep: not accepted in time, or idle for too long.
         self.accepted = False
-        self.user = client.user
-        self.summary = summary
+        self.user = route.user
+        self.summary = route.summary
         self.command = command  # exec: the command from the client's OPEN args, for the audit
         self.exit: tuple[object, object] | None = None  # exec: (code, signal) seen passing by
         client.relays[client_id] = self
         site.relays[site_id] = self
-        client.tower.hub.open_stream(self.user)
+        if client.accounted:
+            client.tower.hub.open_stream(self.user)
 
     # --- events from the supctl side ----------------------------------------
 
@@ -268,7 +272,9 @@ class Relay:
         if self.client.relays.pop(self.client_id, None) is None:
             return
         self.site.relays.pop(self.site_id, None)
-        self.client.tower.hub.close_stream(self.user)
+        accounted = self.client.accounted
+        if accounted:
+            self.client.tower.hub.close_stream(self.user)
         seconds = self.clock() - self.started
         shown = {
             "client-reset": "reset by client: ",
@@ -287,16 +293,16 @@ class Relay:
             # counted by its session (which may close it), its record and log line
             # rate-limited (tower/refusals.py).
             recorded = self.client.stream_refused(close, result)
-            key = f"streams refused by site {self.site.site} for user {self.user}"
+            key = f"streams refused by site {self.route.site} for user {self.user}"
             tower.peer_log.info(key, line, *values, shown, result)
         else:
             log.info(line, *values, shown, result)
         trail = tower.audit
-        if trail is not None and recorded:
+        if trail is not None and recorded and accounted:
             exit_code, exit_signal = self.exit or (None, None)
             trail.append(
                 audit.stream_record(
-                    self.client.route,
+                    self.route,
                     self.client_id,
                     # Bytes that reached the next hop: all of them, unless a reset dropped a queue.
                     bytes_up=self.up.total - self.up.queued,

@@ -127,6 +127,12 @@ def peer_host(connection: ServerConnection) -> str:
         return "?"
 
 
+def has_feature(connection: ServerConnection, feature: str) -> bool:
+    """Whether the peer's ``Supctl-Features`` header names ``feature`` (docs/protocol.md)."""
+    features = connection.request.headers.get("Supctl-Features", "") if connection.request else ""
+    return feature in features.replace(" ", "").split(",")
+
+
 def peer(connection: ServerConnection) -> str:
     try:
         host, port = connection.remote_address[:2]

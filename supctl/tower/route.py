@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from ..protocol import OpenRequest
 from .policy import Request as PolicyRequest
+from .store import valid_site_name
 
 
 class Access(NamedTuple):
@@ -116,6 +117,41 @@ class Route:
 
     def policy_request(self) -> PolicyRequest:
         return self.access.policy_request()
+
+    def peer_request(self, args: dict[str, Any]) -> OpenRequest:
+        """The OPEN of a stream relayed to the replica holding this route's site: the
+        request the site gets (:meth:`request`, judged here), and in ``args`` what that
+        replica needs besides: the site, and who it is for (its logs)."""
+        inner = self.request(args)
+        return replace(
+            inner, args={"site": self.site, "who": self.who, "session": self.session, "args": inner.args}
+        )
+
+    @classmethod
+    def from_peer(cls, request: OpenRequest) -> tuple[Route, OpenRequest]:
+        """The route and the site's request carried by a peer's OPEN (:meth:`peer_request`);
+        ValueError if it is not one."""
+        wrapped = request.args
+        site, args = wrapped.get("site"), wrapped.get("args")
+        who, session = wrapped.get("who", ""), wrapped.get("session", "")
+        if not isinstance(site, str) or not valid_site_name(site) or not isinstance(args, dict):
+            raise ValueError("a relayed OPEN needs 'site' (a site name) and 'args' (an object)")
+        if not (isinstance(who, str) and isinstance(session, str) and len(who) <= 255 and len(session) <= 64):
+            raise ValueError("a relayed OPEN's 'who' and 'session' must be short strings")
+        inner = replace(request, args=args)
+        route = cls(
+            inner.verb,
+            site,
+            inner.application,
+            inner.service_instance,
+            inner.protocol,
+            inner.port,
+            inner.ip_address,
+            inner.container,
+            who=who,
+            session=session,
+        )
+        return route, inner
 
     @property
     def summary(self) -> str:

@@ -39,7 +39,7 @@ from .directory import Directory
 from .httpapi import Rejection, basic_credentials, bearer_token, error_response, json_response, single
 from .hub import Hub, sweep_forever
 from .limits import Limits
-from .links import ClientLink, SiteLink
+from .links import ClientLink, PeerRoutes, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
 from .requests import (
     ACCOUNT_PATHS,
@@ -48,6 +48,7 @@ from .requests import (
     EXEC_PATH,
     connect_access,
     exec_access,
+    has_feature,
     peer,
     peer_host,
     requested,
@@ -56,7 +57,7 @@ from .requests import (
 )
 from .route import Access, Route, SiteClaim
 from .siteinfo import SiteInfo
-from .store import hash_token
+from .store import hash_token, valid_site_name
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
     USER_NAME_RE,
@@ -66,6 +67,9 @@ from .users import (
 )
 
 log = logging.getLogger("supctl.tower")
+
+#: Seconds a session for a site held by another replica waits for the peer link to it.
+PEER_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,8 @@ class Tower:
         self._renewals = Buckets(renewals, renewals / 60.0, clock)  # per user
         # Site links, supctl sessions and what they hold (:mod:`.hub`).
         self.hub = Hub(self.limits, clock)
+        # The links to the other replicas (:mod:`.peering`); None: no [cluster] advertise.
+        self.peers: PeerRoutes | None = None
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
         # checked out: process_request is synchronous, so it never mixes two requests.
         self._requester = ""
@@ -136,6 +142,7 @@ class Tower:
             return error_response(503, message)
         try:
             await self.store.fresh()
+            await self._await_peer(path, request)
         except StoreUnavailable as exc:
             return self._store_unavailable(connection, request, exc)
         if self.users is None or path not in ACCOUNT_PATHS or upgrading(request):
@@ -150,6 +157,25 @@ class Tower:
                 login = await self._logins(self.users).check(peer_host(connection), name, password)
         done = await self._account_write(path, request, login)
         return self.process_request(connection, request, login, done)
+
+    async def _await_peer(self, path: str, request: Request) -> None:
+        """A session for a site another replica holds: let the peer link to that replica
+        come up (a dial, bounded by :data:`PEER_WAIT`) before the session is judged and
+        accepted, so its first stream does not find the link missing.  Before the token
+        is checked: a link per replica is kept anyway, and dials are rate-limited."""
+        presence, peers = self.hub.presence, self.peers
+        if peers is None or presence is None or path == ENFORCER_PATH or not upgrading(request):
+            return
+        site = parse_qs(urlsplit(request.path).query).get("site", [""])[0]
+        if not valid_site_name(site) or self.hub.site_link(site) is not None:
+            return
+        for again in (False, True):  # again: dead, or the site moved; read the claims again
+            remote = await presence.lookup(site, again=again)
+            if remote is None:
+                return
+            await peers.ready(remote, PEER_WAIT)
+            if peers.link(remote)[0] is not None:
+                return
 
     def _store_unavailable(
         self, connection: ServerConnection, request: Request, exc: StoreUnavailable
@@ -362,7 +388,7 @@ class Tower:
                 seen[site] = live(site)
             return seen[site]
 
-        return Sites(self.store.site_exists, info)
+        return Sites(self.store.site_exists, info, self.hub.site_replica)
 
     def _grant(self, principal: Principal, access: Access) -> Route:
         verdict = authorise(principal, access, self.policy, self._sites())
@@ -476,7 +502,9 @@ class Tower:
             await connection.close(1011, "no route")
             return
         if isinstance(route, SiteClaim):
-            site = SiteLink(connection, self, route, peer(connection))
+            site = SiteLink(
+                connection, self, route, peer(connection), goaway=has_feature(connection, "goaway")
+            )
             await site.run()
             return
         reason = self.hub.session_refusal(route.user)
@@ -485,8 +513,7 @@ class Tower:
             await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
         log.info("session opened %s from %s", route.summary, peer(connection))
-        features = connection.request.headers.get("Supctl-Features", "") if connection.request else ""
-        session = ClientLink(connection, self, route, goaway="goaway" in features.replace(" ", "").split(","))
+        session = ClientLink(connection, self, route, goaway=has_feature(connection, "goaway"))
         self.hub.open_session(session)
         try:
             await session.run()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import resource
 import signal
@@ -12,9 +14,11 @@ from websockets.asyncio.server import Server
 from websockets.asyncio.server import serve as ws_serve
 
 from .. import aio
+from ..errors import UsageError
 from ..output import setup_logging
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from ..wsconn import keepalive_options
+from . import peering as peering_mod
 from .auditsink import AuditSink
 from .config import TowerConfig
 from .directory import Directory
@@ -83,10 +87,11 @@ async def run_tower(
         server_header="control-tower",
         backlog=BACKLOG,  # passed on to loop.create_server
     )
-    async with server:
+    async with server, contextlib.AsyncExitStack() as stack:
         address = next(iter(server.sockets)).getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
         log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
+        await _start_peering(config, tower, presence, stack)
         if started is not None:
             started.set()
         loop = asyncio.get_running_loop()
@@ -104,6 +109,39 @@ async def run_tower(
     await presence.leave()
     await audit_log.stop()  # writes what is queued; says how many records were lost, if any
     await store.close()
+
+
+async def _start_peering(
+    config: TowerConfig, tower: Tower, presence: Presence, stack: contextlib.AsyncExitStack
+) -> None:
+    """``[cluster] advertise`` or ``peer-listen``: listen for the other replicas, dial them
+    when a session needs a site they hold, and say where in the store (:mod:`.peering`)."""
+    peering = config.peering()
+    if peering is None:
+        return
+    host, port, advertise = peering
+    keepalive, timeout = config.keepalive or None, config.limits.handshake_timeout
+    listener = peering_mod.listener_context(config.peer_cert, config.peer_key, config.ca)
+    dialler = peering_mod.dialler_context(config.peer_cert, config.peer_key, config.ca)
+    try:
+        server = await stack.enter_async_context(
+            peering_mod.serve_peers(tower, listener, host, port, keepalive=keepalive, timeout=timeout)
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot listen for peers on {host or '*'}:{port}: {exc.strerror or exc}") from None
+    bound_host, bound_port = peering_mod.bound_address(server)
+    if advertise is None:
+        if not host or ipaddress.ip_address(bound_host).is_unspecified:
+            raise UsageError("[cluster] peer-listen on every interface needs [cluster] advertise")
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        advertise = f"wss://{shown}:{bound_port}"
+    peers = peering_mod.Peers(presence.replica, dialler, tower, keepalive=keepalive, timeout=timeout)
+    tower.peers = peers
+    tower.hub.move_sites = True
+    stack.push_async_callback(peers.close)
+    await presence.set_advertise(advertise)
+    log.warning("replica %s takes relayed streams on %s (advertised as %s)", presence.replica,
+                f"{bound_host}:{bound_port}", advertise)  # fmt: skip
 
 
 async def _drain(server: Server, tower: Tower, timeout: float, stop: asyncio.Event) -> None:

@@ -50,7 +50,7 @@ def answer(
         shown = visible_sites(principal, names, policies, sites)
         if isinstance(shown, Refusal):
             raise rejection(shown)
-        return {"sites": [_summary(name, sites.info(name)) for name in shown]}
+        return {"sites": [_summary(name, sites.info(name), sites.replica(name)) for name in shown]}
     if path == "/v1/state/applications":
         site = site_name(query)
         apps = visible_applications(principal, site, policies, sites)
@@ -76,10 +76,12 @@ def answer(
     raise Rejection(404, f"no such endpoint: {path}")
 
 
-def _summary(name: str, info: SiteInfo | None) -> dict[str, Any]:
+def _summary(name: str, info: SiteInfo | None, replica: str | None) -> dict[str, Any]:
     return {
         "name": name,
         "connected": info is not None,
         "version": info.version if info else None,
         "applications": sorted(info.applications) if info else [],
+        # The tower replica holding the site's link, the same answer from every replica.
+        "replica": (replica or None) if info else None,
     }

@@ -79,3 +79,13 @@ def _instance(app: str, name: str, body: Any) -> InstanceInfo:
     return InstanceInfo(
         name, app, netns if isinstance(netns, str) else None, str(body.get("runtime", "")), containers
     )
+
+
+@dataclass(frozen=True)
+class RemoteSite:
+    """A site whose link another replica holds (``[cluster]``, docs/tower.md): what it
+    reported there, read from the store, and where that replica takes relayed streams."""
+
+    replica: str
+    advertise: str | None  # the holder's peer listener; None: it has none, nothing is relayed
+    info: SiteInfo

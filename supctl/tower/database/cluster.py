@@ -45,6 +45,8 @@ class Holder:
     peer: str  # the enforcer's address, as that replica saw it
     host: str  # the replica's host
     silent: float = field(default=0.0, compare=False)  # seconds since its last heartbeat, when asked
+    advertise: str | None = None  # the replica's peer listener (wss://HOST:PORT), if it has one
+    info: str | None = None  # the site's last HELLO or STATUS, as JSON
 
 
 def _age(now: datetime.datetime, then: datetime.datetime) -> float:
@@ -56,7 +58,14 @@ class Cluster:
         self.db = db
 
     async def join(
-        self, replica: str, host: str, pid: int, *, now: datetime.datetime, alive: Callable[[int], bool]
+        self,
+        replica: str,
+        host: str,
+        pid: int,
+        *,
+        now: datetime.datetime,
+        alive: Callable[[int], bool],
+        advertise: str | None = None,
     ) -> None:
         """Register this process as ``replica`` (forgetting what a dead one of that id held).
 
@@ -82,7 +91,9 @@ class Cluster:
             await conn.execute(delete(site_presence).where(site_presence.c.replica == replica))
             await conn.execute(delete(replicas).where(replicas.c.id == replica))
             await conn.execute(
-                insert(replicas).values(id=replica, host=host, pid=pid, started=now, heartbeat=now)
+                insert(replicas).values(
+                    id=replica, host=host, pid=pid, started=now, heartbeat=now, advertise=advertise
+                )
             )
 
     async def heartbeat(self, replica: str, pid: int, *, now: datetime.datetime) -> bool:
@@ -96,6 +107,24 @@ class Cluster:
             )
         return result.rowcount > 0
 
+    async def advertise(self, replica: str, pid: int, url: str | None) -> None:
+        """Where ``replica`` (this process, ``pid``) takes relayed streams, once it listens."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(replicas)
+                .where(and_(replicas.c.id == replica, replicas.c.pid == pid))
+                .values(advertise=url)
+            )
+
+    async def drain(self, replica: str, pid: int) -> None:
+        """``replica`` (this process, ``pid``) drains: the sites it holds may be claimed now."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(replicas)
+                .where(and_(replicas.c.id == replica, replicas.c.pid == pid))
+                .values(draining=True)
+            )
+
     async def leave(self, replica: str, pid: int) -> None:
         """Forget ``replica`` and the site links it held (a clean stop)."""
         async with self.db.write() as conn:
@@ -108,25 +137,50 @@ class Cluster:
             await conn.execute(delete(site_presence).where(site_presence.c.replica == replica))
             await conn.execute(delete(replicas).where(replicas.c.id == replica))
 
-    async def claim(self, site: str, replica: str, peer: str, *, now: datetime.datetime) -> Holder | None:
-        """Record that ``replica`` holds ``site``'s link, unless another live replica does:
-        then nothing changes and that one is returned."""
+    async def claim(
+        self, site: str, replica: str, peer: str, *, now: datetime.datetime, info: str | None = None
+    ) -> Holder | None:
+        """Record that ``replica`` holds ``site``'s link (and what the site reported,
+        ``info``), unless another live replica does: then nothing changes and that one
+        is returned."""
         async with self.db.write() as conn:
             await serialise(conn, LOCK_CLUSTER)
             row = (
                 await conn.execute(
                     select(
-                        site_presence.c.replica, site_presence.c.peer, replicas.c.host, replicas.c.heartbeat
+                        site_presence.c.replica,
+                        site_presence.c.peer,
+                        replicas.c.host,
+                        replicas.c.heartbeat,
+                        replicas.c.draining,
                     )
                     .join(replicas, replicas.c.id == site_presence.c.replica)
                     .where(site_presence.c.site == site)
                 )
             ).first()
-            if row is not None and row.replica != replica and now - row.heartbeat < EXPIRY:
+            # A draining holder lets go at once: its enforcer is here because it was told
+            # to move, and the old link only finishes its streams.
+            if (
+                row is not None
+                and row.replica != replica
+                and now - row.heartbeat < EXPIRY
+                and not row.draining
+            ):
                 return Holder(row.replica, row.peer, row.host, _age(now, row.heartbeat))
             await conn.execute(delete(site_presence).where(site_presence.c.site == site))
-            await conn.execute(insert(site_presence).values(site=site, replica=replica, peer=peer, since=now))
+            await conn.execute(
+                insert(site_presence).values(site=site, replica=replica, peer=peer, since=now, info=info)
+            )
         return None
+
+    async def report(self, site: str, replica: str, info: str) -> None:
+        """What ``site`` reports now (its STATUS), while ``replica`` holds it."""
+        async with self.db.write() as conn:
+            await conn.execute(
+                update(site_presence)
+                .where(and_(site_presence.c.site == site, site_presence.c.replica == replica))
+                .values(info=info)
+            )
 
     async def release(self, site: str, replica: str) -> None:
         """``replica`` no longer holds ``site``'s link (if it still did)."""
@@ -141,8 +195,18 @@ class Cluster:
         """Every site held by a live replica, by site name (one statement: one snapshot)."""
         async with self.db.read() as conn:
             rows = await conn.execute(
-                select(site_presence.c.site, site_presence.c.replica, site_presence.c.peer, replicas.c.host)
+                select(
+                    site_presence.c.site,
+                    site_presence.c.replica,
+                    site_presence.c.peer,
+                    site_presence.c.info,
+                    replicas.c.host,
+                    replicas.c.advertise,
+                )
                 .join(replicas, replicas.c.id == site_presence.c.replica)
                 .where(replicas.c.heartbeat > now - EXPIRY)
             )
-            return {row.site: Holder(row.replica, row.peer, row.host) for row in rows}
+            return {
+                row.site: Holder(row.replica, row.peer, row.host, advertise=row.advertise, info=row.info)
+                for row in rows
+            }

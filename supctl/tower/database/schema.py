@@ -18,6 +18,7 @@ import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Dialect,
     Integer,
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 
 EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
@@ -160,6 +162,10 @@ replicas = Table(
     Column("pid", Integer(), nullable=False),
     Column("started", Moment(), nullable=False),
     Column("heartbeat", Moment(), nullable=False),
+    # wss://HOST:PORT of its peer listener (revision 0005); None: it relays for no one.
+    Column("advertise", String(255), nullable=True),
+    # SIGTERM (revision 0005): another replica may claim its sites at once.
+    Column("draining", Boolean(), nullable=False, server_default=false()),
 )
 
 #: Which replica holds each connected site's link (revision 0004).  A row counts only
@@ -171,4 +177,7 @@ site_presence = Table(
     Column("replica", String(63), nullable=False, index=True),
     Column("peer", String(255), nullable=False),  # the enforcer's address
     Column("since", Moment(), nullable=False),
+    # The site's HELLO, updated by each STATUS, as JSON (revision 0005): what the other
+    # replicas authorise a session for that site against, and show.
+    Column("info", Text(), nullable=True),
 )
