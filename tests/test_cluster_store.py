@@ -5,6 +5,7 @@ expiry, one live holder per site, and SQLite's one replica."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 
 import pytest
@@ -81,6 +82,31 @@ def test_where_a_replica_relays_what_a_site_reported_and_a_drain_letting_go(pg_s
         assert (held.replica, held.advertise) == ("tower-b", "wss://b.internal:4647")
         await cluster.release("lyon", "tower-a")  # the old link closing: not its claim any more
         assert "lyon" in await cluster.holders(now=T0 + SECOND)
+
+    pg_store.run(body)
+
+
+def test_a_credential_write_is_notified_to_every_listener(pg_store: Target) -> None:
+    """LISTEN/NOTIFY: a replica learns of a write made by any process (here: another
+    connection) at its commit, without waiting for its poll."""
+
+    async def body(store: database.SQLStore) -> None:
+        notified = asyncio.Event()
+        listening = asyncio.create_task(store.listen(notified.set))
+        try:
+            for number in range(100):  # until LISTEN is in place: it is, within a few writes
+                await store.sites.add(f"site-{number}", now=T0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(notified.wait(), 0.2)
+                if notified.is_set():
+                    break
+            assert notified.is_set()
+            notified.clear()
+            await store.sites.remove("site-0")
+            await asyncio.wait_for(notified.wait(), 10)
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
 
     pg_store.run(body)
 

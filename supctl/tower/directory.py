@@ -18,6 +18,7 @@ reload when nobody else wrote meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hmac
 import logging
@@ -74,6 +75,10 @@ class Directory:
         self._install(snapshot, rules)
         self._waiting: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
+        # Set by a NOTIFY of a credential write (PostgreSQL, listen_forever): the poll runs now.
+        self.wake = asyncio.Event()
+        # Called after each reload: the tower sweeps at once, so a revocation ends sessions now.
+        self.on_reload: Callable[[], None] = lambda: None
 
     @classmethod
     async def load(
@@ -148,13 +153,16 @@ class Directory:
         rules = self._rules if _same_policy(snapshot, self) else await _parsed(snapshot)
         self._install(snapshot, rules)
         self.reloads += 1
+        self.on_reload()
 
     async def poll_forever(self, interval: float = POLL_INTERVAL) -> None:
         """:meth:`fresh` every ``interval`` seconds, for the sweep; a store that cannot be
         read is logged once until it can again (requests are refused meanwhile)."""
         down = False
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), interval)
+            self.wake.clear()
             try:
                 await self.fresh()
             except StoreUnavailable as exc:
@@ -167,6 +175,23 @@ class Directory:
                 if down:
                     log.warning("the store is available again")
                 down = False
+
+    async def listen_forever(self, retry: float = POLL_INTERVAL * 4) -> None:
+        """PostgreSQL: wake :meth:`poll_forever` at every credential write of any process
+        (LISTEN/NOTIFY), so that a revocation made anywhere is in force within milliseconds;
+        the poll stays the fallback while the listening connection is down (then retried
+        every ``retry`` s).  SQLite: nothing to listen to."""
+        if self.store.backend != "postgresql":
+            return
+        while True:
+            try:
+                await self.store.listen(self.wake.set)
+            except StoreUnavailable:
+                pass  # the poll says so, once
+            except Exception:  # a bug here must not stop the fallback
+                log.exception("internal error listening to the store")
+            self.wake.set()  # what was written while no one listened
+            await asyncio.sleep(retry)
 
     def _own_write(self, seen: list[int]) -> bool:
         """Whether the write just made (generations ``seen``) was the only change since the

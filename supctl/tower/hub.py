@@ -17,6 +17,7 @@ below: it sits under :mod:`.links` and :mod:`.relay`, which import it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -428,11 +429,18 @@ async def sweep_forever(
     after: Callable[[], object] = lambda: None,
     interval: float = SWEEP_INTERVAL,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    wake: asyncio.Event | None = None,
 ) -> None:
-    """Sweep ``hub`` every ``interval`` seconds at its clock's time, for ever; ``after`` each
-    sweep (the tower flushes its rate-limited log).  ``sleep``: for tests."""
+    """Sweep ``hub`` every ``interval`` seconds at its clock's time, for ever, and at once
+    when ``wake`` is set (the credentials or policies changed); ``after`` each sweep (the
+    tower flushes its rate-limited log).  ``sleep``: for tests."""
     while True:
-        await sleep(interval)
+        if wake is None:
+            await sleep(interval)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), interval)
+            wake.clear()
         try:
             hub.sweep(hub.clock(), authority)
             after()  # "N similar messages suppressed" once a flood has ended

@@ -13,6 +13,7 @@ answered) is one audit record; a session whose record cannot be written is refus
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -432,8 +433,11 @@ class Tower:
         return self.store.site_refusal(site, token_hash)
 
     async def sweep_forever(self) -> None:
-        """The periodic sweep of the hub (timers, authority, site tokens), for ever."""
-        await sweep_forever(self.hub, self.route_refusal, after=self.peer_log.flush)
+        """The periodic sweep of the hub (timers, authority, site tokens), for ever, and at
+        once after the directory reloaded (a revocation, a narrowed policy)."""
+        wake = asyncio.Event()
+        self.store.on_reload = wake.set
+        await sweep_forever(self.hub, self.route_refusal, after=self.peer_log.flush, wake=wake)
 
     def _account(
         self, path: str, request: Request, login: LoginCheck | None = None

@@ -100,10 +100,11 @@ async def run_tower(
             loop.add_signal_handler(signum, stop.set)
         sweeper = asyncio.create_task(tower.sweep_forever(), name="limits-sweep")
         poller = asyncio.create_task(directory.poll_forever(), name="store-poll")
+        listener = asyncio.create_task(directory.listen_forever(), name="store-listen")
         heart = asyncio.create_task(presence.beat_forever(), name="heartbeat")
         await stop.wait()
         await _drain(server, tower, config.drain_timeout, stop)
-        for task in (sweeper, poller, heart):
+        for task in (sweeper, poller, listener, heart):
             task.cancel()
         log.warning("control-tower stopping")
     await presence.leave()

@@ -22,12 +22,13 @@ The dialect differences are all here, and small:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import os
 import sqlite3
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ _READ_OPTION = "supctl_read"
 _COMMITTED: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("committed", default=None)
 _GENERATION = text("SELECT value FROM generation WHERE id = 1")
 _BUMP = text("UPDATE generation SET value = value + 1 WHERE id = 1 RETURNING value")
+#: PostgreSQL: the channel every credential write notifies at its commit (``listen``).
+CHANNEL = "supctl_generation"
+_NOTIFY = text(f"NOTIFY {CHANNEL}")
 
 
 @contextlib.contextmanager
@@ -258,6 +262,8 @@ class Database:
                 async with conn.begin():
                     if bump:
                         committed = int((await conn.execute(_BUMP)).scalar_one())
+                        if self.dialect == "postgresql":  # delivered at the commit, or never
+                            await conn.execute(_NOTIFY)
                     yield conn
         except _NOT_UNAVAILABLE:
             raise
@@ -266,6 +272,31 @@ class Database:
         seen = _COMMITTED.get()
         if committed is not None and seen is not None:
             seen.append(committed)
+
+    async def listen(self, on_change: Callable[[], None]) -> None:
+        """PostgreSQL: call ``on_change`` at every committed credential write (of any
+        process), from now until the connection is lost (then this returns; the caller
+        listens again) or the task is cancelled.  SQLite has no such thing: returns at once."""
+        if self.dialect != "postgresql":
+            return
+        lost = asyncio.Event()
+        try:
+            async with self.engine.connect() as conn:
+                raw = (await conn.get_raw_connection()).driver_connection
+                if raw is None:
+                    return
+                try:
+                    raw.add_termination_listener(lambda _: lost.set())
+                    await raw.add_listener(CHANNEL, lambda *_: on_change())
+                    await lost.wait()
+                finally:
+                    # Not back to the pool with LISTEN on it (the pool sends no UNLISTEN).
+                    with contextlib.suppress(*UNAVAILABLE_ERRORS):
+                        await conn.invalidate()
+        except _NOT_UNAVAILABLE:
+            raise
+        except UNAVAILABLE_ERRORS as e:
+            raise self.unavailable(e) from e
 
     async def generation(self) -> int:
         """The generation counter: changed by every committed credential write."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .accounts import Users, UserTokens
@@ -42,6 +42,11 @@ class SQLStore:
     def peek_generation(self) -> int | None:
         """The generation without awaiting, where the backend allows it (SQLite); else None."""
         return self.db.peek_generation()
+
+    async def listen(self, on_change: Callable[[], None]) -> None:
+        """PostgreSQL: ``on_change()`` at every committed credential write, until the
+        connection is lost (:meth:`.engine.Database.listen`)."""
+        await self.db.listen(on_change)
 
     async def generation(self) -> int:
         """A counter every write to the credentials and policies changes (one cheap SELECT)."""
