@@ -98,6 +98,10 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
             and source("token") is not ParameterSource.COMMANDLINE
         ):
             token = None  # --token-file outranks SUPCTL_TOKEN: options beat the environment
+        origins = (
+            "--token" if source("token") is ParameterSource.COMMANDLINE else "SUPCTL_TOKEN",
+            "--token-file" if source("token_file") is ParameterSource.COMMANDLINE else "SUPCTL_TOKEN_FILE",
+        )
         ctx.obj = Invocation(
             pm=pm,
             settings_loader=lambda: resolve(
@@ -107,6 +111,7 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
                 ca_file=ca_file,
                 config=config,
                 tower_fingerprint=tower_fingerprint,
+                origins=origins,
             ),
         )
 

@@ -27,6 +27,9 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 5  # tower unreachable, TLS failure, site not connected (503), a tower limit (429)
     STREAM = 6  # the remote end refused or reset the stream, or the path broke
     PROTOCOL = 7  # the peer broke the wire protocol
+    # exec: supctl itself failed (any of the above), as ssh does; the remote command's own
+    # exit code passes through otherwise, so the two never collide.
+    EXEC_FAILED = 255
 
 
 class SupctlError(Exception):

@@ -36,6 +36,7 @@ from .protocol import (
     StreamReset,
     WindowUpdated,
 )
+from .protocol.frames import CLOSE_CODE_BASE
 from .wsconn import Message, Sink
 
 log = logging.getLogger(__name__)
@@ -545,8 +546,28 @@ class Channel:
             self.link.forget(self.id)
 
 
+#: What a close without a reason means, in words (RFC 6455 codes a peer sends bare).
+CLOSE_TEXTS = {
+    1000: "closed by the other end",
+    1001: "the other end is going away (shutting down or restarting)",
+    1006: "connection dropped",
+    1008: "the other end refused a message (policy violation)",
+    1009: "the other end refused a message that was too big",
+    1011: "internal error at the other end",
+    1012: "the other end is restarting",
+    1013: "the other end is overloaded; try again later",
+}
+
+
 def _close_text(exc: WsClosed) -> str:
     frame = exc.rcvd or exc.sent
     if frame is None:
         return "connection dropped"
-    return frame.reason or f"closed with code {frame.code}"
+    if frame.reason:
+        return frame.reason
+    if frame.code in CLOSE_TEXTS:
+        return CLOSE_TEXTS[frame.code]
+    try:  # 4000 + ErrorCode: the protocol's own codes, by name
+        return f"closed: {ErrorCode(frame.code - CLOSE_CODE_BASE).name.lower().replace('_', ' ')}"
+    except ValueError:
+        return f"closed by the other end (WebSocket close code {frame.code})"

@@ -224,10 +224,10 @@ def test_closed_stdout_ends_quietly_like_sigpipe(host: Stack) -> None:
 
 def test_refusals_are_one_line(host: Stack) -> None:
     result = run(host, host_exec("true", container="no-such-container"))
-    assert result.returncode == ExitCode.NOT_FOUND
+    assert result.returncode == ExitCode.EXEC_FAILED
     assert "container 'no-such-container' not found" in one_line_error(result.stderr)
     result = run(host, do_args(HOST_SITE, APP, HOST_INSTANCE, "containers", SHELL, "exec", "ls", "-l"))
-    assert result.returncode == ExitCode.USAGE
+    assert result.returncode == ExitCode.EXEC_FAILED
     assert "exec 'ls -l'" in one_line_error(result.stderr)
 
 
@@ -460,7 +460,7 @@ def test_exec_into_a_deleted_namespace_is_one_line(ns: NsWorld) -> None:
     assert result.returncode != 0
     line = one_line_error(result.stderr)
     assert f"network namespace {ns.gone_ns} does not exist" in line, line
-    assert result.returncode == ExitCode.STREAM, line
+    assert result.returncode == ExitCode.EXEC_FAILED, line
 
 
 # --- stopping the enforcer -------------------------------------------------------------
@@ -492,7 +492,7 @@ def test_enforcer_sigterm_ends_exec_and_containers(solo: tuple[NetLab, str, Stac
     enforcer.popen.send_signal(signal.SIGTERM)
     assert enforcer.popen.wait(15) == 0, enforcer.log.text()
     assert stack.tower is not None
-    assert wait_exit(client, 10, stack.tower.log, enforcer.log) == ExitCode.STREAM
+    assert wait_exit(client, 10, stack.tower.log, enforcer.log) == ExitCode.EXEC_FAILED
     line = one_line_error(client.log.path.read_bytes())
     # The enforcer resets its streams with a reason before it closes its link.
     assert line == "supctl: error: the enforcer is shutting down", line
@@ -501,7 +501,7 @@ def test_enforcer_sigterm_ends_exec_and_containers(solo: tuple[NetLab, str, Stac
     assert namespace_processes(svc) == {}
     # With the site gone, exec is refused at the tower.
     result = run(stack, ns_exec("true"))
-    assert result.returncode == ExitCode.UNAVAILABLE
+    assert result.returncode == ExitCode.EXEC_FAILED
     assert f"site '{NS_SITE}' is not connected" in one_line_error(result.stderr)
 
 
@@ -512,6 +512,6 @@ def test_site_dropping_mid_run_is_one_line(solo: tuple[NetLab, str, Stack, Proc]
     enforcer.popen.kill()  # the site vanishes without a word (the lab kills what it leaves)
     enforcer.popen.wait(10)
     assert stack.tower is not None
-    assert wait_exit(client, 15, stack.tower.log, enforcer.log) == ExitCode.STREAM
+    assert wait_exit(client, 15, stack.tower.log, enforcer.log) == ExitCode.EXEC_FAILED
     line = one_line_error(client.log.path.read_bytes())
     assert line.startswith(f"supctl: error: lost the link to site {NS_SITE}"), line

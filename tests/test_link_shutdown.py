@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from websockets.frames import Close
 
-from supctl.link import Link
+from supctl.link import Link, _close_text
 from supctl.protocol import Connection
 
 
@@ -52,3 +52,18 @@ def test_link_cancelled_while_finishing_stays_cancelled() -> None:
 
     link = asyncio.run(main())
     assert link.lost_reason == "going away"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "text"),
+    [
+        (1001, "", "the other end is going away (shutting down or restarting)"),
+        (1011, "", "internal error at the other end"),
+        (4000 + 15, "", "closed: going away"),
+        (4999, "", "closed by the other end (WebSocket close code 4999)"),
+        (1001, "the control tower is shutting down", "the control tower is shutting down"),
+    ],
+)
+def test_a_close_without_a_reason_is_a_sentence_not_a_code(code: int, reason: str, text: str) -> None:
+    """A lost tower says what happened ("closed with code 1001" told users nothing)."""
+    assert _close_text(ConnectionClosedError(Close(code, reason), None)) == text

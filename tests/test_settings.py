@@ -403,3 +403,17 @@ def test_error_lines_are_printed_verbatim(capsys: pytest.CaptureFixture[str]) ->
     message = "fingerprint ab:cd:ef does not match [red]x[/] :smile:"
     assert fail(message, 5) == 5
     assert capsys.readouterr().err == f"supctl: error: {message}\n"
+
+
+def test_the_token_in_use_says_where_it_came_from(tmp_path: Path) -> None:
+    """``supctl whoami`` and ``do login``'s warning name the credential that won."""
+    secret = tmp_path / "secret"
+    secret.write_text("from-a-file\n")
+    path = default_config(tmp_path, f'token-file = "{secret}"\n')
+    assert settings().token_origin == f"token-file {secret} in {path}"
+    assert settings(token="x").token_origin == "--token"
+    assert settings(token_file=str(secret)).token_origin == f"--token-file {secret}"
+    env = resolve(
+        host=None, token="x", token_file=None, ca_file=None, config=None, origins=("SUPCTL_TOKEN", "")
+    )
+    assert env.token_origin == "SUPCTL_TOKEN"

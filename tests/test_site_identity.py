@@ -343,7 +343,7 @@ def test_rotation_evicts_the_thief_and_the_real_enforcer_takes_over(stack: Stack
     assert new_token.read_text().strip() != stolen
     # The thief's link is closed within seconds, with the reason, and so is its stream.
     stack.tower.log.wait_for(rf"closing link of site {SITE} from 127\.0\.0\.1:\d+: site token rotated", 5.0)
-    assert wait_exit(held, 10.0) == ExitCode.STREAM
+    assert wait_exit(held, 10.0) == ExitCode.EXEC_FAILED  # exec: 255 when supctl fails
     assert one_line_error(held.log.path.read_bytes()) == f"supctl: error: site {SITE}: site token rotated"
     # The old token opens nothing any more: the thief's next attempt gets 401.
     thief.log.wait_for(rf"the tower refused us: HTTP 401 invalid token for site '{SITE}'", 20.0, thief.popen)
@@ -376,7 +376,7 @@ def test_rotation_evicts_the_thief_and_the_real_enforcer_takes_over(stack: Stack
     stack.tower.log.wait_for(rf"closing link of site {SITE} from 127\.0\.0\.1:\d+: site removed", 5.0)
     real.log.wait_for(rf"the tower refused us: HTTP 401 invalid token for site '{SITE}'", 20.0, real.popen)
     gone = stack.supctl(*exec_args(SITE, APP, INST, SHELL, "true"))
-    assert gone.returncode == ExitCode.NOT_FOUND, gone.stderr
+    assert gone.returncode == ExitCode.EXEC_FAILED, gone.stderr  # exec: 255 when supctl fails
     assert f"unknown site '{SITE}'" in one_line_error(gone.stderr)
     assert re.search("Traceback", stack.tower.log.text() + thief.log.text() + real.log.text()) is None
 

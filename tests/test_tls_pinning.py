@@ -14,6 +14,7 @@ import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2e_support import inventory, start_server, wait_until
@@ -70,7 +71,7 @@ def test_settings_pin_from_config_and_option(tmp_path: Path, monkeypatch: pytest
     config = tmp_path / "supctl" / "config.toml"
     config.parent.mkdir()
     config.write_text(f'host = "wss://tower:1"\ntower-fingerprint = "{"AB:" * 31}AB"\n')
-    args = {"host": None, "token": None, "token_file": None, "ca_file": None, "config": None}
+    args: dict[str, Any] = {"host": None, "token": None, "token_file": None, "ca_file": None, "config": None}
     assert resolve(**args).tower_fingerprint == bytes([0xAB]) * 32
     assert resolve(**args, tower_fingerprint="cd" * 32).tower_fingerprint == bytes([0xCD]) * 32
     assert "ab:ab" in repr(resolve(**args))
@@ -79,7 +80,7 @@ def test_settings_pin_from_config_and_option(tmp_path: Path, monkeypatch: pytest
 
 
 def test_a_token_that_cannot_be_a_header_is_refused_without_showing_it() -> None:
-    args = {"host": None, "token_file": None, "ca_file": None, "config": None}
+    args: dict[str, Any] = {"host": None, "token_file": None, "ca_file": None, "config": None}
     with pytest.raises(UsageError) as info:
         resolve(**args, token="sct_admin_se cret")
     assert "se cret" not in str(info.value)

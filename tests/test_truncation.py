@@ -29,6 +29,8 @@ from netlab import NetLab, call_in_netns
 from stack import Proc, Stack, do_args, one_line_error
 from stack import program as stack_program
 
+from supctl.errors import ExitCode
+
 pytestmark = pytest.mark.root
 
 APP, INSTANCE, SITE = "sink-app", "sink-instance-1", "truncation-site"
@@ -317,7 +319,7 @@ def test_exec_when_the_enforcer_dies_says_the_site_was_lost(exec_stack: Stack, t
     enforcer = live_enforcer(exec_stack)
     proc = start_upload_exec(exec_stack, out, marker)
     kill9(enforcer)
-    assert proc.popen.wait(DEADLINE) == 6
+    assert proc.popen.wait(DEADLINE) == ExitCode.EXEC_FAILED  # exec: 255 when supctl fails
     assert one_line_error(proc.log.path.read_bytes()).startswith(
         f"supctl: error: lost the link to site {EXEC_SITE}"
     )

@@ -435,6 +435,35 @@ def test_login_stores_token_0600_and_show_filters(stack: Stack) -> None:
     assert sorted(site["name"] for site in json.loads(result.stdout)) == sorted([SITE, OTHER_SITE])
 
 
+def test_whoami_names_the_credential_in_use_and_login_warns_when_another_wins(stack: Stack) -> None:
+    """One precedence order (docs/cli.md): a login does not beat a token-file in config.toml;
+    do login says so, and whoami shows which token is used and where it came from."""
+    env, stored = login(stack, "alice")
+    result = stack.supctl("whoami", env=env)
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":", 1) for line in result.stdout.decode().splitlines())
+    fields = {key: value.strip() for key, value in fields.items()}
+    assert (fields["user"], fields["accessor"], fields["kind"]) == ("alice", stored["accessor"], "login")
+    assert fields["expires"] == stored["expires"] and fields["credential"].startswith("login of alice (")
+    assert stored["token"] not in result.stdout.decode() + result.stderr.decode()
+
+    # The admin token in config.toml outranks the login: whoami says admin, login warns.
+    config = Path(env["XDG_CONFIG_HOME"]) / "supctl" / "config.toml"
+    config.write_text(f'token-file = "{stack.dir / "admin.token"}"\n')
+    result = stack.supctl("do", "login", "alice", input=(PASSWORD + "\n").encode(), env=env)
+    assert result.returncode == 0, result.stderr
+    warning = f"warning: token-file {stack.dir / 'admin.token'} in {config} takes precedence over this login"
+    assert warning in " ".join(result.stderr.decode().split()), result.stderr
+    result = stack.supctl("whoami", env=env)
+    assert "user:       admin" in result.stdout.decode() and "in " + str(config) in result.stdout.decode()
+    config.unlink()
+
+    # No credential at all: how to get one.
+    (Path(env["XDG_CONFIG_HOME"]) / "supctl" / "token").unlink()
+    code, line = refused(stack, env, "whoami")
+    assert code == ExitCode.DENIED and "log in with 'supctl do login NAME'" in line, line
+
+
 def test_allowed_connect_works(stack: Stack) -> None:
     env, _ = login(stack, "alice")
     echo = Echo()
@@ -483,7 +512,8 @@ def test_policy_refusals(stack: Stack, args: list[str], message: str) -> None:
     env, _ = login(stack, "alice")
     result = stack.supctl(*args, env=env, timeout=30)
     line = one_line_error(result.stderr)
-    assert result.returncode == ExitCode.DENIED, line
+    # exec: 255 for any failure of supctl's (docs/cli.md); the others: DENIED.
+    assert result.returncode == (ExitCode.EXEC_FAILED if "exec" in args else ExitCode.DENIED), line
     assert line.endswith(message), line
     # The refusal is in the audit log, with the user and the accessor, never the token.
     stack.wait_audit(

@@ -14,12 +14,13 @@ from supctl.client.settings import ClientSettings
 
 @hookimpl
 def supctl_add_verbs(register: RegisterVerb) -> None:
-    from .account import make_login_command, make_logout_command
+    from .account import make_login_command, make_logout_command, make_whoami_command
     from .verb import make_connect_command
 
     register("service-instance", make_connect_command())
     register("do", make_login_command())
     register("do", make_logout_command())
+    register("root", make_whoami_command())
 
 
 @hookimpl(trylast=True)  # a third-party transport wins if it answers

@@ -25,8 +25,9 @@ from supctl.client.api import Invocation
 from supctl.client.login import delete_login, load_login, save_login, token_path
 from supctl.client.settings import ClientSettings
 from supctl.errors import DeniedError, ProtocolError, SupctlError, UsageError
+from supctl.output import escape_controls
 
-from .transport import _fetch, https_opener
+from .transport import _fetch, https_opener, require_token
 
 
 def read_password(name: str) -> str:
@@ -89,8 +90,39 @@ def make_login_command() -> click.Command:
             f" (token {escape(str(answer.get('accessor')))} saved in {escape(str(path))})",
             soft_wrap=True,
         )
+        if settings.token is not None and settings.token_source != "login":  # noqa: S105 - a source name
+            # The precedence is one order (docs/cli.md): say it when the login is not what runs.
+            inv.console.print(
+                f"[yellow]warning:[/] {escape(settings.token_origin)} takes precedence over this login,"
+                " so supctl keeps using it; remove it to use the login (supctl whoami shows which is used)",
+                soft_wrap=True,
+            )
 
     return login
+
+
+def make_whoami_command() -> click.Command:
+    @click.command("whoami")
+    @click.pass_obj
+    def whoami(inv: Invocation) -> None:
+        """Who the tower takes you for: user, token accessor, kind, policies, expiry, and where
+        the token came from (one line per field, on stdout)."""
+        settings = inv.settings
+        token = require_token(settings)
+        answer = aio.run(get_json(settings, "/v1/whoami", f"Bearer {token}"))
+        rows = [
+            ("user", answer.get("user")),
+            ("accessor", answer.get("accessor")),
+            ("kind", answer.get("kind")),
+            ("policies", ", ".join(map(str, answer.get("policies") or [])) or "-"),
+            ("expires", answer.get("expires") or "never"),
+            ("tower", settings.host),
+            ("credential", settings.token_origin or "-"),
+        ]
+        for field, value in rows:
+            click.echo(f"{field + ':':<12}{escape_controls(str(value))}")
+
+    return whoami
 
 
 def make_logout_command() -> click.Command:

@@ -131,7 +131,10 @@ def http_error(status: int, reason: str, body: bytes) -> SupctlError:
 
 def require_token(settings: ClientSettings) -> str:
     if not settings.token:
-        raise DeniedError("no API token: give --token-file, SUPCTL_TOKEN or token-file in the config file")
+        raise DeniedError(
+            "no API token: log in with 'supctl do login NAME', or give --token-file, SUPCTL_TOKEN"
+            " or token-file in the config file"
+        )
     return settings.token
 
 

@@ -21,7 +21,7 @@ import click
 
 from supctl.client.api import Invocation, Transport
 from supctl.client.stdio import copy_stdin, write_all
-from supctl.errors import ProtocolError, StreamError, UsageError
+from supctl.errors import ExitCode, ProtocolError, StreamError, SupctlError, UsageError
 from supctl.link import Channel
 from supctl.protocol import ErrorCode, FrameError, OpenRequest
 from supctl.protocol.exec import OutputDecoder
@@ -179,22 +179,31 @@ def make_exec_command() -> click.Command:
     def exec_(inv: Invocation, command: tuple[str, ...]) -> int:
         """Run COMMAND in the container with /bin/sh -c, joined to stdin, stdout and stderr.
 
-        Exits with the command's exit code (128+N when signal N killed it).  Quote
+        Exits with the command's exit code (128+N when signal N killed it), or 255
+        when supctl fails (the one-line message says why), as ssh does.  Quote
         COMMAND as one argument: exec 'ls -l /tmp'.
         """
-        if len(command) != 1:
-            raise UsageError(
-                f"exec takes one COMMAND argument, got {len(command)}: quote it, "
-                f"e.g. exec {_quote(' '.join(command))}"
-            )
-        if not command[0].strip():
-            raise UsageError("exec: COMMAND is empty")
-        site = inv.require_site()
-        assert inv.application and inv.service_instance and inv.container
-        path = exec_path(inv.application, inv.service_instance, inv.container)
-        return asyncio.run(run_exec(inv.transport(), path, {"site": site}, command[0]))
+        try:
+            return _exec(inv, command)
+        except SupctlError as exc:
+            exc.exit_code = ExitCode.EXEC_FAILED  # never mistaken for the command's own code
+            raise
 
     return exec_
+
+
+def _exec(inv: Invocation, command: tuple[str, ...]) -> int:
+    if len(command) != 1:
+        raise UsageError(
+            f"exec takes one COMMAND argument, got {len(command)}: quote it, "
+            f"e.g. exec {_quote(' '.join(command))}"
+        )
+    if not command[0].strip():
+        raise UsageError("exec: COMMAND is empty")
+    site = inv.require_site()
+    assert inv.application and inv.service_instance and inv.container
+    path = exec_path(inv.application, inv.service_instance, inv.container)
+    return asyncio.run(run_exec(inv.transport(), path, {"site": site}, command[0]))
 
 
 def _quote(text: str) -> str:

@@ -4,14 +4,16 @@ Precedence, highest first: command-line option, environment variable
 (``SUPCTL_HOST``, ``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, ``SUPCTL_CA_FILE``,
 ``SUPCTL_TOWER_FINGERPRINT``, ``SUPCTL_KEEPALIVE``), config
 file (``~/.config/supctl/config.toml`` or ``--config``), built-in default.
-For the token, after the config file's ``token``/``token-file`` comes the login
-token ``supctl do login`` stored for this tower (:mod:`supctl.client.login`).
+For the token, one order (docs/cli.md, "Credentials"): ``--token``, ``--token-file``,
+``SUPCTL_TOKEN``, ``SUPCTL_TOKEN_FILE``, the config file's ``token`` then ``token-file``,
+and last the login token ``supctl do login`` stored for this tower
+(:mod:`supctl.client.login`); ``supctl whoami`` says which one is used.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -20,7 +22,7 @@ from ..errors import UsageError
 from ..protocol import KEEPALIVE
 from ..schema import SECONDS_OR_OFF, Source, load, parse_toml
 from ..tlspin import format_fingerprint, parse_fingerprint
-from .login import load_login
+from .login import load_login, token_path
 
 DEFAULT_HOST = "wss://127.0.0.1:4646"
 
@@ -41,6 +43,8 @@ class ClientSettings:
     token_source: str = ""
     #: WebSocket ping interval and pong timeout of sessions, in seconds; None: off.
     keepalive: float | None = KEEPALIVE
+    #: Where the token came from, for people (``supctl whoami``, ``do login``'s warning).
+    token_origin: str = field(default="", compare=False)
 
     def __repr__(self) -> str:  # never show the token, not even in a debugger
         token = "***" if self.token else None
@@ -113,17 +117,26 @@ def resolve(
     ca_file: str | None,
     config: str | None,
     tower_fingerprint: str | None = None,
+    origins: tuple[str, str] = ("--token", "--token-file"),
 ) -> ClientSettings:
-    """Merge options (already merged with env by click) with the config file."""
+    """Merge options (already merged with env by click) with the config file.  ``origins``:
+    how ``token`` and ``token_file`` were given (an option, or its environment variable)."""
     path = Path(config).expanduser() if config else default_config_path()
     file = read_config(path, explicit=config is not None)
     host = host or file.host or DEFAULT_HOST
     parts = urlsplit(host)
     if parts.scheme not in ("wss", "ws") or not parts.hostname:
         raise UsageError(f"--host must look like wss://HOST:PORT, got {host!r}")
+    origin = (
+        origins[0] if token is not None else f"{origins[1]} {token_file}" if token_file is not None else ""
+    )
     if token is None and token_file is None:
         token = file.token
         token_file = file.token_file
+        if token is not None:
+            origin = f"token in {path}"
+        elif token_file is not None:
+            origin = f"token-file {token_file} in {path}"
     if token is None and token_file is not None:
         token = read_token_file(Path(token_file).expanduser())
     source = ""
@@ -131,6 +144,7 @@ def resolve(
         stored = load_login(host.rstrip("/"))
         if stored is not None:
             token, source = str(stored["token"]), "login"
+            origin = f"login of {stored.get('user', '?')} ({token_path()})"
     if token is not None:
         check_token(token)
     ca = ca_file or file.ca_file
@@ -148,4 +162,5 @@ def resolve(
         tower_fingerprint=pin,
         token_source=source,
         keepalive=keepalive_from(os.environ.get("SUPCTL_KEEPALIVE"), file.keepalive),
+        token_origin=origin,
     )

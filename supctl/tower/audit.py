@@ -31,6 +31,7 @@ EVENTS = (
     "logout",
     "renew",
     "site-evicted",
+    "whoami",
 )
 
 #: Every record has every field, in this order; ``null`` when it does not apply.

@@ -257,6 +257,11 @@ class Directory:
             raise TokenRefused(why, row.user, row.accessor)
         return Identity(row.user, row.accessor, self._users[row.user][1], row.kind, digest)
 
+    def expires(self, token_hash: str) -> datetime.datetime | None:
+        """When the login or API token with this hash expires (None: unknown)."""
+        row = self._tokens.get(token_hash)
+        return row.expires if row is not None else None
+
     def refusal(self, accessor: str) -> str | None:
         """Why the token with this accessor may no longer be used, or None while it is
         valid.  Accessors are 32 bits and may collide: if any token with this accessor is

@@ -29,6 +29,13 @@ INSTANCES_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances$
 ENFORCER_PATH = "/v1/enforcer"
 #: Plain GETs that manage a user's login token, and the audit event (and verb) of each.
 ACCOUNT_PATHS = {"/v1/login": "login", "/v1/logout": "logout", "/v1/token/renew": "renew"}
+#: Who the bearer token is (``supctl whoami``): answered like a show, audited as ``whoami``.
+WHOAMI_PATH = "/v1/whoami"
+
+
+def audit_event(path: str) -> str:
+    """The audit record's event of an answered GET of ``path``."""
+    return ACCOUNT_PATHS.get(path, "whoami" if path == WHOAMI_PATH else "show")
 
 
 def requested(requester: str, connection: ServerConnection, request: Request) -> dict[str, Any]:
@@ -52,7 +59,7 @@ def requested(requester: str, connection: ServerConnection, request: Request) ->
         "path": audit.cut(url.path),
     }
     if "upgrade" not in request.headers.get("Connection", "").lower():
-        fields["verb"] = ACCOUNT_PATHS.get(url.path, "show")
+        fields["verb"] = audit_event(url.path)
     elif url.path == ENFORCER_PATH:
         fields["verb"] = "enforcer"
     elif match := CONNECT_PATH.match(url.path):

@@ -47,6 +47,8 @@ from .requests import (
     CONNECT_PATH,
     ENFORCER_PATH,
     EXEC_PATH,
+    WHOAMI_PATH,
+    audit_event,
     connect_access,
     exec_access,
     has_feature,
@@ -259,7 +261,7 @@ class Tower:
             # A plain GET of state, answered without upgrading.
             if not self._audit(
                 audit.record(
-                    ACCOUNT_PATHS.get(urlsplit(request.path).path, "show"),
+                    audit_event(urlsplit(request.path).path),
                     **requested(self._requester, connection, request),
                     status=200,
                     result="ok",
@@ -321,6 +323,8 @@ class Tower:
                 assert account.body is not None
                 return json_response(account.body)
             principal = self._authenticate(request)
+            if url.path == WHOAMI_PATH:
+                return json_response(self._whoami(principal))
             body = show.answer(url.path, query, principal, self.store.sites(), self.policy, self._sites())
             return json_response(body)
         offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
@@ -347,6 +351,18 @@ class Tower:
             app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
             return self._grant(principal, exec_access(app, instance, url_name(match[3], "container"), query))
         raise Rejection(404, f"no such endpoint: {url.path}")
+
+    def _whoami(self, principal: Principal) -> dict[str, Any]:
+        """Who the request's token is (``supctl whoami``): never the token itself."""
+        identity = self._identity
+        expires = self.store.expires(identity.token_hash) if identity is not None else None
+        return {
+            "user": principal.user,
+            "accessor": principal.accessor,
+            "kind": identity.kind if identity is not None else "admin",
+            "policies": list(principal.policies or ()),
+            "expires": iso(expires) if expires is not None else None,
+        }
 
     def _admin(self, request: Request) -> str:
         """Who sends ``request`` ("USER:ACCESSOR"): :meth:`_authenticate`, for the account path."""
