@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from stack import Stack, do_args, one_line_error
+from e2e_support import echo_roundtrip, start_server
+from exec_support import Output
+from stack import Stack, do_args, one_line_error, program
 
 from supctl.errors import ExitCode
 
@@ -101,6 +105,27 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
             "--bind address must be numeric",
         ),
         (do_args(SITE, APP, INSTANCE, "connect", "udp", "53"), ExitCode.USAGE, "No such command 'udp'"),
+        (
+            do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "8443", "--bind", "8080"),
+            ExitCode.USAGE,
+            "--bind given 2 times (8443, 8080): one forward per command; run supctl once per forward",
+        ),
+        (
+            do_args(
+                SITE,
+                APP,
+                INSTANCE,
+                "connect",
+                "tcp",
+                "443",
+                "--ip-address",
+                "192.0.2.1",
+                "--ip-address",
+                "::1",
+            ),
+            ExitCode.USAGE,
+            "--ip-address given 2 times (192.0.2.1, ::1)",
+        ),
     ],
     ids=[
         "unknown-site",
@@ -117,6 +142,8 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
         "bind-port",
         "bind-name",
         "unknown-protocol",
+        "bind-twice",
+        "ip-address-twice",
     ],
 )
 def test_refusals(stack: Stack, args: list[str], code: int, message: str) -> None:
@@ -185,3 +212,45 @@ def test_bind_ipv6_and_sigint(stack: Stack) -> None:
     assert forward.log.wait_for(r"Forwarding from (\S+) ->")[1] == f"[::1]:{port}"
     assert forward.stop(signal.SIGINT) == 0
     assert "Traceback" not in forward.log.text()
+
+
+def test_a_forward_on_every_interface_says_so_and_works(stack: Stack) -> None:
+    """``--bind 0.0.0.0:PORT`` exposes the service to the network: one warning line (as
+    ssh -g and kubectl --address make it explicit), then the forward serves as usual."""
+    _, echo = start_server(stack, "echo")
+    proc, port = stack.forward(
+        *do_args(SITE, APP, INSTANCE, "connect", "tcp", str(echo), "--bind", "0.0.0.0:0")
+    )
+    text = " ".join(proc.log.text().split())
+    assert (
+        "warning: --bind 0.0.0.0:0 is not a loopback address: anyone who can reach it uses this forward"
+        in text
+    )
+    assert echo_roundtrip(port, b"exposed") == b"exposed"
+    proc.stop()
+    quiet, _ = stack.forward(
+        *do_args(SITE, APP, INSTANCE, "connect", "tcp", str(echo), "--bind", "127.0.0.1:0")
+    )
+    assert "warning" not in quiet.log.text()
+    quiet.stop()
+
+
+def test_json_events_give_scripts_the_port_and_each_connection(stack: Stack) -> None:
+    """``connect --bind 0 -o json``: one JSON object per line on stdout, the first with the
+    real port; then each connection opened and closed, with its bytes."""
+    _, echo = start_server(stack, "echo")
+    args = do_args(SITE, APP, INSTANCE, "connect", "tcp", str(echo), "--bind", "0", "-o", "json")
+    proc = stack.spawn("supctl", [program("supctl"), *args], stdout=subprocess.PIPE)
+    out = Output(proc.popen.stdout)
+    listening = json.loads(out.read_line(20))
+    assert listening["event"] == "listening" and listening["address"] == "127.0.0.1", listening
+    assert echo_roundtrip(listening["port"], b"x" * 1000) == b"x" * 1000
+    opened, closed = json.loads(out.read_line()), json.loads(out.read_line())
+    assert (opened["event"], opened["connection"]) == ("opened", 1)
+    assert {k: closed[k] for k in ("event", "connection", "sent", "received", "result")} == {
+        "event": "closed", "connection": 1, "sent": 1000, "received": 1000, "result": "ok"
+    }  # fmt: skip
+    assert "Forwarding from" not in proc.log.text()  # the human lines stay off
+    proc.stop()
+    code, line = run_error(stack, *do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "-o", "json"))
+    assert code == ExitCode.USAGE and "-o json needs --bind (in netcat mode stdout carries the data)" in line

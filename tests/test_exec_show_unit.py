@@ -573,6 +573,13 @@ def test_show_default_output_is_yaml(stack: Stack) -> None:
     assert show(stack, "sites") == show(stack, "-o", "yaml", "sites")
 
 
+def test_show_takes_its_options_after_the_subcommand_too(stack: Stack) -> None:
+    """``show sites -o json`` (kubectl's order) failed with "No such option"."""
+    assert show(stack, "sites", "-o", "json") == show(stack, "-o", "json", "sites")
+    after = show(stack, "applications", APP, "service-instances", "-s", SITE, "--output", "json")
+    assert after == show(stack, "-s", SITE, "-o", "json", "applications", APP, "service-instances")
+
+
 def test_show_tables(stack: Stack) -> None:
     sites = show(stack, "-o", "table", "sites").splitlines()
     assert sites[0].split() == ["SITE", "CONNECTED", "VERSION", "REPLICA", "APPLICATIONS"]

@@ -173,7 +173,9 @@ def test_tree_child_process_kill_and_remove(tree: CgroupTree, tmp_path: Path) ->
     relative = child.path[len(unified_root()) :]
     assert f"0::{relative}\n".encode() in out  # the command itself ran inside
     sleeper = int(escaped.read_text())
-    assert alive(sleeper) and cgroup_of(sleeper) == relative and os.getsid(sleeper) == sleeper
+    # setsid(2) runs in the background job: it may not have happened yet when sh exits.
+    wait_until(lambda: os.getsid(sleeper) == sleeper, what="the escape's setsid")
+    assert alive(sleeper) and cgroup_of(sleeper) == relative
     assert child.pids() == [sleeper]
     assert run(child.release()) is True
     assert not alive(sleeper) and not os.path.exists(child.path)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ipaddress
+import json
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from urllib.parse import quote
 
 import click
@@ -44,6 +46,17 @@ def parse_bind(value: str) -> BindAddress:
     except ValueError:
         raise UsageError(f"--bind address must be numeric (or localhost), got {host!r}") from None
     return BindAddress(host, port)
+
+
+def _once(option: str, values: tuple[str, ...]) -> str | None:
+    """The one value of an option that may be given once: a second one is an error, never
+    silently the last (several forwards in one command are not supported yet)."""
+    if len(values) > 1:
+        raise UsageError(
+            f"{option} given {len(values)} times ({', '.join(values)}): one forward per command;"
+            " run supctl once per forward"
+        )
+    return values[0] if values else None
 
 
 def check_target_ip(inv: Invocation, value: str) -> str:
@@ -106,6 +119,42 @@ class ConsoleReporter:
             )
 
 
+class JsonEvents:
+    """``-o json``: one JSON object per line on stdout for each event of a ``--bind`` forward
+    (the session's and the connections'), for scripts; the human lines stay off."""
+
+    def __init__(self, out: Callable[[str], object] = click.echo) -> None:
+        self.out = out
+
+    def emit(self, event: str, **fields: object) -> None:
+        self.out(json.dumps({"event": event, "time": _now(), **fields}, separators=(",", ":")))
+
+    # the listener's (ConsoleReporter's) events
+    def opened(self, number: int, peer: str) -> None:
+        self.emit("opened", connection=number, peer=peer)
+
+    def closed(self, number: int, sent: int, received: int, seconds: float, error: str | None) -> None:
+        fields = {"connection": number, "sent": sent, "received": received, "seconds": round(seconds, 3)}
+        self.emit("closed", **fields, result="ok" if error is None else error)
+
+    # the session's (ConsoleSessionReport's) events
+    def lost(self, reason: str) -> None:
+        self.emit("tower-lost", reason=reason)
+
+    def still_lost(self, seconds: float, reason: str) -> None:
+        self.emit("still-reconnecting", seconds=round(seconds, 1), reason=reason)
+
+    def back(self, seconds: float) -> None:
+        self.emit("reconnected", seconds=round(seconds, 3))
+
+    def moving(self, reason: str) -> None:
+        self.emit("moving", reason=reason)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def make_connect_command() -> click.Group:
     @click.group("connect", context_settings={"help_option_names": ["-h", "--help"]})
     def connect() -> None:
@@ -116,14 +165,24 @@ def make_connect_command() -> click.Group:
     @click.option(
         "--ip-address",
         metavar="IP",
+        multiple=True,  # given twice is an error, never the last one silently
         help="Numeric IPv4/IPv6 address to reach from inside the service instance (default 127.0.0.1 there).",
     )
     @click.option(
         "--bind",
         metavar="[ADDR:]PORT",
+        multiple=True,
         help="Listen here (default address 127.0.0.1; 0 picks a free port). Without it: stdin/stdout.",
     )
     @click.option("-q", "--quiet", is_flag=True, help="No line per connection (failures are still shown).")
+    @click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="With --bind, json: one JSON object per event on stdout (listening, opened, closed...).",
+    )
     @click.option(
         "--wait-tower",
         metavar="SECONDS",
@@ -135,17 +194,27 @@ def make_connect_command() -> click.Group:
     def tcp(
         inv: Invocation,
         port: int,
-        ip_address: str | None,
-        bind: str | None,
+        ip_address: tuple[str, ...],
+        bind: tuple[str, ...],
         quiet: bool,
+        output: str,
         wait_tower: float | None,
     ) -> int:
         """Forward TCP to PORT on 127.0.0.1 inside the service instance (or on --ip-address)."""
         site = inv.require_site()
-        target_ip = check_target_ip(inv, ip_address) if ip_address is not None else None
-        bind_address = parse_bind(bind) if bind is not None else None
-        if wait_tower is not None and bind is None:
+        ip_given, bind_given = _once("--ip-address", ip_address), _once("--bind", bind)
+        target_ip = check_target_ip(inv, ip_given) if ip_given is not None else None
+        bind_address = parse_bind(bind_given) if bind_given is not None else None
+        if bind_address is not None and not ipaddress.ip_address(bind_address.host).is_loopback:
+            inv.console.print(
+                f"[yellow]warning:[/] --bind {escape(str(bind_address))} is not a loopback address: anyone"
+                " who can reach it uses this forward, with your credentials (as ssh -g and kubectl --address)",
+                soft_wrap=True,
+            )
+        if wait_tower is not None and bind_address is None:
             raise UsageError("--wait-tower needs --bind (netcat mode does not reconnect)")
+        if output == "json" and bind_address is None:
+            raise UsageError("-o json needs --bind (in netcat mode stdout carries the data)")
         assert inv.application is not None and inv.service_instance is not None
         path = (
             f"/v1/state/applications/{quote(inv.application, safe='')}"
@@ -164,6 +233,7 @@ def make_connect_command() -> click.Group:
                 bind_address,
                 quiet,
                 WAIT_TOWER if wait_tower is None else wait_tower,
+                JsonEvents() if output == "json" else None,
             )
         )
 
@@ -178,13 +248,13 @@ async def _run(
     bind: BindAddress | None,
     quiet: bool,
     wait_tower: float,
+    events: JsonEvents | None = None,
 ) -> int:
     transport = inv.transport()
     request = OpenRequest(verb="connect")  # the tower fills in what it authorised
     console = inv.console
-    session = TowerSession(
-        lambda: transport.open_session(path, query), request, ConsoleSessionReport(console), wait=wait_tower
-    )
+    report = events if events is not None else ConsoleSessionReport(console)
+    session = TowerSession(lambda: transport.open_session(path, query), request, report, wait=wait_tower)
     link = await session.start()
 
     if bind is None:
@@ -204,14 +274,17 @@ async def _run(
         raise UsageError("no listener backend plugin is installed")
 
     def ready(address: BindAddress) -> None:
-        console.print(f"Forwarding from {address} -> {escape(target)}", soft_wrap=True)
+        if events is not None:  # the real port of --bind 0, for scripts
+            events.emit("listening", address=address.host, port=address.port, target=target)
+        else:
+            console.print(f"Forwarding from {address} -> {escape(target)}", soft_wrap=True)
 
     # A login token is renewed before it expires, for as long as the forward runs.
     from_login = inv.settings.token_source == "login"  # noqa: S105 - a source name, not a secret
     renewer = asyncio.ensure_future(keep_renewed(inv)) if from_login else None
     try:
         return await _serve_until_stopped(
-            session, listener.serve(session, bind, ready, ConsoleReporter(console, quiet))
+            session, listener.serve(session, bind, ready, events or ConsoleReporter(console, quiet))
         )
     finally:
         if renewer is not None:

@@ -177,18 +177,36 @@ def make_show_command() -> click.Group:
         inv.site = site
         ctx.obj = ShowContext(inv, output)
 
+    # -s and -o are accepted after the subcommand as well (show sites -o json), as kubectl does.
+    after = [
+        click.option("-s", "--site", "site_after", help="The edge site (as before the subcommand)."),
+        click.option("-o", "--output", "output_after", type=click.Choice(FORMATS), help="Output format."),
+    ]
+
+    def _late(ctx: ShowContext, site: str | None, output: str | None) -> ShowContext:
+        if site is not None:
+            ctx.inv.site = site
+        return ShowContext(ctx.inv, output) if output is not None else ctx
+
     @show.command("sites")
+    @after[0]
+    @after[1]
     @click.pass_obj
-    def sites(ctx: ShowContext) -> None:
-        """The registered sites: connected or not, version, applications."""
-        _show(ctx, Target("sites", "/v1/state/sites", {}))
+    def sites(ctx: ShowContext, site_after: str | None, output_after: str | None) -> None:
+        """The registered sites: connected or not, version, the replica holding each, applications."""
+        _show(_late(ctx, site_after, output_after), Target("sites", "/v1/state/sites", {}))
 
     @show.command("applications")
     @click.argument("args", nargs=-1, metavar="[APP [service-instances [NAME]]]")
+    @after[0]
+    @after[1]
     @click.pass_obj
-    def applications(ctx: ShowContext, args: tuple[str, ...]) -> None:
+    def applications(
+        ctx: ShowContext, args: tuple[str, ...], site_after: str | None, output_after: str | None
+    ) -> None:
         """The applications at the site, one application, or its service instances
         (with their containers' state, pid and restarts)."""
+        ctx = _late(ctx, site_after, output_after)
         if not ctx.inv.site:
             raise UsageError(f"no site given: use supctl show -s SITE {APPLICATIONS_USAGE}")
         _show(ctx, applications_target(ctx.inv.site, args))
