@@ -278,3 +278,35 @@ def test_show_lists_what_may_be_seen() -> None:
     assert visible_applications(ALICE, OFFLINE, OPS, SITES) == Refusal(
         503, f"site {OFFLINE!r} is not connected to the control tower"
     )
+
+
+NAMED = Sites({*CONNECTED, OFFLINE}.__contains__, CONNECTED.get, names=lambda: [*CONNECTED, OFFLINE])
+
+
+def test_a_typo_gets_a_suggestion_only_among_names_the_asker_may_see() -> None:
+    """``unknown site 'stockholm-sergell'; did you mean 'stockholm-sergel'?`` - but a name
+    the asker may not see (no show rule) is never suggested: the hint reveals nothing."""
+
+    def message(principal: Principal, access: Access) -> str:
+        verdict = authorise(principal, access, OPS, NAMED)
+        assert isinstance(verdict, Refusal) and verdict.status == 404, verdict
+        return verdict.message
+
+    assert message(ADMIN, connect(site="stockholm-sergell")) == (
+        "unknown site 'stockholm-sergell'; did you mean 'stockholm-sergel'?"
+    )
+    # alice's exec rule covers stockholm-*; she may see stockholm-sergel (a show rule).
+    assert message(ALICE, exec_(site="stockholm-sergell")).endswith("; did you mean 'stockholm-sergel'?")
+    assert message(ADMIN, connect(app="popcorm")) == (
+        f"application 'popcorm' not found at site {SITE!r}; did you mean 'popcorn'?"
+    )
+    assert "; did you mean 'popcorn-" in message(ADMIN, connect(inst="popcorn-3"))
+    assert message(ADMIN, exec_("shel")).endswith("; did you mean 'shell'?")
+    # The hidden site exists: the admin gets the hint, alice (no show rule for it) does not.
+    assert (
+        message(ADMIN, Access("show", "oslo-hiden"))
+        == "unknown site 'oslo-hiden'; did you mean 'oslo-hidden'?"
+    )
+    assert message(ALICE, Access("show", "oslo-hiden")) == "unknown site 'oslo-hiden'"
+    # Nothing close: no hint.
+    assert message(ADMIN, connect(site="paris")) == "unknown site 'paris'"

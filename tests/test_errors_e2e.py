@@ -49,6 +49,11 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
             "unknown site 'nowhere'",
         ),
         (
+            do_args(SITE + "x", APP, INSTANCE, "connect", "tcp", "443"),
+            ExitCode.NOT_FOUND,
+            f"unknown site '{SITE}x'; did you mean '{SITE}'?",
+        ),
+        (
             do_args("offline-site", APP, INSTANCE, "connect", "tcp", "443"),
             ExitCode.UNAVAILABLE,
             "site 'offline-site' is not connected",
@@ -129,6 +134,7 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
     ],
     ids=[
         "unknown-site",
+        "site-typo",
         "site-offline",
         "unknown-app",
         "unknown-instance",

@@ -12,6 +12,7 @@ The refusals keep the statuses and texts clients and tests rely on (docs/policie
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -80,6 +81,8 @@ class Sites:
     info: Callable[[str], SiteInfo | None]
     # Which replica holds a connected site's link (shown by show sites; never judged).
     replica: Callable[[str], str | None] = lambda site: None
+    # Every site that exists: the pool of "did you mean" for an unknown one (never judged).
+    names: Callable[[], Iterable[str]] = lambda: ()
 
 
 def authorise(
@@ -116,10 +119,11 @@ def authorise(
     route = Route.grant(access, principal.who)
     if again:
         return route
-    found = _connected(access.site, sites)
+    seen = _Seen(names, policies, sites)
+    found = _connected(access.site, sites, seen)
     if isinstance(found, Refusal):
         return found
-    return _target(access, found) or route
+    return _target(access, found, seen) or route
 
 
 def visible_sites(
@@ -181,15 +185,18 @@ def _show(
     for it or for an application it reports; anything not visible is "unknown" (404),
     the same answer as for what does not exist, so a refusal tells nothing."""
     site, app = access.site, access.application
+    seen = _Seen(names, policies, sites)
     if not sites.exists(site) or not _visible(names, site, policies, sites):
-        return Refusal(404, f"unknown site {site!r}")
-    info = _connected(site, sites)
+        return Refusal(404, f"unknown site {site!r}{seen.suggest_site(site)}")
+    info = _connected(site, sites, seen)
     if isinstance(info, Refusal):
         return info
     if app and (
         app not in info.applications or not _allows(names, PolicyRequest("show", site, app), policies)
     ):
-        return Refusal(404, f"application {app!r} not found at site {site!r}")
+        return Refusal(
+            404, f"application {app!r} not found at site {site!r}{seen.suggest_app(site, app, info)}"
+        )
     return Route.grant(access, principal.who)
 
 
@@ -201,31 +208,75 @@ def _visible(names: tuple[str, ...], site: str, policies: PolicySet | None, site
     return any(_allows(names, PolicyRequest("show", site, app), policies) for app in apps)
 
 
-def _connected(site: str, sites: Sites) -> SiteInfo | Refusal:
+#: Names compared for a suggestion at most (difflib's cost grows with them; a refusal a
+#: peer can cause stays cheap).
+SUGGEST_POOL = 10_000
+
+
+def _closest(name: str, pool: Iterable[str], may_see: Callable[[str], bool]) -> str:
+    """``; did you mean 'X'?`` for the closest of ``pool`` the asker may see, or ''."""
+    candidates = [candidate for _, candidate in zip(range(SUGGEST_POOL), pool, strict=False)]
+    for close in difflib.get_close_matches(name, candidates, n=3, cutoff=0.75):
+        if close != name and may_see(close):
+            return f"; did you mean {close!r}?"
+    return ""
+
+
+class _Seen:
+    """Suggestions for a 404, only among names the asker may see (``show`` rules): a typo
+    gets a hint, and a refusal reveals nothing a ``show`` would not."""
+
+    def __init__(self, names: tuple[str, ...], policies: PolicySet | None, sites: Sites) -> None:
+        self.names, self.policies, self.sites = names, policies, sites
+
+    def _may(self, site: str, app: str = "") -> bool:
+        try:
+            if not app:
+                return _visible(self.names, site, self.policies, self.sites)
+            return _allows(self.names, PolicyRequest("show", site, app), self.policies)
+        except UsageError:
+            return False
+
+    def suggest_site(self, site: str) -> str:
+        return _closest(site, self.sites.names(), self._may)
+
+    def suggest_app(self, site: str, app: str, info: SiteInfo) -> str:
+        return _closest(app, info.applications, lambda name: self._may(site, name))
+
+    def suggest_in(self, site: str, app: str, name: str, pool: Iterable[str]) -> str:
+        """Among the instances or containers of ``app``, if the asker may see ``app``."""
+        return _closest(name, pool, lambda _: self._may(site, app))
+
+
+def _connected(site: str, sites: Sites, seen: _Seen) -> SiteInfo | Refusal:
     if not sites.exists(site):
-        return Refusal(404, f"unknown site {site!r}")
+        return Refusal(404, f"unknown site {site!r}{seen.suggest_site(site)}")
     info = sites.info(site)
     if info is None:
         return Refusal(503, f"site {site!r} is not connected to the control tower")
     return info
 
 
-def _target(access: Access, info: SiteInfo) -> Refusal | None:
+def _target(access: Access, info: SiteInfo, seen: _Seen) -> Refusal | None:
     """Why the site cannot serve ``access`` as it reports itself (no such instance,
     container or handler), or None."""
     site, app, instance = access.site, access.application, access.service_instance
     if app not in info.applications:
-        return Refusal(404, f"application {app!r} not found at site {site!r}")
+        return Refusal(
+            404, f"application {app!r} not found at site {site!r}{seen.suggest_app(site, app, info)}"
+        )
     found = info.instance(app, instance)
     if found is None:
+        hint = seen.suggest_in(site, app, instance, info.applications[app])
         return Refusal(
-            404, f"service instance {instance!r} of application {app!r} not found at site {site!r}"
+            404, f"service instance {instance!r} of application {app!r} not found at site {site!r}{hint}"
         )
     if access.verb == "exec":
         if access.container not in found.containers:
+            hint = seen.suggest_in(site, app, access.container, found.containers)
             return Refusal(
                 404,
-                f"container {access.container!r} not found in service instance {instance!r} at site {site!r}",
+                f"container {access.container!r} not found in service instance {instance!r} at site {site!r}{hint}",
             )
         return _handler(site, info, "exec", "verb")
     return _handler(site, info, access.protocol, "protocol")

@@ -405,7 +405,7 @@ class Tower:
                 seen[site] = live(site)
             return seen[site]
 
-        return Sites(self.store.site_exists, info, self.hub.site_replica)
+        return Sites(self.store.site_exists, info, self.hub.site_replica, self.store.sites)
 
     def _grant(self, principal: Principal, access: Access) -> Route:
         verdict = authorise(principal, access, self.policy, self._sites())
