@@ -174,17 +174,23 @@ class Presence:
         (its holder cannot be reached: it may have died and the site moved), unless the
         last read is younger than :data:`REFRESH`: requests, however many, cost one store
         read per REFRESH, shared."""
-        if (again or site not in self.holders) and self.monotonic() - self._refreshed >= REFRESH:
-            if self._refreshing is None:
-                self._refreshing = asyncio.ensure_future(self._refresh_once())
-            await asyncio.shield(self._refreshing)
+        if again or site not in self.holders:
+            refreshing = self._refresh_soon()
+            if refreshing is not None:
+                await asyncio.shield(refreshing)
         return self.remote_site(site)
 
     def suspect(self, site: str) -> None:
         """``site``'s holder could not be reached: read the claims again soon (at most every
         :data:`REFRESH` s), so that the next stream finds where the site went."""
+        self._refresh_soon()
+
+    def _refresh_soon(self) -> asyncio.Future[None] | None:
+        """The read of the claims under way, or a new one unless the last is younger than
+        :data:`REFRESH` (then None): one store read per REFRESH, shared by every caller."""
         if self._refreshing is None and self.monotonic() - self._refreshed >= REFRESH:
             self._refreshing = asyncio.ensure_future(self._refresh_once())
+        return self._refreshing
 
     async def _refresh_once(self) -> None:
         try:

@@ -96,34 +96,26 @@ class Cluster:
                 )
             )
 
-    async def heartbeat(self, replica: str, pid: int, *, now: datetime.datetime) -> bool:
-        """Mark ``replica`` alive at ``now``; False if its row is no longer this process's
-        (it stopped beating for longer than the expiry and another took the id over)."""
+    async def _update_mine(self, replica: str, pid: int, **values: object) -> bool:
+        """Change ``replica``'s row if it is still this process's (``pid``); False if not."""
         async with self.db.write() as conn:
             result = await conn.execute(
-                update(replicas)
-                .where(and_(replicas.c.id == replica, replicas.c.pid == pid))
-                .values(heartbeat=now)
+                update(replicas).where(and_(replicas.c.id == replica, replicas.c.pid == pid)).values(**values)
             )
         return result.rowcount > 0
 
+    async def heartbeat(self, replica: str, pid: int, *, now: datetime.datetime) -> bool:
+        """Mark ``replica`` alive at ``now``; False if its row is no longer this process's
+        (it stopped beating for longer than the expiry and another took the id over)."""
+        return await self._update_mine(replica, pid, heartbeat=now)
+
     async def advertise(self, replica: str, pid: int, url: str | None) -> None:
         """Where ``replica`` (this process, ``pid``) takes relayed streams, once it listens."""
-        async with self.db.write() as conn:
-            await conn.execute(
-                update(replicas)
-                .where(and_(replicas.c.id == replica, replicas.c.pid == pid))
-                .values(advertise=url)
-            )
+        await self._update_mine(replica, pid, advertise=url)
 
     async def drain(self, replica: str, pid: int) -> None:
         """``replica`` (this process, ``pid``) drains: the sites it holds may be claimed now."""
-        async with self.db.write() as conn:
-            await conn.execute(
-                update(replicas)
-                .where(and_(replicas.c.id == replica, replicas.c.pid == pid))
-                .values(draining=True)
-            )
+        await self._update_mine(replica, pid, draining=True)
 
     async def leave(self, replica: str, pid: int) -> None:
         """Forget ``replica`` and the site links it held (a clean stop)."""
