@@ -17,6 +17,7 @@ from ..output import make_console, setup_logging
 from ..plugins import collect, make_plugin_manager
 from ..protocol import KEEPALIVE, MAX_SITE_STREAMS
 from ..tlspin import parse_fingerprint, pinned_context
+from ..version import version_option
 from .agent import Agent
 from .api import Handler, HandlerContext, Serves
 from .cgroups import CgroupTree
@@ -38,7 +39,7 @@ def load_runtimes() -> dict[str, Runtime]:
 
 def make_cli() -> click.Group:
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(package_name="supctl", message="edge-enforcer %(version)s")
+    @version_option("edge-enforcer")
     def cli() -> None:
         """The supctl agent on an edge host: dials out to the control tower, never listens."""
 

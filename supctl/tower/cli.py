@@ -9,6 +9,7 @@ so importing this module has no side effects.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import stat
@@ -36,6 +37,7 @@ from supctl.tower.config import (
     write_default_config,
 )
 from supctl.tower.store import atomic_write
+from supctl.version import version_option
 
 PROG = "control-tower"
 ADMIN_TOKEN_NAME = "admin.token"  # noqa: S105 - a file name, not a secret
@@ -241,6 +243,7 @@ def make_cli() -> click.Group:
     from supctl.tower import admincmds, listings
 
     @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
+    @version_option(PROG)
     def cli() -> None:
         """The supctl control tower: where clients meet edge sites."""
 
@@ -490,4 +493,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:
         # Files that cannot be written, ports already in use: the environment, not a bug.
         where = f"{e.filename}: " if e.filename else ""
-        _fail(" ".join(f"{where}{e.strerror or e}".split()), ExitCode.FAILURE)
+        # A listen address in use or not ours is a setting to change, as in the other programs.
+        code = ExitCode.USAGE if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) else ExitCode.FAILURE
+        _fail(" ".join(f"{where}{e.strerror or e}".split()), code)

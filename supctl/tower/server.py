@@ -42,6 +42,7 @@ from .hub import Hub, sweep_forever
 from .limits import Limits
 from .links import ClientLink, PeerRoutes, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
+from .probes import PROBE_PATHS, Probes
 from .requests import (
     ACCOUNT_PATHS,
     CONNECT_PATH,
@@ -114,6 +115,8 @@ class Tower:
         self.hub = Hub(self.limits, clock)
         # The links to the other replicas (:mod:`.peering`); None: no [cluster] advertise.
         self.peers: PeerRoutes | None = None
+        # /healthz and /readyz (:mod:`.probes`): no token, no audit record.
+        self.probes = Probes(store.fresh, lambda: self.hub.draining, clock)
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
         # checked out: process_request is synchronous, so it never mixes two requests.
         self._requester = ""
@@ -138,6 +141,8 @@ class Tower:
         requests never interleave.
         """
         path = urlsplit(request.path).path
+        if path in PROBE_PATHS and not upgrading(request):
+            return await self.probes.answer(path)
         if self.hub.draining and upgrading(request):
             message = "the control tower is shutting down; connect again"
             self._requester = ""

@@ -165,5 +165,5 @@ def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
     # Every connection, authenticated or not, holds a descriptor: the usual soft limit
     # (1024) is far below what a tower serving many sessions needs (docs/tower.md,
     # "Deployment limits"); the hard limit is what the deployment allows.
-    log.warning("open-file limit (RLIMIT_NOFILE): %s", raise_fd_limit())
+    log.info("open-file limit (RLIMIT_NOFILE): %s", raise_fd_limit())
     aio.run(run_tower(config, host, port, insecure))

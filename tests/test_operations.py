@@ -1,0 +1,142 @@
+"""Running it in production (issue 13): probes, versions, a busy port."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from stack import Stack, program
+
+from supctl.errors import ExitCode
+from supctl.protocol import SUBPROTOCOL
+from supctl.tower.database import StoreUnavailable
+from supctl.tower.probes import Probes
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_probes(
+    clock: FakeClock, fail: list[bool], draining: Callable[[], bool] = lambda: False
+) -> tuple[Probes, list[int]]:
+    calls = [0]
+
+    async def check() -> None:
+        calls[0] += 1
+        await asyncio.sleep(0)  # a real check awaits the store: let concurrent probes pile up
+        if fail[0]:
+            raise StoreUnavailable("connection refused")
+
+    return Probes(check, draining, clock), calls
+
+
+def answers(probes: Probes, path: str, n: int = 1) -> list[tuple[int, bytes]]:
+    async def many() -> list[tuple[int, bytes]]:
+        responses = await asyncio.gather(*(probes.answer(path) for _ in range(n)))
+        return [(r.status_code, bytes(r.body)) for r in responses]
+
+    return asyncio.run(many())
+
+
+def test_healthz_never_touches_the_store() -> None:
+    probes, calls = make_probes(FakeClock(), [True])
+    assert answers(probes, "/healthz", 5) == [(200, b"ok\n")] * 5
+    assert calls == [0]
+
+
+def test_a_probe_flood_costs_one_store_check_per_ttl() -> None:
+    clock, fail = FakeClock(), [False]
+    probes, calls = make_probes(clock, fail)
+    assert answers(probes, "/readyz", 100) == [(200, b"ready\n")] * 100
+    assert calls == [1]  # 100 concurrent probes shared one check
+    clock.now += 0.5
+    assert answers(probes, "/readyz") == [(200, b"ready\n")]
+    assert calls == [1]  # within the TTL: the last outcome
+    fail[0] = True
+    clock.now += 0.6
+    [(status, body)] = answers(probes, "/readyz")
+    assert (status, body) == (503, b"not ready: the control tower cannot reach its store\n")
+    assert calls == [2]
+    fail[0] = False
+    clock.now += 1.0
+    assert answers(probes, "/readyz") == [(200, b"ready\n")]
+
+
+def test_readyz_is_503_while_draining() -> None:
+    probes, _ = make_probes(FakeClock(), [False], draining=lambda: True)
+    assert answers(probes, "/readyz") == [(503, b"not ready: draining (shutting down)\n")]
+    assert answers(probes, "/healthz") == [(200, b"ok\n")]
+
+
+def test_a_store_layer_bug_still_gets_an_answer() -> None:
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    probes = Probes(broken, lambda: False, FakeClock())
+    [(status, body)] = answers(probes, "/readyz")
+    assert status == 503 and body == b"not ready: store check failed (RuntimeError)\n"
+
+
+def curl(stack: Stack, path: str) -> tuple[int, str]:
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "--cacert", str(stack.dir / "ca.pem"),
+         "-w", "\n%{http_code}", stack.url.replace("wss://", "https://") + path],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    body, _, code = result.stdout.rpartition("\n")
+    return int(code), body.rstrip("\n")
+
+
+def test_probes_over_tls_need_no_token_and_write_no_audit_record(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        stack.start_tower()
+        for _ in range(20):
+            assert curl(stack, "/healthz") == (200, "ok")
+            assert curl(stack, "/readyz") == (200, "ready")
+        # A request that is audited, after the probes: once its record is there, the
+        # probes' would be too (records are written in order).
+        assert stack.supctl("show", "sites").returncode == 0
+        records = stack.wait_audit(lambda r: r["event"] == "show", "the show")
+        assert not [r for r in records if "healthz" in str(r) or "readyz" in str(r)], records
+        assert not [r for r in records if r["event"] == "session-refused"], records
+        # Anything else without a token is still refused (and audited).
+        assert curl(stack, "/v1/state/sites")[0] == 401
+
+
+@pytest.mark.parametrize("prog", ["supctl", "control-tower", "edge-enforcer"])
+def test_version_names_the_protocol(prog: str) -> None:
+    result = subprocess.run([program(prog), "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"{prog} \d+\.\d+\.\d+\S* \(protocol {re.escape(SUBPROTOCOL)}\)\n", result.stdout)
+
+
+def test_serve_on_a_port_in_use_exits_2_with_one_line(tmp_path: Path) -> None:
+    assert (
+        subprocess.run(
+            [program("control-tower"), "init", str(tmp_path / "t")], capture_output=True
+        ).returncode
+        == 0
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [program("control-tower"), "serve", "--config", str(tmp_path / "t" / "tower.toml"),
+             "--listen", f"127.0.0.1:{port}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("control-tower: error: ") and "address already in use" in last, result.stderr
