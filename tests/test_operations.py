@@ -6,15 +6,21 @@ import asyncio
 import re
 import socket
 import subprocess
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from stack import Stack, program
+from e2e_support import inventory, start_server, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from stack import Stack, do_args, program
 
 from supctl.errors import ExitCode
 from supctl.protocol import SUBPROTOCOL
+from supctl.tower import audit
 from supctl.tower.database import StoreUnavailable
+from supctl.tower.metrics import STATUSES, TowerMetrics
 from supctl.tower.probes import Probes
 
 
@@ -140,3 +146,107 @@ def test_serve_on_a_port_in_use_exits_2_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
     assert last.startswith("control-tower: error: ") and "address already in use" in last, result.stderr
+
+
+# --- metrics (scraped over the [metrics] listener) ------------------------------------------
+
+SITE, APP, INST, SHELL = "metrics-site", "app", "inst", "shell"
+
+
+def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.status, response.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, parsed by prometheus-client's own parser."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def moved(before: dict[Any, float], after: dict[Any, float], name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_metrics_count_exactly_what_a_workload_did(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        stack.start_tower(config='[metrics]\nlisten = "127.0.0.1:0"\n')
+        assert stack.tower is not None
+        port = int(stack.tower.log.wait_for(r"metrics and probes on http://127\.0\.0\.1:(\d+)/metrics")[1])
+        stack.add_site(
+            SITE,
+            f'{inventory(APP, INST)}runtime = "host"\n[applications.{APP}.service-instances.{INST}.containers.{SHELL}]\n',
+        )
+        _, echo = start_server(stack, "echo")
+        assert scrape(port, "/healthz") == (200, "ok\n")
+        assert scrape(port, "/readyz") == (200, "ready\n")
+        status, text = scrape(port)
+        assert status == 200
+        before = samples(text)
+        assert before[("supctl_sites_connected", ())] == 1
+
+        # The workload: two connect streams (7 and 5 bytes each way), one exec, one
+        # refused session (bad token), one failed login.
+        for payload in (b"seven!!", b"five!"):
+            result = stack.supctl(*do_args(SITE, APP, INST, "connect", "tcp", str(echo)), input=payload)
+            assert result.returncode == 0 and result.stdout == payload, result.stderr
+        result = stack.supctl(*do_args(SITE, APP, INST, "containers", SHELL, "exec", "exit 3"))
+        assert result.returncode == 3, result.stderr
+        bad = stack.supctl(
+            "show", "sites", env={**stack.env, "SUPCTL_TOKEN": "sct_admin_not-a-token-0123456789abcdef"}
+        )
+        assert bad.returncode != 0
+        login = subprocess.run(
+            ["curl", "-sS", "--cacert", str(stack.dir / "ca.pem"), "-u", "nobody:wrong",
+             stack.url.replace("wss://", "https://") + "/v1/login"],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert login.returncode == 0
+        stack.wait_audit(lambda r: r["event"] == "stream-closed" and r["verb"] == "exec", "the exec")
+
+        def settled() -> dict[Any, float] | None:
+            after = samples(scrape(port)[1])
+            ended = moved(
+                before, after, "supctl_streams_ended_total", verb="connect", protocol="tcp", reason="eof"
+            )
+            return (
+                after
+                if ended == 2 and moved(before, after, "supctl_logins_total", result="failed") == 1
+                else None
+            )
+
+        after = wait_until(settled, 20, "the workload's counts")
+        assert after is not None
+        assert moved(before, after, "supctl_sessions_accepted_total", verb="connect") == 2
+        assert moved(before, after, "supctl_sessions_accepted_total", verb="exec") == 1
+        assert moved(before, after, "supctl_streams_ended_total", verb="exec", protocol="", reason="eof") == 1
+        assert moved(before, after, "supctl_relayed_bytes_total", direction="up") >= 12
+        assert moved(before, after, "supctl_requests_refused_total", status="401", verb="show") == 1
+        assert moved(before, after, "supctl_requests_refused_total", status="401", verb="login") == 1
+        assert moved(before, after, "supctl_stream_open_seconds_count") == 3
+        assert moved(before, after, "supctl_audit_write_seconds_count") >= 1
+        # No user name, token or stream id is a label.
+        text = scrape(port)[1]
+        assert "admin" not in text and "sct_" not in text
+
+
+def test_hostile_values_never_become_label_values() -> None:
+    """A client chooses the protocol, path and site it asks for: whatever it sends, the
+    label sets stay the bounded known ones (one series per hostile request would let a
+    flood of cheap requests exhaust the tower's memory and the scraper's)."""
+    metrics = TowerMetrics()
+    for i in range(500):
+        metrics.observe(audit.record("session-refused", status=400 + i % 7, verb=f"v{i}", site=f"s{i}"))
+        metrics.observe(
+            audit.record("stream-closed", verb="connect", protocol=f"p{i}", close_reason=f"r{i}", bytes_up=1)
+        )
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    refused = {tuple(sorted(s.labels.items())) for s in families["supctl_requests_refused"].samples}
+    assert len(refused) <= 2 * len(STATUSES)  # (status, "other") and their _created twins
+    ended = {s.labels["protocol"] + s.labels["reason"] for s in families["supctl_streams_ended"].samples}
+    assert ended == {"otherother"}
+    assert "s1" not in metrics.exposition().decode()

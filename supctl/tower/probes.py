@@ -15,6 +15,7 @@ a result is reused for :data:`READY_TTL` seconds (the clock is an argument).
 from __future__ import annotations
 
 import asyncio
+import http
 import time
 from collections.abc import Awaitable, Callable
 
@@ -39,7 +40,7 @@ def text_response(status: int, text: str) -> Response:
             ("Cache-Control", "no-store"),
         ]
     )
-    return Response(status, "OK" if status == 200 else "Service Unavailable", headers, body)
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
 class Probes:

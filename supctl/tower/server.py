@@ -42,6 +42,7 @@ from .hub import Hub, sweep_forever
 from .limits import Limits
 from .links import ClientLink, PeerRoutes, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
+from .metrics import TowerMetrics
 from .probes import PROBE_PATHS, Probes
 from .requests import (
     ACCOUNT_PATHS,
@@ -117,6 +118,8 @@ class Tower:
         self.peers: PeerRoutes | None = None
         # /healthz and /readyz (:mod:`.probes`): no token, no audit record.
         self.probes = Probes(store.fresh, lambda: self.hub.draining, clock)
+        # Prometheus metrics (:mod:`.metrics`), when serving sets them up.
+        self.metrics: TowerMetrics | None = None
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
         # checked out: process_request is synchronous, so it never mixes two requests.
         self._requester = ""
