@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import subprocess
@@ -250,3 +251,56 @@ def test_hostile_values_never_become_label_values() -> None:
     ended = {s.labels["protocol"] + s.labels["reason"] for s in families["supctl_streams_ended"].samples}
     assert ended == {"otherother"}
     assert "s1" not in metrics.exposition().decode()
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+
+def test_json_logs_parse_and_a_newline_in_a_name_cannot_forge_a_line(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        stack.env["SUPCTL_LOG_FORMAT"] = "json"
+        stack.start_tower()
+        assert stack.tower is not None
+        stack.add_site(SITE, f'{inventory(APP, INST)}runtime = "host"\n')
+        _, echo = start_server(stack, "echo")
+        result = stack.supctl(*do_args(SITE, APP, INST, "connect", "tcp", str(echo)), input=b"hi")
+        assert result.returncode == 0 and result.stdout == b"hi", result.stderr
+        # A name with a newline and a forged JSON line after it.
+        forged = 'x\n{"level": "error", "event": "FORGED"}'
+        hostile = stack.supctl(*do_args(SITE, forged, INST, "connect", "tcp", str(echo)), input=b"")
+        assert hostile.returncode == ExitCode.USAGE, hostile.stderr
+        token = (stack.dir / "admin.token").read_text().strip()
+        raw = subprocess.run(
+            ["curl", "-sS", "--cacert", str(stack.dir / "ca.pem"), "-H", f"Authorization: Bearer {token}",
+             stack.url.replace("wss://", "https://")
+             + "/v1/state/applications/x%0A%7B%22event%22%3A%22FORGED%22%7D/service-instances?site=" + SITE],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "invalid application name" in raw.stdout, raw.stdout
+        stack.tower.log.wait_for(r"session closed")
+        stack.tower.log.wait_for(r"refused .*: 400")
+        lines = stack.tower.log.text().splitlines()
+        records = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert all({"time", "level", "logger", "event"} <= r.keys() for r in records), records
+        assert not [r for r in records if r["event"] == "FORGED"]
+        refused = next(r for r in records if r.get("status") == 400)
+        assert refused["reason"].startswith("invalid application name") and refused["peer"], refused
+        assert any(
+            r["event"].startswith("control-tower listening on") and r["level"] == "info" for r in records
+        )
+        opened = next(r for r in records if r["event"].startswith("session opened"))
+        assert opened["site"] == SITE and opened["user"] == "admin" and opened["session"], opened
+        site = next(r for r in records if r["event"].startswith(f"site {SITE} connected"))
+        assert site["site"] == SITE and site["peer"], site
+        stream = next(r for r in records if r["event"].startswith("stream closed"))
+        assert stream["site"] == SITE and stream["reason"] == "eof" and isinstance(stream["stream"], int), (
+            stream
+        )
+
+
+def test_log_level_and_format_are_checked(tmp_path: Path) -> None:
+    for prog, args in (("control-tower", ["serve", "--config", "x"]), ("edge-enforcer", ["run"])):
+        result = subprocess.run(
+            [program(prog), *args, "--log-format", "xml"], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == ExitCode.USAGE and "'xml' is not one of 'text', 'json'" in result.stderr

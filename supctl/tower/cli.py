@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from supctl.errors import ExitCode, SupctlError, UsageError
-from supctl.output import make_console
+from supctl.output import LOG_LEVELS, log_options, make_console
 from supctl.tower.auditcli import add_audit_command
 from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs, write_peer_cert
 from supctl.tower.config import (
@@ -200,7 +200,9 @@ def _print_init_summary(directory: Path, store_url: str | None) -> None:
     console.print(f"  {PROG} serve --config {escape(cfg)}")
 
 
-def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None:
+def serve_tower(
+    config: TowerConfig, listen: str | None, insecure: bool, log_level: str = "info", log_format: str = "text"
+) -> None:
     """Check everything that can be checked locally, then hand over to the server."""
     host, port = parse_listen(listen if listen is not None else config.listen)
     insecure = insecure or config.insecure
@@ -218,7 +220,7 @@ def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None
     # Imported here: the server pulls in websockets and asyncio machinery the admin commands never need.
     from supctl.tower import serving
 
-    serving.serve(config, host, port, insecure)
+    serving.serve(config, host, port, insecure, LOG_LEVELS[log_level], log_format)
 
 
 def read_password(*, confirm: bool = False) -> str:
@@ -470,9 +472,10 @@ def make_cli() -> click.Group:
         "--listen", metavar="HOST:PORT", help="Override 'listen' from the config ([::1]:4646, :4646)."
     )
     @click.option("--insecure", is_flag=True, help="Serve plain ws:// without TLS.")
-    def serve(config_path: Path, listen: str | None, insecure: bool) -> None:
+    @log_options("info")
+    def serve(config_path: Path, listen: str | None, insecure: bool, log_level: str, log_format: str) -> None:
         """Run the tower."""
-        serve_tower(load_config(config_path), listen, insecure)
+        serve_tower(load_config(config_path), listen, insecure, log_level, log_format)
 
     add_audit_command(cli)
     return cli

@@ -299,6 +299,10 @@ class Relay:
             "seconds=%.3f result=%s%s"
         )
         values = (self.summary, self.up.total, self.down.total, self.up.peak, self.down.peak, seconds)
+        fields: dict[str, object] = {
+            "site": self.route.site, "user": self.user, "session": self.route.session,
+            "stream": self.client_id, "reason": close,
+        }  # fmt: skip
         recorded = True
         if close == "site-reset" and not self.accepted:
             # The site refused the OPEN: a refused stream like the tower's own refusals,
@@ -306,9 +310,9 @@ class Relay:
             # rate-limited (tower/refusals.py).
             recorded = self.client.stream_refused(close, result)
             key = f"streams refused by site {self.route.site} for user {self.user}"
-            tower.peer_log.info(key, line, *values, shown, result)
+            tower.peer_log.info(key, line, *values, shown, result, extra=fields)
         else:
-            log.info(line, *values, shown, result)
+            log.info(line, *values, shown, result, extra=fields)
         trail = tower.audit
         if trail is not None and recorded and accounted:
             exit_code, exit_signal = self.exit or (None, None)

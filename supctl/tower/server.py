@@ -296,7 +296,8 @@ class Tower:
         the audit log has every one."""
         path = urlsplit(request.path).path
         key = f"requests refused from {peer_host(connection)}"
-        self.peer_log.info(key, "refused %s %s: %d %s", peer(connection), path, status, message)
+        fields = {"peer": peer(connection), "status": status, "reason": message}
+        self.peer_log.info(key, "refused %s %s: %d %s", peer(connection), path, status, message, extra=fields)
 
     # --- audit records of requests ----------------------------------------------
 
@@ -540,11 +541,13 @@ class Tower:
             log.warning("closing session %s: %s", route.summary, reason)
             await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
-        log.info("session opened %s from %s", route.summary, peer(connection))
+        fields = {"site": route.site, "user": route.user, "session": route.session, "peer": route.peer}
+        log.info("session opened %s from %s", route.summary, peer(connection), extra=fields)
         session = ClientLink(connection, self, route, goaway=has_feature(connection, "goaway"))
         self.hub.open_session(session)
         try:
             await session.run()
         finally:
             self.hub.close_session(session)
-        log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
+        reason = session.lost_reason or "closed"
+        log.info("session closed %s: %s", route.summary, reason, extra={**fields, "reason": reason})

@@ -100,7 +100,7 @@ async def run_tower(
     async with server, contextlib.AsyncExitStack() as stack:
         address = next(iter(server.sockets)).getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-        log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
+        log.info("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
         await _start_peering(config, tower, presence, stack)
         await _start_metrics(config, tower, metrics, stack)
         if started is not None:
@@ -117,7 +117,7 @@ async def run_tower(
         await _drain(server, tower, config.drain_timeout, stop)
         for task in (sweeper, poller, listener, heart):
             task.cancel()
-        log.warning("control-tower stopping")
+        log.info("control-tower stopping")
     await presence.leave()
     await audit_log.stop()  # writes what is queued; says how many records were lost, if any
     await store.close()
@@ -152,7 +152,7 @@ async def _start_peering(
     tower.hub.move_sites = True
     stack.push_async_callback(peers.close)
     await presence.set_advertise(advertise)
-    log.warning("replica %s takes relayed streams on %s (advertised as %s)", presence.replica,
+    log.info("replica %s takes relayed streams on %s (advertised as %s)", presence.replica,
                 f"{bound_host}:{bound_port}", advertise)  # fmt: skip
 
 
@@ -209,8 +209,10 @@ async def _drain(server: Server, tower: Tower, timeout: float, stop: asyncio.Eve
     await asyncio.gather(drainer, again, return_exceptions=True)
 
 
-def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
-    setup_logging(logging.INFO)
+def serve(
+    config: TowerConfig, host: str, port: int, insecure: bool, level: int = logging.INFO, fmt: str = "text"
+) -> None:
+    setup_logging(level, fmt)
     # Every connection, authenticated or not, holds a descriptor: the usual soft limit
     # (1024) is far below what a tower serving many sessions needs (docs/tower.md,
     # "Deployment limits"); the hard limit is what the deployment allows.
