@@ -22,6 +22,7 @@ from .client.settings import resolve
 from .errors import ExitCode, PluginError, SupctlError
 from .output import make_console
 from .plugins import Registry, call_registration, make_plugin_manager
+from .version import version_option
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -72,7 +73,7 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         help="Trust only the tower certificate with this SHA-256 fingerprint (no CA or hostname check).",
     )
     @click.option("--config", "config", help="Config file (default ~/.config/supctl/config.toml).")
-    @click.version_option(package_name="supctl", message="supctl %(version)s")
+    @version_option("supctl")
     @click.pass_context
     def root(
         ctx: click.Context,

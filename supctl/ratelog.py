@@ -43,8 +43,11 @@ class RateLimitedLog:
         self._total = Buckets(total_burst, total_rate, clock)
         self._suppressed: OrderedDict[str, int] = OrderedDict()
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> bool:
-        """Log ``msg % args`` unless ``key`` (or everything) is over its rate; True if logged."""
+    def log(
+        self, level: int, key: str, msg: str, *args: object, extra: dict[str, object] | None = None
+    ) -> bool:
+        """Log ``msg % args`` unless ``key`` (or everything) is over its rate; True if logged.
+        ``extra``: structured fields (:data:`supctl.output.STRUCTURED_FIELDS`)."""
         if not self.logger.isEnabledFor(level):
             return False
         if self._per_key.take(key) or self._total.take(""):
@@ -55,14 +58,14 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg, args = f"{msg} (%d similar messages suppressed)", (*args, suppressed)
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, extra=extra)
         return True
 
-    def warning(self, key: str, msg: str, *args: object) -> bool:
-        return self.log(logging.WARNING, key, msg, *args)
+    def warning(self, key: str, msg: str, *args: object, extra: dict[str, object] | None = None) -> bool:
+        return self.log(logging.WARNING, key, msg, *args, extra=extra)
 
-    def info(self, key: str, msg: str, *args: object) -> bool:
-        return self.log(logging.INFO, key, msg, *args)
+    def info(self, key: str, msg: str, *args: object, extra: dict[str, object] | None = None) -> bool:
+        return self.log(logging.INFO, key, msg, *args, extra=extra)
 
     def flush(self, level: int = logging.WARNING) -> None:
         """Report the suppressed counts of keys that may log again (their flood ended)."""

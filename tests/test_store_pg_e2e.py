@@ -22,6 +22,7 @@ import pytest
 from e2e_support import echo_roundtrip, start_server, wait_until
 from pg_cluster import PostgresCluster
 from stack import Stack, do_args, one_line_error, program
+from test_operations import curl
 from test_users_policies import PASSWORD, login
 from tower_raw import add_user
 
@@ -241,6 +242,9 @@ def test_an_outage_refuses_new_sessions_and_spares_open_streams(
             assert "the control tower cannot reach its store" in line, line
             result = stack.supctl("show", "sites")
             assert result.returncode == ExitCode.UNAVAILABLE, result.stderr
+            # Probes (issue 13): alive, not ready, and why.
+            assert curl(stack, "/healthz") == (200, "ok")
+            assert curl(stack, "/readyz") == (503, "not ready: the control tower cannot reach its store")
             # ...while the stream opened before relays on, every byte.
             payload = os.urandom(1_000_000)
             open_stream.sendall(payload)
@@ -261,6 +265,7 @@ def test_an_outage_refuses_new_sessions_and_spares_open_streams(
                 return again.returncode == 0 and again.stdout == b"again"
 
             wait_until(works, 30, "a new session once the server is back")
+            wait_until(lambda: curl(stack, "/readyz") == (200, "ready"), 10, "ready again")
             open_stream.sendall(b"after")
             assert open_stream.recv(5) == b"after"
         # The stream's record, made after the outage, reaches the store.

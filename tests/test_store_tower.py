@@ -42,7 +42,7 @@ addresses = ["127.0.0.1/32"]
 FAKE_SERVER = """
 import sys, types
 m = types.ModuleType("supctl.tower.serving")
-m.serve = lambda config, host, port, insecure: print("serving")
+m.serve = lambda config, host, port, insecure, *logging: print("serving")
 sys.modules["supctl.tower.serving"] = m
 """
 

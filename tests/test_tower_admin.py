@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE_SERVER = """
 import json, sys, types
 m = types.ModuleType("supctl.tower.serving")
-def serve(config, host, port, insecure):
+def serve(config, host, port, insecure, level=None, fmt=None):
     print(json.dumps({"host": host, "port": port, "insecure": insecure, "store": str(config.database)}))
 m.serve = serve
 sys.modules["supctl.tower.serving"] = m

@@ -299,7 +299,7 @@ class Agent:
         self._status_changed.clear()  # HELLO carries the states as of now
         link.conn.send_hello(self.hello())
         link.flush()
-        log.warning("connected to the tower as site %s (%s)", self.site, tower)
+        log.info("connected to the tower as site %s (%s)", self.site, tower, extra={"site": self.site})
         pusher = asyncio.create_task(self._push_status(link))
         link.tasks.add(pusher)
         runner = asyncio.create_task(self._run_link(link), name="tower-link")
@@ -387,7 +387,7 @@ class Agent:
             result = "internal error"
             channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
         finally:
-            log.info(
+            log.debug(
                 "stream closed application=%s instance=%s verb=%s protocol=%s target=%s sent=%d received=%d "
                 "peak_buffered=%d seconds=%.3f result=%s",
                 request.application,

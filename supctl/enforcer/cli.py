@@ -13,10 +13,11 @@ import click
 
 from .. import aio
 from ..errors import SupctlError, UsageError
-from ..output import make_console, setup_logging
+from ..output import LOG_LEVELS, log_options, make_console, setup_logging
 from ..plugins import collect, make_plugin_manager
 from ..protocol import KEEPALIVE, MAX_SITE_STREAMS
 from ..tlspin import parse_fingerprint, pinned_context
+from ..version import version_option
 from .agent import Agent
 from .api import Handler, HandlerContext, Serves
 from .cgroups import CgroupTree
@@ -38,7 +39,7 @@ def load_runtimes() -> dict[str, Runtime]:
 
 def make_cli() -> click.Group:
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(package_name="supctl", message="edge-enforcer %(version)s")
+    @version_option("edge-enforcer")
     def cli() -> None:
         """The supctl agent on an edge host: dials out to the control tower, never listens."""
 
@@ -85,7 +86,8 @@ def make_cli() -> click.Group:
         help="WebSocket ping interval and pong timeout towards the tower (0: off); a silent "
         "partition is noticed within twice this.",
     )
-    @click.option("-v", "--verbose", is_flag=True, help="Log every stream.")
+    @click.option("-v", "--verbose", is_flag=True, help="Log every stream (--log-level debug).")
+    @log_options("info")
     def run(
         towers: tuple[str, ...],
         site: str,
@@ -97,9 +99,11 @@ def make_cli() -> click.Group:
         max_streams: int,
         keepalive: float,
         verbose: bool,
+        log_level: str,
+        log_format: str,
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
-        setup_logging(logging.INFO if verbose else logging.WARNING)
+        setup_logging(logging.DEBUG if verbose else LOG_LEVELS[log_level], log_format)
         for url in towers:
             if not url.startswith(("wss://", "ws://")):
                 raise UsageError(f"--tower must look like wss://HOST:PORT, got {url!r}")

@@ -136,6 +136,8 @@ class AuditSink:
         self.written = 0
         self.lost = 0  # records taken or offered that will never be written
         self.refused = 0  # admissions refused (their request answered 503)
+        #: Called with the seconds each successful batch write took (the tower's metrics).
+        self.on_write: Callable[[float], None] | None = None
 
     # --- on the event loop: never waits ----------------------------------------------
 
@@ -231,7 +233,10 @@ class AuditSink:
 
     async def _write(self, rows: list[dict[str, Any]]) -> None:
         try:
+            started = self.clock()
             await self.rows.append_rows(rows)
+            if self.on_write is not None:
+                self.on_write(self.clock() - started)
         except StoreUnavailable:
             raise
         except Exception as exc:  # not an outage: a row the store refuses must not block the rest

@@ -9,6 +9,7 @@ so importing this module has no side effects.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import stat
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from supctl.errors import ExitCode, SupctlError, UsageError
-from supctl.output import make_console
+from supctl.output import LOG_LEVELS, log_options, make_console
 from supctl.tower.auditcli import add_audit_command
 from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs, write_peer_cert
 from supctl.tower.config import (
@@ -36,6 +37,7 @@ from supctl.tower.config import (
     write_default_config,
 )
 from supctl.tower.store import atomic_write
+from supctl.version import version_option
 
 PROG = "control-tower"
 ADMIN_TOKEN_NAME = "admin.token"  # noqa: S105 - a file name, not a secret
@@ -198,7 +200,9 @@ def _print_init_summary(directory: Path, store_url: str | None) -> None:
     console.print(f"  {PROG} serve --config {escape(cfg)}")
 
 
-def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None:
+def serve_tower(
+    config: TowerConfig, listen: str | None, insecure: bool, log_level: str = "info", log_format: str = "text"
+) -> None:
     """Check everything that can be checked locally, then hand over to the server."""
     host, port = parse_listen(listen if listen is not None else config.listen)
     insecure = insecure or config.insecure
@@ -216,7 +220,7 @@ def serve_tower(config: TowerConfig, listen: str | None, insecure: bool) -> None
     # Imported here: the server pulls in websockets and asyncio machinery the admin commands never need.
     from supctl.tower import serving
 
-    serving.serve(config, host, port, insecure)
+    serving.serve(config, host, port, insecure, LOG_LEVELS[log_level], log_format)
 
 
 def read_password(*, confirm: bool = False) -> str:
@@ -241,6 +245,7 @@ def make_cli() -> click.Group:
     from supctl.tower import admincmds, listings
 
     @click.group(name=PROG, context_settings={"help_option_names": ["-h", "--help"]})
+    @version_option(PROG)
     def cli() -> None:
         """The supctl control tower: where clients meet edge sites."""
 
@@ -467,9 +472,10 @@ def make_cli() -> click.Group:
         "--listen", metavar="HOST:PORT", help="Override 'listen' from the config ([::1]:4646, :4646)."
     )
     @click.option("--insecure", is_flag=True, help="Serve plain ws:// without TLS.")
-    def serve(config_path: Path, listen: str | None, insecure: bool) -> None:
+    @log_options("info")
+    def serve(config_path: Path, listen: str | None, insecure: bool, log_level: str, log_format: str) -> None:
         """Run the tower."""
-        serve_tower(load_config(config_path), listen, insecure)
+        serve_tower(load_config(config_path), listen, insecure, log_level, log_format)
 
     add_audit_command(cli)
     return cli
@@ -490,4 +496,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as e:
         # Files that cannot be written, ports already in use: the environment, not a bug.
         where = f"{e.filename}: " if e.filename else ""
-        _fail(" ".join(f"{where}{e.strerror or e}".split()), ExitCode.FAILURE)
+        # A listen address in use or not ours is a setting to change, as in the other programs.
+        code = ExitCode.USAGE if e.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL) else ExitCode.FAILURE
+        _fail(" ".join(f"{where}{e.strerror or e}".split()), code)

@@ -146,6 +146,10 @@ class TowerConfig:
     # The replicas' certificate and key, from the tower's CA (control-tower peer-cert).
     peer_cert: Path = field(default=Path(DEFAULT_FILES["peer-cert"]), metadata={"key": "cluster.cert"})
     peer_key: Path = field(default=Path(DEFAULT_FILES["peer-key"]), metadata={"key": "cluster.key"})
+    # Plain HTTP for scrapers and probes (/metrics, /healthz, /readyz); off without it.
+    metrics_listen: Annotated[str | None, LISTEN] = field(default=None, metadata={"key": "metrics.listen"})
+    # Per-site byte counters (a label per site: bounded by the sites registered).
+    metrics_site_labels: bool = field(default=False, metadata={"key": "metrics.site-labels"})
 
     def peering(self) -> tuple[str, int, str | None] | None:
         """(host, port) of the peer listener and the advertised URL (None: the listener's

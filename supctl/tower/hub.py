@@ -226,6 +226,7 @@ class Hub:
             link.site,
             len(info.applications),
             ",".join(info.handlers),
+            extra={"site": link.site, "peer": link.peer},
         )
 
     def close_sites(self, reason: str) -> None:
@@ -237,7 +238,10 @@ class Hub:
     def site_lost(self, link: Site, reason: str) -> None:
         if self.sites.get(link.site) is link:
             del self.sites[link.site]
-            log.warning("site %s disconnected: %s", link.site, reason)
+            # A normal event (an enforcer restarts, moves to another replica): not a warning.
+            log.info(
+                "site %s disconnected: %s", link.site, reason, extra={"site": link.site, "reason": reason}
+            )
             if self.presence is not None:
                 self.presence.release(link.site)
 

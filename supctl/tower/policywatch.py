@@ -106,4 +106,4 @@ class PolicyWatch:
             log.error("%s", exc)
             self.error = exc
             return
-        log.warning("applied %s as policy set version %d", self.path, version)
+        log.info("applied %s as policy set version %d", self.path, version)

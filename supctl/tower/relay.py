@@ -46,6 +46,13 @@ class AuditSink(Protocol):
     def append(self, rec: dict[str, Any]) -> bool: ...
 
 
+class StreamMetrics(Protocol):
+    """What a relay tells the tower's metrics (:class:`.metrics.TowerMetrics`)."""
+
+    def stream_opened(self, seconds: float) -> None:
+        """A stream was accepted by the site ``seconds`` after its OPEN."""
+
+
 class Services(Protocol):
     """The parts of the tower a link and its relays use."""
 
@@ -57,6 +64,8 @@ class Services(Protocol):
     def peer_log(self) -> RateLimitedLog: ...
     @property
     def audit(self) -> AuditSink | None: ...
+    @property
+    def metrics(self) -> StreamMetrics | None: ...
 
 
 class End(Protocol):
@@ -225,6 +234,9 @@ class Relay:
         if isinstance(event, StreamAccepted):
             self.accepted = True
             self.last_activity = self.clock()
+            metrics = self.client.tower.metrics
+            if metrics is not None and self.client.accounted:  # once, where it was opened
+                metrics.stream_opened(self.last_activity - self.started)
             # The client's connection may be closing (its relays are aborted when
             # it is lost): accepting then would raise and take the site link down.
             if self.client.conn.is_open(self.client_id):
@@ -287,6 +299,10 @@ class Relay:
             "seconds=%.3f result=%s%s"
         )
         values = (self.summary, self.up.total, self.down.total, self.up.peak, self.down.peak, seconds)
+        fields: dict[str, object] = {
+            "site": self.route.site, "user": self.user, "session": self.route.session,
+            "stream": self.client_id, "reason": close,
+        }  # fmt: skip
         recorded = True
         if close == "site-reset" and not self.accepted:
             # The site refused the OPEN: a refused stream like the tower's own refusals,
@@ -294,9 +310,9 @@ class Relay:
             # rate-limited (tower/refusals.py).
             recorded = self.client.stream_refused(close, result)
             key = f"streams refused by site {self.route.site} for user {self.user}"
-            tower.peer_log.info(key, line, *values, shown, result)
+            tower.peer_log.info(key, line, *values, shown, result, extra=fields)
         else:
-            log.info(line, *values, shown, result)
+            log.info(line, *values, shown, result, extra=fields)
         trail = tower.audit
         if trail is not None and recorded and accounted:
             exit_code, exit_signal = self.exit or (None, None)

@@ -42,6 +42,8 @@ from .hub import Hub, sweep_forever
 from .limits import Limits
 from .links import ClientLink, PeerRoutes, SiteLink
 from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
+from .metrics import TowerMetrics
+from .probes import PROBE_PATHS, Probes
 from .requests import (
     ACCOUNT_PATHS,
     CONNECT_PATH,
@@ -114,6 +116,10 @@ class Tower:
         self.hub = Hub(self.limits, clock)
         # The links to the other replicas (:mod:`.peering`); None: no [cluster] advertise.
         self.peers: PeerRoutes | None = None
+        # /healthz and /readyz (:mod:`.probes`): no token, no audit record.
+        self.probes = Probes(store.fresh, lambda: self.hub.draining, clock)
+        # Prometheus metrics (:mod:`.metrics`), when serving sets them up.
+        self.metrics: TowerMetrics | None = None
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
         # checked out: process_request is synchronous, so it never mixes two requests.
         self._requester = ""
@@ -138,6 +144,8 @@ class Tower:
         requests never interleave.
         """
         path = urlsplit(request.path).path
+        if path in PROBE_PATHS and not upgrading(request):
+            return await self.probes.answer(path)
         if self.hub.draining and upgrading(request):
             message = "the control tower is shutting down; connect again"
             self._requester = ""
@@ -288,7 +296,8 @@ class Tower:
         the audit log has every one."""
         path = urlsplit(request.path).path
         key = f"requests refused from {peer_host(connection)}"
-        self.peer_log.info(key, "refused %s %s: %d %s", peer(connection), path, status, message)
+        fields = {"peer": peer(connection), "status": status, "reason": message}
+        self.peer_log.info(key, "refused %s %s: %d %s", peer(connection), path, status, message, extra=fields)
 
     # --- audit records of requests ----------------------------------------------
 
@@ -532,11 +541,13 @@ class Tower:
             log.warning("closing session %s: %s", route.summary, reason)
             await connection.close(CLOSE_CODE_BASE + ErrorCode.LIMIT, reason)
             return
-        log.info("session opened %s from %s", route.summary, peer(connection))
+        fields = {"site": route.site, "user": route.user, "session": route.session, "peer": route.peer}
+        log.info("session opened %s from %s", route.summary, peer(connection), extra=fields)
         session = ClientLink(connection, self, route, goaway=has_feature(connection, "goaway"))
         self.hub.open_session(session)
         try:
             await session.run()
         finally:
             self.hub.close_session(session)
-        log.info("session closed %s: %s", route.summary, session.lost_reason or "closed")
+        reason = session.lost_reason or "closed"
+        log.info("session closed %s: %s", route.summary, reason, extra={**fields, "reason": reason})

@@ -9,9 +9,12 @@ import logging
 import resource
 import signal
 import ssl
+from urllib.parse import urlsplit
 
-from websockets.asyncio.server import Server
+from websockets.asyncio.server import Server, ServerConnection
 from websockets.asyncio.server import serve as ws_serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 from .. import aio
 from ..errors import UsageError
@@ -20,12 +23,15 @@ from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from ..wsconn import keepalive_options
 from . import peering as peering_mod
 from .auditsink import AuditSink
-from .config import TowerConfig
+from .config import TowerConfig, parse_listen
 from .directory import Directory
 from .hub import drain
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import AuditedMetrics, TowerMetrics, live_state
 from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .presence import Presence
+from .probes import PROBE_PATHS, text_response
 from .server import Tower
 from .storeconfig import open_store
 from .users import parse_duration
@@ -54,7 +60,11 @@ async def run_tower(
         raise
     audit_log = AuditSink(store.audit, keep=config.audit_keep)
     audit_log.start()
-    tower = Tower(directory, audit_log, config.limits)
+    # Counted from the audit records as they are appended (:mod:`.metrics`).
+    metrics = TowerMetrics(lambda: live_state(tower.hub), site_labels=config.metrics_site_labels)
+    audit_log.on_write = metrics.audit_write.observe
+    tower = Tower(directory, AuditedMetrics(audit_log, metrics), config.limits)
+    tower.metrics = metrics
     tower.login_expiry = parse_duration(config.login_expiry)
     tower.hub.presence = presence
     presence.on_taken_over = tower.hub.close_sites
@@ -90,8 +100,9 @@ async def run_tower(
     async with server, contextlib.AsyncExitStack() as stack:
         address = next(iter(server.sockets)).getsockname()
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-        log.warning("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
+        log.info("control-tower listening on %s://%s:%d", "ws" if insecure else "wss", shown, address[1])
         await _start_peering(config, tower, presence, stack)
+        await _start_metrics(config, tower, metrics, stack)
         if started is not None:
             started.set()
         loop = asyncio.get_running_loop()
@@ -106,7 +117,7 @@ async def run_tower(
         await _drain(server, tower, config.drain_timeout, stop)
         for task in (sweeper, poller, listener, heart):
             task.cancel()
-        log.warning("control-tower stopping")
+        log.info("control-tower stopping")
     await presence.leave()
     await audit_log.stop()  # writes what is queued; says how many records were lost, if any
     await store.close()
@@ -141,8 +152,46 @@ async def _start_peering(
     tower.hub.move_sites = True
     stack.push_async_callback(peers.close)
     await presence.set_advertise(advertise)
-    log.warning("replica %s takes relayed streams on %s (advertised as %s)", presence.replica,
+    log.info("replica %s takes relayed streams on %s (advertised as %s)", presence.replica,
                 f"{bound_host}:{bound_port}", advertise)  # fmt: skip
+
+
+async def _start_metrics(
+    config: TowerConfig, tower: Tower, metrics: TowerMetrics, stack: contextlib.AsyncExitStack
+) -> None:
+    """``[metrics] listen``: plain HTTP for Prometheus and probes, no token.  Metrics say
+    which sites and how much traffic, so they are not on the public listener: bind this
+    one to loopback or an internal network."""
+    if config.metrics_listen is None:
+        return
+    host, port = parse_listen(config.metrics_listen)
+
+    async def answer(_connection: ServerConnection, request: Request) -> Response:
+        path = urlsplit(request.path).path
+        if path in PROBE_PATHS:
+            return await tower.probes.answer(path)
+        if path != "/metrics":
+            return text_response(404, "not found: /metrics, /healthz or /readyz")
+        body = metrics.exposition()
+        headers = Headers([("Content-Type", METRICS_TYPE), ("Content-Length", str(len(body)))])
+        return Response(200, "OK", headers, body)
+
+    async def never(_connection: ServerConnection) -> None:  # every request is answered above
+        return None
+
+    try:
+        server = await stack.enter_async_context(
+            ws_serve(
+                never, host, port, process_request=answer, open_timeout=10, server_header="control-tower"
+            )
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen for metrics on {host or '*'}:{port}: {exc.strerror or exc}"
+        ) from None
+    address = next(iter(server.sockets)).getsockname()
+    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+    log.info("metrics and probes on http://%s:%d/metrics", shown, address[1])
 
 
 async def _drain(server: Server, tower: Tower, timeout: float, stop: asyncio.Event) -> None:
@@ -160,10 +209,12 @@ async def _drain(server: Server, tower: Tower, timeout: float, stop: asyncio.Eve
     await asyncio.gather(drainer, again, return_exceptions=True)
 
 
-def serve(config: TowerConfig, host: str, port: int, insecure: bool) -> None:
-    setup_logging(logging.INFO)
+def serve(
+    config: TowerConfig, host: str, port: int, insecure: bool, level: int = logging.INFO, fmt: str = "text"
+) -> None:
+    setup_logging(level, fmt)
     # Every connection, authenticated or not, holds a descriptor: the usual soft limit
     # (1024) is far below what a tower serving many sessions needs (docs/tower.md,
     # "Deployment limits"); the hard limit is what the deployment allows.
-    log.warning("open-file limit (RLIMIT_NOFILE): %s", raise_fd_limit())
+    log.info("open-file limit (RLIMIT_NOFILE): %s", raise_fd_limit())
     aio.run(run_tower(config, host, port, insecure))
