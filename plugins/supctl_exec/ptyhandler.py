@@ -44,8 +44,18 @@ from supctl.protocol.exec import STDOUT, WindowSize, encode_output, parse_resize
 
 #: Runs as the session leader the runtime started: take fd 0 (the slave) as the
 #: controlling terminal, then exec the command.  ``-I -S``: no environment, no
-#: site-packages, nothing of the enforcer's; only the standard library.
-_CTTY = "import fcntl,os,sys,termios;fcntl.ioctl(0,termios.TIOCSCTTY,0);os.execvp(sys.argv[1],sys.argv[1:])"
+#: site-packages, nothing of the enforcer's; only the standard library.  Signals
+#: go back to their defaults first: Python ignores SIGPIPE and SIGXFSZ (the
+#: command would inherit that through exec), and an enforcer started in the
+#: background of a shell ignores SIGINT and SIGQUIT, which Ctrl-C and Ctrl-\ must
+#: deliver.
+_CTTY = (
+    "import fcntl,os,signal as s,sys,termios\n"
+    "for n in ('SIGINT','SIGQUIT','SIGPIPE','SIGXFSZ','SIGTSTP','SIGTTIN','SIGTTOU'):"
+    " s.signal(getattr(s,n),s.SIG_DFL)\n"
+    "fcntl.ioctl(0,termios.TIOCSCTTY,0)\n"
+    "os.execvp(sys.argv[1],sys.argv[1:])"
+)
 
 
 def ctty_argv(argv: list[str]) -> list[str]:
