@@ -3,7 +3,9 @@
 The command runs as ``/bin/sh -c COMMAND`` through the instance's runtime (in its
 network namespace, with the container's env, cwd and user), as the leader of its
 own process group and, where the enforcer has a cgroup tree, in a cgroup of its
-own that is killed and removed when the stream ends (:mod:`supctl.enforcer.cgroups`).  Wire format: docs/protocol.md, "exec streams".
+own that is killed and removed when the stream ends (:mod:`supctl.enforcer.cgroups`).  With
+``args.tty`` it runs on a pseudo-terminal instead of pipes (:mod:`.ptyhandler`).  Wire
+format: docs/protocol.md, "exec streams".
 
 Four independent tasks serve a stream, so no direction can hold up another:
 stdin (stream -> pipe), stdout and stderr (pipe -> stream, as output records)
@@ -17,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from dataclasses import replace
 
-from supctl.enforcer.api import HandlerContext, ServiceInstance
+from supctl.enforcer.api import Container, HandlerContext, ServiceInstance
 from supctl.enforcer.cgroups import Cgroup
 from supctl.enforcer.runtime import ProcessSpec, Runtime, exit_status, kill_group, reap, wait_exited
 from supctl.errors import StreamError
 from supctl.link import Channel
 from supctl.protocol import ErrorCode, OpenRequest
-from supctl.protocol.exec import STDERR, STDOUT, encode_output
+from supctl.protocol.exec import EXEC_TTY, STDERR, STDOUT, TtyRequest, encode_output, parse_tty
+
+from .ptyhandler import PtySession, ctty_argv, open_pty
 
 #: Seconds between a client's INT/TERM and SIGKILL, if the command is still running.
 GRACE = 5.0
@@ -37,6 +42,8 @@ READ_CHUNK = 256 * 1024
 #: silent this long is held by a process that left the group (``setsid``): stop
 #: waiting for its EOF.
 ORPHAN_WAIT = 1.0
+#: TERM of a tty exec when neither the client nor the container gives one (docker's).
+DEFAULT_TERM = "xterm"
 SIGNALS = {
     "INT": signal.SIGINT,
     "TERM": signal.SIGTERM,
@@ -50,12 +57,21 @@ _reaping: set[asyncio.Task[None]] = set()
 
 
 class ExecHandler:
+    #: Announced in HELLO (``features``): this handler serves ``args.tty`` (:mod:`.ptyhandler`).
+    features = frozenset({EXEC_TTY})
+
     async def handle(
         self, channel: Channel, request: OpenRequest, instance: ServiceInstance, context: HandlerContext
     ) -> None:
         command = request.args.get("command")
         if not isinstance(command, str) or not command:
             raise StreamError("exec needs a command (args.command, a string)", code=ErrorCode.PROTOCOL)
+        tty: TtyRequest | None = None
+        if "tty" in request.args:
+            try:
+                tty = parse_tty(request.args["tty"])
+            except ValueError as exc:
+                raise StreamError(f"exec: bad args.tty: {exc}", code=ErrorCode.PROTOCOL) from None
         container = instance.containers.get(request.container)
         if container is None:
             raise StreamError(
@@ -65,27 +81,80 @@ class ExecHandler:
         runtime = context.runtimes.get(instance.runtime)
         if runtime is None:  # the enforcer checks the inventory at start; a bug if seen
             raise StreamError(f"runtime {instance.runtime!r} is not available", code=ErrorCode.INTERNAL)
-        pipe = asyncio.subprocess.PIPE
         # The stream's own cgroup: whatever the command starts, setsid or not, ends with it.
         cgroup = context.cgroups.child("exec") if context.cgroups is not None else None
-        spec = ProcessSpec.for_container(
-            container, ["/bin/sh", "-c", command], stdin=pipe, stdout=pipe, stderr=pipe
-        )
         try:
-            proc = await _spawn(runtime, instance, replace(spec, cgroup=cgroup))
-            try:
-                channel.accept()  # only now: a spawn failure is a refusal, not an accepted stream
-                await _Session(channel, proc, context.log, cgroup).run()
-            finally:
-                # Reset, link lost, enforcer stopping, or done: nothing may stay behind.
-                if cgroup is not None:
-                    cgroup.kill()
-                await reap(proc)
+            if tty is None:
+                await _run_piped(channel, runtime, instance, container, command, cgroup, context)
+            else:
+                await _run_tty(channel, runtime, instance, container, command, tty, cgroup, context)
         finally:
             if cgroup is not None:
                 # Also after a cancelled spawn: a process joining later finds no
                 # cgroup (it never runs) or is killed by release's next round.
                 await cgroup.release()
+
+
+async def _run_piped(
+    channel: Channel,
+    runtime: Runtime,
+    instance: ServiceInstance,
+    container: Container,
+    command: str,
+    cgroup: Cgroup | None,
+    context: HandlerContext,
+) -> None:
+    pipe = asyncio.subprocess.PIPE
+    spec = ProcessSpec.for_container(
+        container, ["/bin/sh", "-c", command], stdin=pipe, stdout=pipe, stderr=pipe
+    )
+    proc = await _spawn(runtime, instance, replace(spec, cgroup=cgroup))
+    try:
+        channel.accept()  # only now: a spawn failure is a refusal, not an accepted stream
+        await _Session(channel, proc, context.log, cgroup).run()
+    finally:
+        # Reset, link lost, enforcer stopping, or done: nothing may stay behind.
+        if cgroup is not None:
+            cgroup.kill()
+        await reap(proc)
+
+
+async def _run_tty(
+    channel: Channel,
+    runtime: Runtime,
+    instance: ServiceInstance,
+    container: Container,
+    command: str,
+    tty: TtyRequest,
+    cgroup: Cgroup | None,
+    context: HandlerContext,
+) -> None:
+    master, slave = open_pty(tty.size)
+    try:
+        spec = ProcessSpec.for_container(
+            container, ctty_argv(["/bin/sh", "-c", command]), stdin=slave, stdout=slave, stderr=slave
+        )
+        # The client's terminal type wins over the container's (as ssh and docker do).
+        term = tty.term or container.env.get("TERM") or DEFAULT_TERM
+        try:
+            proc = await _spawn(
+                runtime, instance, replace(spec, env={**spec.env, "TERM": term}, cgroup=cgroup)
+            )
+        finally:
+            os.close(slave)  # the command holds it now: its last close is the master's EIO
+        try:
+            channel.accept()
+            session = PtySession(
+                channel, proc, master, context.log, cgroup,
+                signals=SIGNALS, grace=GRACE, read_chunk=READ_CHUNK, orphan_wait=ORPHAN_WAIT,
+            )  # fmt: skip
+            await session.run()
+        finally:
+            if cgroup is not None:
+                cgroup.kill()
+            await reap(proc)
+    finally:
+        os.close(master)
 
 
 async def _spawn(

@@ -12,6 +12,7 @@ a second one resets the stream and exits at once.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from supctl.client.stdio import copy_stdin, write_all
 from supctl.errors import ExitCode, ProtocolError, StreamError, SupctlError, UsageError
 from supctl.link import Channel
 from supctl.protocol import ErrorCode, FrameError, OpenRequest
-from supctl.protocol.exec import OutputDecoder
+from supctl.protocol.exec import OutputDecoder, TtyRequest
 
 #: After the stream's EOF, how long the exit CONTROL (sent before it) may take to be seen.
 EXIT_GRACE = 1.0
@@ -45,6 +46,9 @@ def exit_code(status: object) -> int:
 class ExecSession:
     """Runs one accepted exec stream to its end and returns the exit code."""
 
+    #: Signals handled while it runs (:meth:`on_signal`).
+    handled_signals: tuple[int, ...] = tuple(SIGNAL_NAMES)
+
     def __init__(self, channel: Channel, stdin: int = 0, stdout: int = 1, stderr: int = 2) -> None:
         self.channel = channel
         self.stdin = stdin
@@ -60,7 +64,7 @@ class ExecSession:
         self._stdin_task = asyncio.create_task(self._pump_stdin())
         watcher = asyncio.create_task(self._watch_controls())
         output = asyncio.create_task(self._pump_output())
-        for signum in SIGNAL_NAMES:
+        for signum in self.handled_signals:
             loop.add_signal_handler(signum, self.on_signal, signum)
         try:
             ends: set[asyncio.Future[Any]] = {output, self._aborted}
@@ -76,7 +80,7 @@ class ExecSession:
                 raise StreamError("the remote command ended without an exit status", code=ErrorCode.PROTOCOL)
             return exit_code(self.exit_status)
         finally:
-            for signum in SIGNAL_NAMES:
+            for signum in self.handled_signals:
                 loop.remove_signal_handler(signum)
             tasks = [self._stdin_task, watcher, output]
             for task in tasks:
@@ -150,12 +154,21 @@ async def run_exec(
     stdin: int = 0,
     stdout: int = 1,
     stderr: int = 2,
+    tty: TtyRequest | None = None,
 ) -> int:
-    """Run ``command`` at the site behind ``path`` and return its exit code."""
+    """Run ``command`` at the site behind ``path`` and return its exit code; with
+    ``tty``, on a terminal at the site, the local one (``stdin``) in raw mode."""
     link = await transport.open_session(path, query)
     try:
         # The tower fills in application, instance and container from the URL it authorised.
-        channel = await link.open_channel(OpenRequest(verb="exec", args={"command": command}))
+        args: dict[str, object] = {"command": command}
+        if tty is not None:
+            args["tty"] = tty.to_args()
+        channel = await link.open_channel(OpenRequest(verb="exec", args=args))
+        if tty is not None:
+            from .terminal import TerminalSession
+
+            return await TerminalSession(channel, stdin, stdout).run()
         return await ExecSession(channel, stdin, stdout, stderr).run()
     finally:
         await link.aclose()
@@ -172,19 +185,30 @@ def exec_path(application: str, instance: str, container: str) -> str:
 def make_exec_command() -> click.Command:
     @click.command(
         "exec",
-        context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True},
+        # Options only before COMMAND: from COMMAND on, every word is the command's
+        # (exec -it 'ls -l' and exec 'ls -t' both mean what they say), as docker and kubectl.
+        context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False},
     )
+    @click.option(
+        "-i", "--interactive", is_flag=True,
+        help="Keep stdin attached (always the case: accepted for docker and kubectl habits).",
+    )  # fmt: skip
+    @click.option(
+        "-t", "--tty", is_flag=True,
+        help="Run COMMAND on a terminal at the site; the local terminal goes raw (stdin must be one).",
+    )  # fmt: skip
     @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
     @click.pass_obj
-    def exec_(inv: Invocation, command: tuple[str, ...]) -> int:
+    def exec_(inv: Invocation, interactive: bool, tty: bool, command: tuple[str, ...]) -> int:
         """Run COMMAND in the container with /bin/sh -c, joined to stdin, stdout and stderr.
 
         Exits with the command's exit code (128+N when signal N killed it), or 255
         when supctl fails (the one-line message says why), as ssh does.  Quote
-        COMMAND as one argument: exec 'ls -l /tmp'.
+        COMMAND as one argument: exec 'ls -l /tmp'.  Options go before it:
+        exec -it sh gives an interactive shell on a terminal.
         """
         try:
-            return _exec(inv, command)
+            return _exec(inv, command, tty=tty, interactive=interactive)
         except SupctlError as exc:
             exc.exit_code = ExitCode.EXEC_FAILED  # never mistaken for the command's own code
             raise
@@ -192,18 +216,26 @@ def make_exec_command() -> click.Command:
     return exec_
 
 
-def _exec(inv: Invocation, command: tuple[str, ...]) -> int:
+def _exec(inv: Invocation, command: tuple[str, ...], *, tty: bool = False, interactive: bool = False) -> int:
     if len(command) != 1:
+        flags = ("i" if interactive else "") + ("t" if tty else "")
+        options = f"-{flags} " if flags else ""
         raise UsageError(
             f"exec takes one COMMAND argument, got {len(command)}: quote it, "
-            f"e.g. exec {_quote(' '.join(command))}"
+            f"e.g. exec {options}{_quote(shlex.join(command))}"
         )
     if not command[0].strip():
         raise UsageError("exec: COMMAND is empty")
+    # Before anything is opened: with -t and no local terminal nothing runs remotely.
+    request = None
+    if tty:
+        from .terminal import terminal_request
+
+        request = terminal_request()
     site = inv.require_site()
     assert inv.application and inv.service_instance and inv.container
     path = exec_path(inv.application, inv.service_instance, inv.container)
-    return asyncio.run(run_exec(inv.transport(), path, {"site": site}, command[0]))
+    return asyncio.run(run_exec(inv.transport(), path, {"site": site}, command[0], tty=request))
 
 
 def _quote(text: str) -> str:

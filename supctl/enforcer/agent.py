@@ -184,6 +184,7 @@ class Agent:
             "site": self.site,
             "version": __version__,
             "handlers": self.dispatcher.names,
+            "features": self.dispatcher.features,
             "applications": self.inventory.describe(states),
         }
 

@@ -119,6 +119,11 @@ class Handler(Protocol):
         into a RESET whose text the user sees as one line.  A stream reset before
         ``accept()`` cancels the handler's task (it may be connecting or spawning);
         after ``accept()`` the reset shows as StreamError from the channel.
+
+        A handler may also have a ``features`` attribute: names (strings) of what it
+        can do beyond the basics, announced in HELLO's ``features`` (the exec
+        handler's ``exec-tty``); a tower refuses a request that needs a feature the
+        site does not announce.
         """
         ...
 

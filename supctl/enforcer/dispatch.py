@@ -58,6 +58,14 @@ class Dispatcher:
         """What the site announces in HELLO: each handler's protocol (connect) or verb."""
         return sorted(serves.name for serves in self.handlers)
 
+    @property
+    def features(self) -> list[str]:
+        """What the site announces in HELLO's ``features``: every handler's optional
+        ``features`` attribute (strings), so a tower refuses what the site cannot do
+        (``exec-tty``) instead of the site silently doing less."""
+        found = {str(name) for handler in self.handlers.values() for name in getattr(handler, "features", ())}
+        return sorted(found)
+
     def route(self, request: OpenRequest) -> Dispatch:
         """The handler for ``request`` and the canonical request it is given, or
         :class:`StreamError` saying why the site refuses the stream."""

@@ -14,7 +14,9 @@ See docs/protocol.md, "exec streams".
 
 from __future__ import annotations
 
+import re
 import struct
+from dataclasses import dataclass
 
 from .frames import ErrorCode, FrameError
 
@@ -71,3 +73,79 @@ class OutputDecoder:
             offset = start + length
         del buffer[:offset]
         return records
+
+
+# --- terminals (exec -t) -------------------------------------------------------------
+#
+# An exec OPEN with ``args.tty`` asks for a pseudo-terminal; a ``{"resize": ...}``
+# CONTROL changes its window size.  Both come from a client (through a tower that may
+# be compromised), so the enforcer takes nothing in them on trust: sizes are bounded
+# integers, TERM is a short terminfo-style name.  See docs/protocol.md, "exec streams".
+
+#: What an enforcer whose exec handler can allocate a terminal announces in HELLO's
+#: ``features``; a tower refuses a tty exec to a site that does not announce it.
+EXEC_TTY = "exec-tty"
+#: Largest number of rows or columns accepted (real terminals stay far below).
+MAX_WINDOW = 10_000
+#: Longest TERM accepted; terminfo names are short (``xterm-256color``).
+MAX_TERM = 64
+_TERM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSize:
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True, slots=True)
+class TtyRequest:
+    """A checked ``args.tty``: the initial window size, and TERM (None: not sent)."""
+
+    size: WindowSize
+    term: str | None = None
+
+    def to_args(self) -> dict[str, object]:
+        out: dict[str, object] = {"rows": self.size.rows, "cols": self.size.cols}
+        if self.term is not None:
+            out["term"] = self.term
+        return out
+
+
+def valid_term(term: object) -> bool:
+    """A TERM value the site will set: 1-64 characters of letters, digits and ``._+-``."""
+    return isinstance(term, str) and len(term) <= MAX_TERM and _TERM.fullmatch(term) is not None
+
+
+def _dimension(value: object, name: str) -> int:
+    # bool is an int in Python and True would pass as 1: refused like any other non-number.
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW:
+        raise ValueError(f"{name} must be an integer 1-{MAX_WINDOW}, got {str(value)[:20]!r}")
+    return value
+
+
+def parse_window(value: object) -> WindowSize:
+    """``{"rows": R, "cols": C}`` checked; ValueError (one line) otherwise."""
+    if not isinstance(value, dict):
+        raise ValueError("a window size must be an object with rows and cols")
+    return WindowSize(_dimension(value.get("rows"), "rows"), _dimension(value.get("cols"), "cols"))
+
+
+def parse_tty(value: object) -> TtyRequest:
+    """``args.tty`` of an exec OPEN: ``{"rows": R, "cols": C, "term": T?}``; ValueError otherwise.
+
+    Unknown keys are ignored (room for later fields such as terminal modes)."""
+    size = parse_window(value)
+    assert isinstance(value, dict)
+    term = value.get("term")
+    if term is not None and not valid_term(term):
+        raise ValueError(f"term must be 1-{MAX_TERM} characters of letters, digits and '._+-'")
+    return TtyRequest(size, term)
+
+
+def parse_resize(message: dict[str, object]) -> WindowSize | None:
+    """The new size of a ``{"resize": {"rows": R, "cols": C}}`` CONTROL; None for a CONTROL
+    that is no resize; ValueError for a malformed one."""
+    if "resize" not in message:
+        return None
+    return parse_window(message["resize"])

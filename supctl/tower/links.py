@@ -115,6 +115,9 @@ class ClientLink(Link):
         if (text := hub.stream_refusal(self, site)) is not None:
             self._refuse(event, ErrorCode.LIMIT, text, "limit")
             return
+        if (text := site.cannot_serve(self.route, args)) is not None:
+            self._refuse(event, ErrorCode.UNSUPPORTED, text, "unsupported")
+            return
         site_id = site.conn.open_stream(self.route.request(args))
         Relay(self, event.stream_id, site, site_id, self.route, audit.exec_command(self.route, args))
         site.flush()
@@ -304,6 +307,13 @@ class SiteLink(Link):
             self.tower.hub.site_connected(self)
         else:
             self.tower.hub.site_status(self)
+
+    def cannot_serve(self, route: Route, args: dict[str, Any]) -> str | None:
+        """Why this site's enforcer, as its HELLO describes it, cannot serve a stream of
+        ``route`` with OPEN ``args`` (``exec -t`` without ``exec-tty``), or None."""
+        if route.verb != "exec" or self.info is None:
+            return None
+        return self.info.exec_refusal(route.site, args)
 
     def go_away(self, reason: str, now: float) -> None:
         """Drain: an enforcer that understands GOAWAY links to another replica, which takes

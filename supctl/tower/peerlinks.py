@@ -137,6 +137,9 @@ class PeerSession(Link):
         if (full := hub.site_full(site)) is not None:
             self.conn.reset_stream(event.stream_id, ErrorCode.LIMIT, full)
             return
+        if (unsupported := site.cannot_serve(route, request.args)) is not None:
+            self.conn.reset_stream(event.stream_id, ErrorCode.UNSUPPORTED, unsupported)
+            return
         site_id = site.conn.open_stream(request)
         Relay(self, event.stream_id, site, site_id, route, audit.exec_command(route, request.args))
         site.flush()

@@ -2,12 +2,13 @@
 
 Payload shape (JSON)::
 
-    {"site": "...", "version": "...", "handlers": ["exec", "tcp"],
+    {"site": "...", "version": "...", "handlers": ["exec", "tcp"], "features": ["exec-tty"],
      "applications": {APP: {"service-instances": {INSTANCE: {
          "netns": "ns-name" | null, "runtime": "netns",
          "containers": {NAME: {"state": "running", "pid": 123, "restarts": 0}}}}}}}
 
-``containers`` may also be a plain list of names (no runtime state).
+``containers`` may also be a plain list of names (no runtime state).  ``features`` (what
+handlers can do beyond the basics) is missing in HELLOs of older enforcers: none.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..protocol.exec import EXEC_TTY
+
+#: At most this many features, each at most 64 characters, are kept of a HELLO.
+MAX_FEATURES = 64
 #: Container fields the tower keeps and shows; anything else an enforcer sends is dropped.
 CONTAINER_FIELDS = ("state", "pid", "restarts", "exit-code", "started")
 
@@ -42,6 +47,7 @@ class SiteInfo:
     applications: dict[str, dict[str, InstanceInfo]] = field(default_factory=dict)
     handlers: list[str] = field(default_factory=list)
     version: str = ""
+    features: frozenset[str] = frozenset()
 
     def instance(self, application: str, name: str) -> InstanceInfo | None:
         return self.applications.get(application, {}).get(name)
@@ -58,7 +64,26 @@ class SiteInfo:
             if not isinstance(instances, dict):
                 raise ValueError(f"application {app!r} has no 'service-instances' object")
             parsed[app] = {name: _instance(app, name, inst) for name, inst in instances.items()}
-        return cls(parsed, [str(h) for h in handlers], str(payload.get("version", "")))
+        features = payload.get("features", [])
+        if not isinstance(features, list):
+            raise ValueError("'features' must be a list")
+        kept = frozenset(f for f in features[:MAX_FEATURES] if isinstance(f, str) and len(f) <= 64)
+        return cls(parsed, [str(h) for h in handlers], str(payload.get("version", "")), kept)
+
+    def exec_refusal(self, site: str, args: dict[str, Any]) -> str | None:
+        """Why the site cannot serve an exec stream with these OPEN ``args``, or None.
+
+        ``args.tty`` asks for a terminal: an enforcer that does not announce
+        ``exec-tty`` would ignore it and run the command on pipes, so the tower
+        refuses the stream before the site sees it (docs/protocol.md, "exec streams").
+        """
+        if "tty" in args and EXEC_TTY not in self.features:
+            version = f" (version {self.version[:40]})" if self.version else ""
+            return (
+                f"the enforcer of site {site}{version} cannot run exec -t (it has no terminal "
+                f"support): upgrade it, or run the command without -t"
+            )
+        return None
 
 
 def _instance(app: str, name: str, body: Any) -> InstanceInfo:
