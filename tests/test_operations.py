@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 from e2e_support import inventory, start_server, wait_until
+from exec_support import cmdline, show_instances
 from prometheus_client.parser import text_string_to_metric_families
 from stack import Stack, do_args, program
 
@@ -304,3 +306,65 @@ def test_log_level_and_format_are_checked(tmp_path: Path) -> None:
             [program(prog), *args, "--log-format", "xml"], capture_output=True, text=True, timeout=60
         )
         assert result.returncode == ExitCode.USAGE and "'xml' is not one of 'text', 'json'" in result.stderr
+
+
+# --- the enforcer reloads its inventory on SIGHUP ------------------------------------------------
+
+
+def reload_inventory(containers: dict[str, str], policy: str = "") -> str:
+    text = f'{inventory(APP, INST)}runtime = "host"\n'
+    for name, seconds in containers.items():
+        text += f'[applications.{APP}.service-instances.{INST}.containers.{name}]\ncommand = ["sleep", "{seconds}"]\n'
+    return text + policy
+
+
+def running_pids(stack: Stack) -> dict[str, int]:
+    [instance] = show_instances(stack, SITE, APP)
+    return {
+        c["name"]: c["pid"] for c in instance["containers"] if c.get("state") == "running" and c.get("pid")
+    }
+
+
+def test_sighup_reloads_the_inventory_and_keeps_unchanged_containers(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        stack.start_tower()
+        site = stack.add_site(SITE, reload_inventory({"keep": "1001", "change": "1002", "remove": "1003"}))
+
+        def three() -> dict[str, int] | None:
+            pids = running_pids(stack)
+            return pids if len(pids) == 3 else None
+
+        before = wait_until(three, 20, "three containers")
+        assert before is not None
+
+        (stack.root / f"{SITE}.toml").write_text(
+            reload_inventory({"keep": "1001", "change": "1012", "add": "1004"})
+        )
+        site.popen.send_signal(signal.SIGHUP)
+        site.log.wait_for(r"inventory reloaded; containers: 1 kept, 1 restarted, 1 stopped, 1 started")
+
+        def reloaded() -> dict[str, int] | None:
+            pids = running_pids(stack)
+            return pids if set(pids) == {"keep", "change", "add"} else None
+
+        after = wait_until(reloaded, 20, "the tower's view of the new inventory")
+        assert after is not None
+        assert after["keep"] == before["keep"]  # the very same process
+        assert after["change"] != before["change"]
+        assert cmdline(after["change"])[1:] == ["1012"]
+        wait_until(lambda: not cmdline(before["remove"]), 10, "the removed container's end")
+        assert cmdline(before["keep"])[1:] == ["1001"]
+
+        # An invalid inventory: one line, and everything goes on as it was.
+        (stack.root / f"{SITE}.toml").write_text(reload_inventory({"keep": "1001"}) + "[applications.x\n")
+        site.popen.send_signal(signal.SIGHUP)
+        line = site.log.wait_for(r"inventory reload refused, the running one stays in force: (.*)")
+        assert "Traceback" not in site.log.text(), site.log.text()
+        assert line[1], line
+        assert running_pids(stack) == after
+        assert site.popen.poll() is None
+        # New streams are judged against the reloaded inventory: "remove" is no more.
+        result = stack.supctl(*do_args(SITE, APP, INST, "containers", "remove", "exec", "true"))
+        assert result.returncode == ExitCode.EXEC_FAILED and b"remove" in result.stderr, result.stderr
+        result = stack.supctl(*do_args(SITE, APP, INST, "containers", "add", "exec", "exit 5"))
+        assert result.returncode == 5, result.stderr

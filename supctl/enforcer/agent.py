@@ -188,6 +188,19 @@ class Agent:
             "applications": self.inventory.describe(states),
         }
 
+    async def reload(self, inventory: Inventory) -> str:
+        """Serve ``inventory`` from now on (checked already): new streams are judged and
+        dispatched against it (its local policy too), the containers follow it, and the
+        tower gets it in a STATUS.  Streams in flight go on.  Returns what changed."""
+        self.inventory = inventory
+        self.dispatcher = Dispatcher(self.dispatcher.handlers, inventory)
+        summary = "containers unchanged"
+        if self.supervisor is not None:
+            kept, restarted, stopped, started = await self.supervisor.reload(inventory)
+            summary = f"containers: {kept} kept, {restarted} restarted, {stopped} stopped, {started} started"
+        self._status_changed.set()
+        return summary
+
     async def _push_status(self, link: EnforcerLink) -> None:
         """Send a STATUS frame after container state changes, coalesced."""
         while True:

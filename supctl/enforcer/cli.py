@@ -7,6 +7,7 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -23,10 +24,12 @@ from .api import Handler, HandlerContext, Serves
 from .cgroups import CgroupTree
 from .containers import ContainerSupervisor
 from .dispatch import collect_handlers
-from .inventory import load_inventory
+from .inventory import Inventory, load_inventory
 from .netns import NamespaceSockets
 from .runtime import Runtime
 from .tokenfile import read_site_token
+
+log = logging.getLogger("supctl.enforcer")
 
 
 def load_handlers() -> dict[Serves, Handler]:
@@ -152,8 +155,14 @@ def make_cli() -> click.Group:
             ),
             supervisor=supervisor,
         )
+
+        def reload_inventory() -> Inventory:
+            new = load_inventory(inventory)
+            new.check_runtimes(runtimes)
+            return new
+
         try:
-            aio.run(_run_until_signal(agent, supervisor))
+            aio.run(_run_until_signal(agent, supervisor, reload_inventory))
         finally:
             sockets.close()
             if cgroups is not None:
@@ -162,11 +171,15 @@ def make_cli() -> click.Group:
     return cli
 
 
-async def _run_until_signal(agent: Agent, supervisor: ContainerSupervisor) -> None:
+async def _run_until_signal(
+    agent: Agent, supervisor: ContainerSupervisor, read_inventory: Callable[[], Inventory]
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads = Reloads(agent, read_inventory)
+    loop.add_signal_handler(signal.SIGHUP, reloads.request)
     # Containers run for the enforcer's whole life, tower or no tower.
     supervisor.start()
     runner = asyncio.ensure_future(agent.run_forever())
@@ -180,6 +193,35 @@ async def _run_until_signal(agent: Agent, supervisor: ContainerSupervisor) -> No
     finally:
         # After the link (its exec streams kill their processes): SIGTERM, grace, SIGKILL.
         await supervisor.stop()
+
+
+class Reloads:
+    """SIGHUP: read the inventory again and serve it; one reload at a time (a signal that
+    arrives meanwhile asks for one more after it, never for a queue of them)."""
+
+    def __init__(self, agent: Agent, read_inventory: Callable[[], Inventory]) -> None:
+        self.agent = agent
+        self.read_inventory = read_inventory
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        self.task = asyncio.create_task(self._reload(), name="inventory-reload")
+
+    async def _reload(self) -> None:
+        while True:
+            self.again = False
+            try:
+                new = self.read_inventory()
+            except SupctlError as exc:  # the running inventory stays in force
+                log.error("inventory reload refused, the running one stays in force: %s", exc)
+            else:
+                log.info("inventory reloaded; %s", await self.agent.reload(new))
+            if not self.again:
+                return
 
 
 def main() -> None:

@@ -14,6 +14,11 @@ States (as the tower shows them):
   command); retried with the same backoff, since a namespace may come later;
 * ``stopped``: the enforcer stopped it on shutdown.
 
+A reload (SIGHUP: :meth:`ContainerSupervisor.reload`) compares each container's
+definition (its own, and its instance's runtime and namespace) with the new
+inventory's: an unchanged one keeps running (same PID), a changed one is stopped
+and started again, a removed one stopped, a new one started.
+
 Output: stdout and stderr of every container go, line by line, to the
 enforcer's stderr, prefixed ``INSTANCE/CONTAINER| `` (or are discarded when
 ``output`` is None).  When the main process exits, its process group gets
@@ -98,29 +103,56 @@ class ContainerSupervisor:
         self.stable_after = stable_after
         self.stop_grace = stop_grace
         self._states: dict[Key, ContainerState] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
+        self._runs: dict[Key, _Supervised] = {}
+        self._stopping = False
 
     def start(self) -> None:
         """Start supervising every container that has a command (needs a running loop)."""
-        for (app, name), instance in sorted(self.inventory.instances.items()):
-            for cname, container in sorted(instance.containers.items()):
-                if container.command is not None:
-                    key = (app, name, cname)
-                    self._states[key] = ContainerState()
-                    self._tasks.append(
-                        asyncio.create_task(
-                            self._supervise(key, instance, container), name=f"container-{cname}"
-                        )
-                    )
+        for key, (instance, container) in sorted(_definitions(self.inventory).items()):
+            self._start(key, instance, container)
+
+    def _start(self, key: Key, instance: ServiceInstance, container: Container) -> None:
+        self._states[key] = ContainerState()
+        run = _Supervised(instance, container, asyncio.Event())
+        run.task = asyncio.create_task(self._supervise(key, run), name=f"container-{container.name}")
+        self._runs[key] = run
+
+    async def reload(self, inventory: Inventory) -> tuple[int, int, int, int]:
+        """Make the running containers the new inventory's; (kept, restarted, stopped,
+        started).  The inventory was checked already (runtimes included)."""
+        if self._stopping:
+            return 0, 0, 0, 0
+        self.inventory = inventory
+        wanted = _definitions(inventory)
+        gone = [key for key, run in self._runs.items() if not run.same(*wanted.get(key, (None, None)))]
+        kept = len(self._runs) - len(gone)
+        await self._end(gone)
+        for key in gone:
+            del self._states[key]
+        restarted = sum(1 for key in gone if key in wanted)
+        new = [key for key in sorted(wanted) if key not in self._runs]
+        for key in new:
+            self._start(key, *wanted[key])
+        if self.on_change is not None:
+            self.on_change()
+        return kept, restarted, len(gone) - restarted, len(new) - restarted
 
     def states(self) -> dict[Key, dict[str, Any]]:
         return {key: state.as_dict() for key, state in self._states.items()}
 
     async def stop(self) -> None:
         """SIGTERM every container's group, SIGKILL after the grace, wait for all."""
-        self._stopping.set()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
+        await self._end(list(self._runs), keep_state=True)
+
+    async def _end(self, keys: list[Key], *, keep_state: bool = False) -> None:
+        runs = [self._runs[key] for key in keys]
+        for run in runs:
+            run.stop.set()
+        await asyncio.gather(*(run.task for run in runs if run.task is not None), return_exceptions=True)
+        if not keep_state:
+            for key in keys:
+                del self._runs[key]
 
     def _changed(self, target: ContainerState, /, **fields: Any) -> None:
         for name, value in fields.items():
@@ -128,7 +160,8 @@ class ContainerSupervisor:
         if self.on_change is not None:
             self.on_change()
 
-    async def _supervise(self, key: Key, instance: ServiceInstance, container: Container) -> None:
+    async def _supervise(self, key: Key, run: _Supervised) -> None:
+        instance, container, stopping = run.instance, run.container, run.stop
         state = self._states[key]
         label = f"{instance.name}/{container.name}"
         runtime = self.runtimes[instance.runtime]  # checked when the enforcer started
@@ -138,7 +171,7 @@ class ContainerSupervisor:
         )
         backoff = Backoff(self.backoff_start, self.backoff_cap, self.stable_after)
         first = True
-        while not self._stopping.is_set():
+        while not stopping.is_set():
             if not first:
                 state.restarts += 1
             first = False
@@ -156,8 +189,8 @@ class ContainerSupervisor:
             else:
                 started = datetime.now(UTC).isoformat(timespec="seconds")
                 self._changed(state, state="running", pid=proc.pid, started=started)
-                returncode = await self._run(proc, label, cgroup)
-                if self._stopping.is_set():
+                returncode = await self._run(proc, label, cgroup, stopping)
+                if stopping.is_set():
                     log.info("container %s stopped with status %d", label, returncode)
                     self._changed(state, state="stopped", pid=None, exit_code=returncode)
                     return
@@ -165,17 +198,19 @@ class ContainerSupervisor:
                 self._changed(state, state="restarting", pid=None, exit_code=returncode)
             delay = backoff.after(time.monotonic() - began)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await asyncio.wait_for(stopping.wait(), delay)
         self._changed(state, state="stopped", pid=None)
 
-    async def _run(self, proc: asyncio.subprocess.Process, label: str, cgroup: Cgroup | None) -> int:
+    async def _run(
+        self, proc: asyncio.subprocess.Process, label: str, cgroup: Cgroup | None, stop: asyncio.Event
+    ) -> int:
         """Wait for the process (or for shutdown); always leaves it, its group and its
         cgroup reaped."""
         pump = None
         if proc.stdout is not None and self.output is not None:
             pump = asyncio.create_task(_copy_lines(proc.stdout, self.output, f"{label}| ".encode()))
         exited = asyncio.create_task(wait_exited(proc))
-        stopping = asyncio.create_task(self._stopping.wait())
+        stopping = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not exited.done():
@@ -199,6 +234,35 @@ class ContainerSupervisor:
                 await cgroup.release()
             if pump is not None:
                 await asyncio.gather(pump, return_exceptions=True)  # ends: reap closed its pipe
+
+
+@dataclass
+class _Supervised:
+    """One supervised container: what it was started from, and how to stop it."""
+
+    instance: ServiceInstance
+    container: Container
+    stop: asyncio.Event
+    task: asyncio.Task[None] | None = None
+
+    def same(self, instance: ServiceInstance | None, container: Container | None) -> bool:
+        """Whether the new definition would run the very same process: the container's own
+        fields and its instance's runtime and namespace (not its other containers)."""
+        return (
+            instance is not None
+            and container == self.container
+            and (instance.runtime, instance.netns) == (self.instance.runtime, self.instance.netns)
+        )
+
+
+def _definitions(inventory: Inventory) -> dict[Key, tuple[ServiceInstance, Container]]:
+    """Every container the enforcer keeps running (those with a command)."""
+    return {
+        (app, name, cname): (instance, container)
+        for (app, name), instance in inventory.instances.items()
+        for cname, container in instance.containers.items()
+        if container.command is not None
+    }
 
 
 async def _copy_lines(reader: asyncio.StreamReader, out: IO[bytes], prefix: bytes) -> None:
