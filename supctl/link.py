@@ -62,6 +62,7 @@ class Link:
         self.name = name
         self.channels: dict[int, Channel] = {}
         self.lost_reason = ""
+        self.ended = False  # the WebSocket is closed or lost: nothing more goes through
         self.lost_code: int | None = None  # the close code the peer sent, if it sent one
         self.going_away: str | None = None  # the reason of the peer's GOAWAY, once it sent one
         self.goaway = asyncio.Event()
@@ -195,6 +196,7 @@ class Link:
                 return
 
     async def _finish(self, writer: asyncio.Task[None]) -> None:
+        self.ended = True
         if self.conn.closed is not None:
             # Let the writer flush the frames queued before the close, then close.
             self.flush()

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from e2e_support import inventory, start_server, wait_until
 from exec_support import cmdline, show_instances
 from prometheus_client.parser import text_string_to_metric_families
-from stack import Stack, do_args, program
+from stack import Stack, do_args, program, write_secret
 
 from supctl.errors import ExitCode
 from supctl.protocol import SUBPROTOCOL
@@ -368,3 +369,49 @@ def test_sighup_reloads_the_inventory_and_keeps_unchanged_containers(tmp_path: P
         assert result.returncode == ExitCode.EXEC_FAILED and b"remove" in result.stderr, result.stderr
         result = stack.supctl(*do_args(SITE, APP, INST, "containers", "add", "exec", "exit 5"))
         assert result.returncode == 5, result.stderr
+
+
+def test_enforcer_metrics_and_probes_on_its_local_listener(tmp_path: Path) -> None:
+    with Stack(tmp_path) as stack:
+        stack.start_tower()
+        token = subprocess.run(
+            [program("control-tower"), "site", "add", "--config", str(stack.dir / "tower.toml"), SITE],
+            check=True, capture_output=True, text=True, env=stack.env,
+        ).stdout.strip()  # fmt: skip
+        write_secret(stack.root / f"{SITE}.token", token + "\n")
+        (stack.root / f"{SITE}.toml").write_text(reload_inventory({"sleeper": "1005"}))
+        site = stack.start_enforcer(SITE, extra=["--metrics-listen", "127.0.0.1:0"])
+        port = int(site.log.wait_for(r"metrics and probes on http://127\.0\.0\.1:(\d+)/metrics")[1])
+        assert scrape(port, "/healthz") == (200, "ok\n")
+        wait_until(lambda: scrape(port, "/readyz") == (200, "ready\n"), 10, "ready")
+        wait_until(lambda: running_pids(stack), 20, "the container")
+        _, echo = start_server(stack, "echo")
+        for payload in (b"one", b"two"):
+            result = stack.supctl(*do_args(SITE, APP, INST, "connect", "tcp", str(echo)), input=payload)
+            assert result.returncode == 0 and result.stdout == payload, result.stderr
+
+        def counted() -> dict[Any, float] | None:
+            now = samples(scrape(port)[1])
+            key = ("supctl_enforcer_streams_ended_total", (("handler", "tcp"), ("outcome", "ok")))
+            return now if now.get(key) == 2 else None
+
+        now = wait_until(counted, 10, "the two streams")
+        assert now is not None
+        assert now[("supctl_enforcer_link_up", ())] == 1
+        assert now[("supctl_enforcer_links_total", ())] == 1
+        labels = (("application", APP), ("container", "sleeper"), ("instance", INST))
+        assert now[("supctl_enforcer_container_state", tuple(sorted((*labels, ("state", "running")))))] == 1
+        assert now[("supctl_enforcer_container_restarts_total", labels)] == 0
+        assert scrape_status(port, "/nothing") == 404
+        # The tower goes away: not ready (no link), still alive.
+        assert stack.tower is not None
+        stack.tower.popen.kill()
+        wait_until(lambda: scrape_status(port, "/readyz") == 503, 30, "not ready without the tower")
+        assert scrape(port, "/healthz") == (200, "ok\n")
+
+
+def scrape_status(port: int, path: str) -> int:
+    try:
+        return scrape(port, path)[0]
+    except urllib.error.HTTPError as exc:
+        return exc.code

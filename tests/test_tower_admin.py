@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from towerkit import open_directory, run
 
 from supctl.errors import UsageError
+from supctl.plainhttp import parse_listen
 from supctl.tower.certs import fingerprint
-from supctl.tower.config import load_config, parse_listen, toml_string, write_default_config
+from supctl.tower.config import load_config, toml_string, write_default_config
 from supctl.tower.directory import Directory
 from supctl.tower.store import hash_token
 

@@ -10,7 +10,7 @@ import logging
 import random
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import urlencode
 
@@ -172,6 +172,10 @@ class Agent:
         self.supervisor = supervisor
         self._status_changed = asyncio.Event()
         self.link: EnforcerLink | None = None
+        # Read by the metrics (:mod:`.metrics`); counted here only.
+        self.links_made = 0  # links to the tower established (the first one, then reconnects)
+        self.streams_open: Counter[str] = Counter()  # by the handler serving them
+        self.streams_ended: Counter[tuple[str, str]] = Counter()  # (handler, outcome)
         # Links a draining tower asked us to leave, still ending their streams; oldest first.
         self.moving: deque[tuple[EnforcerLink, asyncio.Task[None]]] = deque()
         if supervisor is not None:
@@ -310,6 +314,7 @@ class Agent:
         )
         link = EnforcerLink(ws, self)
         self.link = link
+        self.links_made += 1
         self._status_changed.clear()  # HELLO carries the states as of now
         link.conn.send_hello(self.hello())
         link.flush()
@@ -377,14 +382,22 @@ class Agent:
     async def serve_stream(self, channel: Channel, request: OpenRequest) -> None:
         started = time.monotonic()
         result = "ok"
+        outcome = "ok"
         served = "no handler"
+        handler = "none"  # the metrics' label: refused before a handler was found, whatever was asked
         try:
             # The handler, the canonical request and the site's own policy on both,
             # whatever the tower allowed (docs/policies.md, "A compromised tower").
             dispatch = self.dispatcher.route(request)
             served, request = str(dispatch.serves), dispatch.request
-            await dispatch.handler.handle(channel, request, dispatch.instance, self.context)
+            handler = dispatch.serves.name  # as HELLO announces it: "tcp", "exec"
+            self.streams_open[handler] += 1
+            try:
+                await dispatch.handler.handle(channel, request, dispatch.instance, self.context)
+            finally:
+                self.streams_open[handler] -= 1
         except StreamError as exc:
+            outcome = "refused" if handler == "none" else "reset"
             result = str(exc)
             channel.reset(ErrorCode.parse(exc.code), str(exc))
         except asyncio.CancelledError:
@@ -392,15 +405,17 @@ class Agent:
                 # The stream was reset (EnforcerLink cancels a handler still connecting):
                 # this stream is over, not the enforcer.
                 result = f"reset: {channel.error}"
+                outcome = "reset"
                 return
-            result = "cancelled"
+            result = outcome = "cancelled"
             channel.reset(ErrorCode.LINK_LOST, "the enforcer is shutting down")
             raise
         except Exception:  # a handler bug costs one stream, never the enforcer
             log.exception("handler for %s failed", served)
-            result = "internal error"
+            result = outcome = "internal error"
             channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
         finally:
+            self.streams_ended[handler, outcome] += 1
             log.debug(
                 "stream closed application=%s instance=%s verb=%s protocol=%s target=%s sent=%d received=%d "
                 "peak_buffered=%d seconds=%.3f result=%s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -11,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+from websockets.http11 import Response
 
 from .. import aio
 from ..errors import SupctlError, UsageError
 from ..output import LOG_LEVELS, log_options, make_console, setup_logging
+from ..plainhttp import metrics_response, parse_listen, serve_plain_http, text_response
 from ..plugins import collect, make_plugin_manager
 from ..protocol import KEEPALIVE, MAX_SITE_STREAMS
 from ..tlspin import parse_fingerprint, pinned_context
@@ -25,6 +28,7 @@ from .cgroups import CgroupTree
 from .containers import ContainerSupervisor
 from .dispatch import collect_handlers
 from .inventory import Inventory, load_inventory
+from .metrics import EnforcerMetrics
 from .netns import NamespaceSockets
 from .runtime import Runtime
 from .tokenfile import read_site_token
@@ -89,6 +93,11 @@ def make_cli() -> click.Group:
         help="WebSocket ping interval and pong timeout towards the tower (0: off); a silent "
         "partition is noticed within twice this.",
     )
+    @click.option(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="Serve /metrics, /healthz and /readyz over plain HTTP here (e.g. 127.0.0.1:9465); off without it.",
+    )
     @click.option("-v", "--verbose", is_flag=True, help="Log every stream (--log-level debug).")
     @log_options("info")
     def run(
@@ -101,12 +110,14 @@ def make_cli() -> click.Group:
         connect_timeout: float,
         max_streams: int,
         keepalive: float,
+        metrics_listen: str | None,
         verbose: bool,
         log_level: str,
         log_format: str,
     ) -> None:
         """Keep the link to the tower and serve the streams it opens."""
         setup_logging(logging.DEBUG if verbose else LOG_LEVELS[log_level], log_format)
+        metrics_at = parse_listen(metrics_listen) if metrics_listen is not None else None
         for url in towers:
             if not url.startswith(("wss://", "ws://")):
                 raise UsageError(f"--tower must look like wss://HOST:PORT, got {url!r}")
@@ -162,7 +173,7 @@ def make_cli() -> click.Group:
             return new
 
         try:
-            aio.run(_run_until_signal(agent, supervisor, reload_inventory))
+            aio.run(_run_until_signal(agent, supervisor, reload_inventory, metrics_at))
         finally:
             sockets.close()
             if cgroups is not None:
@@ -172,6 +183,32 @@ def make_cli() -> click.Group:
 
 
 async def _run_until_signal(
+    agent: Agent,
+    supervisor: ContainerSupervisor,
+    read_inventory: Callable[[], Inventory],
+    metrics_at: tuple[str, int] | None = None,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        if metrics_at is not None:
+            await _serve_metrics(agent, *metrics_at, stack)
+        await _serve(agent, supervisor, read_inventory)
+
+
+async def _serve_metrics(agent: Agent, host: str, port: int, stack: contextlib.AsyncExitStack) -> None:
+    metrics = EnforcerMetrics(agent)
+
+    async def healthz() -> Response:
+        return text_response(200, "ok")
+
+    async def scrape() -> Response:
+        return metrics_response(metrics.exposition())
+
+    routes = {"/healthz": healthz, "/readyz": metrics.readyz, "/metrics": scrape}
+    address = await stack.enter_async_context(serve_plain_http(host, port, routes, "metrics"))
+    log.info("metrics and probes on http://%s/metrics", address)
+
+
+async def _serve(
     agent: Agent, supervisor: ContainerSupervisor, read_inventory: Callable[[], Inventory]
 ) -> None:
     loop = asyncio.get_running_loop()

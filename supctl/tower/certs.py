@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from supctl.errors import UsageError
-from supctl.tower.config import valid_hostname
+from supctl.plainhttp import valid_hostname
 from supctl.tower.store import atomic_write
 
 CA_COMMON_NAME = "supctl control tower CA"

@@ -24,6 +24,7 @@ from rich.markup import escape
 
 from supctl.errors import ExitCode, SupctlError, UsageError
 from supctl.output import LOG_LEVELS, log_options, make_console
+from supctl.plainhttp import parse_listen
 from supctl.tower.auditcli import add_audit_command
 from supctl.tower.certs import DEFAULT_NAMES, cert_paths, fingerprint, write_certs, write_peer_cert
 from supctl.tower.config import (
@@ -33,7 +34,6 @@ from supctl.tower.config import (
     TowerConfig,
     check_store_url,
     load_config,
-    parse_listen,
     write_default_config,
 )
 from supctl.tower.store import atomic_write

@@ -6,16 +6,15 @@ tower directory can be moved or mounted elsewhere as a whole.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import parse_qsl, urlsplit
 
 from supctl.errors import UsageError
+from supctl.plainhttp import parse_listen
 from supctl.schema import DURATION, DURATION_TEXT, SECONDS_OR_OFF, Invalid, Rule, Source, load, parse_toml
 from supctl.tower.limits import DEFAULT_DRAIN_TIMEOUT, DEFAULT_KEEPALIVE, Limits
 from supctl.tower.store import atomic_write, valid_site_name
@@ -38,10 +37,6 @@ DEFAULT_FILES = {
 STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
 #: Where the store's password comes from when ``[store] password-file`` is not set.
 PASSWORD_ENV = "SUPCTL_STORE_PASSWORD"  # noqa: S105 - a variable name (supctl.tower.database.PASSWORD_ENV)
-
-_HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
-)
 
 
 def _listen(text: str) -> str:
@@ -162,37 +157,6 @@ class TowerConfig:
             assert advertised is not None  # checked by ADVERTISE
             return "", advertised, self.cluster_advertise
         return None
-
-
-def valid_hostname(name: str) -> bool:
-    """A DNS name of letters, digits and inner hyphens (no wildcards, no trailing dot)."""
-    return _HOSTNAME_RE.fullmatch(name) is not None and re.fullmatch(r"[0-9.]+", name) is None
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` into (host, port).
-
-    The host of ``:PORT`` is ``""``, which asyncio and websockets take as "all
-    interfaces".  Port 0 asks the kernel for a free port.
-    """
-    bad = UsageError(f"bad listen address {text!r}: use HOST:PORT, [IPV6]:PORT or :PORT")
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
-        raise bad
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise bad from None
-    elif host:
-        # An unbracketed IPv6 address is ambiguous ("::1:4646"); dotted digits must be IPv4.
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            if not valid_hostname(host):
-                raise bad from None
-    return host, int(port_text)
 
 
 def load_config(path: str | os.PathLike[str]) -> TowerConfig:

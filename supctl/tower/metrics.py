@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from .audit import AuditLog
     from .hub import Hub
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 VERBS = frozenset({"connect", "exec", "show", "whoami", "login", "logout", "renew", "enforcer"})
 PROTOCOLS = frozenset({"tcp", "udp"})
 STATUSES = frozenset({400, 401, 403, 404, 409, 413, 426, 429, 500, 503})

@@ -15,13 +15,12 @@ a result is reused for :data:`READY_TTL` seconds (the clock is an argument).
 from __future__ import annotations
 
 import asyncio
-import http
 import time
 from collections.abc import Awaitable, Callable
 
-from websockets.datastructures import Headers
 from websockets.http11 import Response
 
+from ..plainhttp import text_response
 from .database import StoreUnavailable
 
 HEALTHZ = "/healthz"
@@ -29,18 +28,6 @@ READYZ = "/readyz"
 PROBE_PATHS = frozenset({HEALTHZ, READYZ})
 #: Seconds a store check's outcome answers probes before the store is asked again.
 READY_TTL = 1.0
-
-
-def text_response(status: int, text: str) -> Response:
-    body = (text + "\n").encode()
-    headers = Headers(
-        [
-            ("Content-Type", "text/plain; charset=utf-8"),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-        ]
-    )
-    return Response(status, http.HTTPStatus(status).phrase, headers, body)
 
 
 class Probes:

@@ -4,34 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import resource
 import signal
 import ssl
-from urllib.parse import urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection
+from websockets.asyncio.server import Server
 from websockets.asyncio.server import serve as ws_serve
-from websockets.datastructures import Headers
-from websockets.http11 import Request, Response
+from websockets.http11 import Response
 
 from .. import aio
 from ..errors import UsageError
 from ..output import setup_logging
+from ..plainhttp import metrics_response, parse_listen, serve_plain_http
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from ..wsconn import keepalive_options
 from . import peering as peering_mod
 from .auditsink import AuditSink
-from .config import TowerConfig, parse_listen
+from .config import TowerConfig
 from .directory import Directory
 from .hub import drain
-from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import AuditedMetrics, TowerMetrics, live_state
 from .policywatch import PolicyWatch
 from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .presence import Presence
-from .probes import PROBE_PATHS, text_response
+from .probes import PROBE_PATHS
 from .server import Tower
 from .storeconfig import open_store
 from .users import parse_duration
@@ -166,32 +165,14 @@ async def _start_metrics(
         return
     host, port = parse_listen(config.metrics_listen)
 
-    async def answer(_connection: ServerConnection, request: Request) -> Response:
-        path = urlsplit(request.path).path
-        if path in PROBE_PATHS:
-            return await tower.probes.answer(path)
-        if path != "/metrics":
-            return text_response(404, "not found: /metrics, /healthz or /readyz")
-        body = metrics.exposition()
-        headers = Headers([("Content-Type", METRICS_TYPE), ("Content-Length", str(len(body)))])
-        return Response(200, "OK", headers, body)
+    async def scrape() -> Response:
+        return metrics_response(metrics.exposition())
 
-    async def never(_connection: ServerConnection) -> None:  # every request is answered above
-        return None
-
-    try:
-        server = await stack.enter_async_context(
-            ws_serve(
-                never, host, port, process_request=answer, open_timeout=10, server_header="control-tower"
-            )
-        )
-    except OSError as exc:
-        raise UsageError(
-            f"cannot listen for metrics on {host or '*'}:{port}: {exc.strerror or exc}"
-        ) from None
-    address = next(iter(server.sockets)).getsockname()
-    shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-    log.info("metrics and probes on http://%s:%d/metrics", shown, address[1])
+    routes = {path: functools.partial(tower.probes.answer, path) for path in PROBE_PATHS}
+    address = await stack.enter_async_context(
+        serve_plain_http(host, port, {**routes, "/metrics": scrape}, "metrics")
+    )
+    log.info("metrics and probes on http://%s/metrics", address)
 
 
 async def _drain(server: Server, tower: Tower, timeout: float, stop: asyncio.Event) -> None:
