@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich import box
-from rich.table import Table
 from rich.text import Text
 
 from ..errors import SupctlError
@@ -53,12 +51,11 @@ def _credential(entry: Context) -> str:
 
 
 def _print(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]) -> None:
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # Text: names are data, never markup
-    make_console(stderr=False, soft_wrap=False).print(table)
+    """Aligned columns, as kubectl prints them: plain text, never cut or wrapped."""
+    table = [headers, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+    for row in table:
+        click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def view_rows(inv: Invocation) -> list[tuple[str, str, str]]:

@@ -46,6 +46,8 @@ def rewrite_current(text: str, name: str) -> str:
     else:
         if end == len(lines) and lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
+        while end and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1  # after the top-level keys: blank lines and comments go with the table below
         lines.insert(end, line)
     return "".join(lines)
 
