@@ -273,11 +273,6 @@ def test_conflicts_are_refused(capsys: pytest.CaptureFixture[str], args: list[st
 
 
 def test_a_service_instance_verb_refuses_a_container(capsys: pytest.CaptureFixture[str]) -> None:
-    # cwhere exists only at the container node; "where" exists at both, so test with connect's shape:
-    pm = make_plugin_manager(extra_plugins=[])
-    assert "connect" in supctl.cli.make_cli(pm).commands["do"].list_commands(
-        click.Context(click.Command("x"))
-    )
     message = error(capsys, "do", "s/a/i/c", "connect", "tcp", "1")
     assert (
         message
