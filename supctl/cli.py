@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -89,15 +89,16 @@ def with_target(node: str, command: click.Command) -> click.Command:
             "container": inv.container,
         }
         compact: Compact | None = ctx.meta.get(COMPACT_KEY)
-        whole = (
-            current["site"] and current["service-instance"] and (node != "container" or current["container"])
-        )
-        target: Mapping[str, str | None] = current
-        if compact is not None or not whole:  # else the long form, all of it: nothing to fill
+        if compact is None and current["service-instance"]:
+            # The long form: only the site may be left out; without a default the verb says
+            # so itself, as before (exec's own 255).
+            if not inv.site and "site" in (defaults := inv.settings.defaults):
+                inv.site = defaults["site"][0]
+        else:
             target = fill(current, node, compact, inv.settings.defaults, command.name or "")
-        inv.site, inv.application = target["site"], target["application"]
-        inv.service_instance = target["service-instance"]
-        inv.container = target.get("container")
+            inv.site, inv.application = target["site"], target["application"]
+            inv.service_instance = target["service-instance"]
+            inv.container = target.get("container")
         return callback(*args, **kwargs)
 
     clone = copy.copy(command)

@@ -20,7 +20,7 @@ import pytest
 
 import supctl.cli
 from supctl import hookimpl
-from supctl.client.api import Invocation
+from supctl.client.api import Invocation, RegisterVerb
 from supctl.client.settings import resolve
 from supctl.client.target import parse_compact
 from supctl.errors import ExitCode, UsageError
@@ -49,7 +49,7 @@ def _probe(name: str) -> click.Command:
     return probe
 
 
-def _add_verbs(register: supctl.client.api.RegisterVerb) -> None:
+def _add_verbs(register: RegisterVerb) -> None:
     register("service-instance", _probe("where"))
     register("container", _probe("cwhere"))
     register("container", _probe("where"))  # same name at both nodes: SITE/APP/INST/CONT picks this one
