@@ -7,23 +7,22 @@ new dependency for one line): it replaces the top-level ``current-context = ...`
 adds one before the first table, then parses the result and checks it means exactly the
 old document with the new current context.  Anything else (the key written in a way this
 does not recognise, inside a multi-line string...) is refused with one line, never written.
-The new file replaces the old one atomically (a temporary file in the same directory,
-fsync, rename) with the old file's mode, at the path a symlink points to, so a dotfiles
+The new file replaces the old one atomically (:func:`supctl.tower.store.atomic_write`: a
+temporary file in the same directory, fsync, rename) with the old file's mode, at the path a symlink points to, so a dotfiles
 link stays a link.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
 from ..schema import Source, parse_toml
+from ..tower.store import atomic_write  # the one atomic write (a small module: no tower code)
 from .settings import ConfigFile, read_config
 
 _TABLE = re.compile(r"\s*\[")
@@ -69,21 +68,4 @@ def use_context(path: Path, name: str) -> None:
             f"cannot edit {path} safely (its current-context is written in a way supctl does not"
             f" rewrite); set current-context = {json.dumps(name)} by hand"
         )
-    atomic_replace(target, text.encode("utf-8"))
-
-
-def atomic_replace(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: readers see the old or the new file, never half of one."""
-    mode = path.stat().st_mode & 0o777
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(target, text.encode("utf-8"), stat.S_IMODE(target.stat().st_mode))
