@@ -146,7 +146,7 @@ def assert_usage_error(call: Callable[[], object], *fragments: str) -> UsageErro
         (b"host = '\xff\xfe'\n", "is not valid TOML"),
         (
             'hots = "wss://typo:1"\n',
-            "unknown key 'hots' (known: host, token, token-file, ca-file, tower-fingerprint, keepalive)",
+            "unknown key 'hots' (known: host, token, token-file, ca-file, tower-fingerprint, site, application,",
         ),
         ("host = 4646\n", "'host' must be a string"),
         ('[host]\nname = "x"\n', "'host' must be a string"),

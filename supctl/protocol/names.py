@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 
 MAX_NAME = 253
+#: Sites are DNS labels: they appear in URLs and host-like names (lower case, no dots).
+SITE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
 #: Ports are ASCII digits only: ``str.isdigit`` accepts "²" and Arabic-Indic digits,
 #: and ``int()`` of thousands of digits raises.
@@ -21,6 +23,10 @@ PORT_RE = re.compile(r"[0-9]{1,5}")
 
 def valid_name(value: object) -> bool:
     return isinstance(value, str) and NAME_RE.fullmatch(value) is not None
+
+
+def valid_site_name(value: object) -> bool:
+    return isinstance(value, str) and SITE_NAME_RE.fullmatch(value) is not None
 
 
 def parse_port(text: str) -> int | None:

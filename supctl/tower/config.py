@@ -15,9 +15,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 from supctl.errors import UsageError
 from supctl.plainhttp import parse_listen
+from supctl.protocol.names import valid_site_name
 from supctl.schema import DURATION, DURATION_TEXT, SECONDS_OR_OFF, Invalid, Rule, Source, load, parse_toml
 from supctl.tower.limits import DEFAULT_DRAIN_TIMEOUT, DEFAULT_KEEPALIVE, Limits
-from supctl.tower.store import atomic_write, valid_site_name
+from supctl.tower.store import atomic_write
 
 CONFIG_NAME = "tower.toml"
 DEFAULT_LISTEN = "127.0.0.1:4646"  # loopback by default: exposing the tower is a decision

@@ -14,12 +14,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request
 
-from ..protocol.names import parse_port, valid_name
+from ..protocol.names import parse_port, valid_name, valid_site_name
 from ..protocol.targets import canonical_address
 from . import audit
 from .httpapi import Rejection, single
 from .route import Access
-from .store import valid_site_name
 
 log = logging.getLogger("supctl.tower")
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from ..protocol import OpenRequest
+from ..protocol.names import valid_site_name
 from .policy import Request as PolicyRequest
-from .store import valid_site_name
 
 
 class Access(NamedTuple):

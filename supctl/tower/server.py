@@ -30,6 +30,7 @@ from websockets.http11 import Request, Response
 from ..errors import UsageError
 from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
+from ..protocol.names import valid_site_name
 from ..ratelimit import Buckets
 from ..ratelog import RateLimitedLog
 from . import audit, show
@@ -62,7 +63,7 @@ from .requests import (
 )
 from .route import Access, Route, SiteClaim
 from .siteinfo import SiteInfo
-from .store import hash_token, valid_site_name
+from .store import hash_token
 from .users import (
     DEFAULT_LOGIN_EXPIRY,
     USER_NAME_RE,

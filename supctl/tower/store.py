@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -22,9 +21,6 @@ from typing import Literal
 TokenKind = Literal["admin", "site"]
 
 TOKEN_PREFIXES: dict[TokenKind, str] = {"admin": "sct_admin_", "site": "sct_site_"}
-
-# A DNS label: sites appear in URLs and host-like names, so keep them boring.
-SITE_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def new_token(kind: TokenKind) -> str:
@@ -36,10 +32,6 @@ def hash_token(token: str) -> str:
     """SHA-256 hex of the token (see the module docstring for why that suffices)."""
     # surrogatepass: a header that decoded to lone surrogates must fail the check, not raise.
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def valid_site_name(name: str) -> bool:
-    return SITE_NAME_RE.fullmatch(name) is not None
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

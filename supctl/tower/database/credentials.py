@@ -16,7 +16,8 @@ from sqlalchemy import delete, exists, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from supctl.errors import UsageError
-from supctl.tower.store import hash_token, new_token, valid_site_name
+from supctl.protocol.names import valid_site_name
+from supctl.tower.store import hash_token, new_token
 
 from .engine import Database
 from .model import AdminInfo, SiteInfo

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from sqlalchemy import func, insert, select
 
 from supctl.errors import UsageError
-from supctl.tower.store import valid_site_name
+from supctl.protocol.names import valid_site_name
 
 from .accounts import FORGET_AFTER, KINDS, check_user_name
 from .auditlog import lines_to_rows
