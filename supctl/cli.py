@@ -33,7 +33,7 @@ from .client.configcmd import CONFIG_KEY, CONTEXT_KEY, make_config_command
 from .client.settings import ClientSettings, resolve
 from .client.target import Compact, fill, looks_compact, parse_compact
 from .errors import ExitCode, PluginError, SupctlError, UsageError
-from .output import make_console
+from .output import LOG_LEVELS, log_options, make_console, setup_logging
 from .plugins import Registry, call_registration, make_plugin_manager
 from .version import version_option
 
@@ -272,6 +272,7 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         metavar="NAME",
         help="Use this context of the config file instead of its current-context.",
     )
+    @log_options("warning")
     @version_option("supctl")
     @click.pass_context
     def root(
@@ -283,9 +284,15 @@ def make_cli(pm: pluggy.PluginManager | None = None) -> click.Group:
         tower_fingerprint: str | None,
         config: str | None,
         context: str | None,
+        log_level: str,
+        log_format: str,
     ) -> None:
         """Reach services running on edge sites as if they were local."""
         source = ctx.get_parameter_source
+        if {source("log_level"), source("log_format")} != {ParameterSource.DEFAULT}:
+            # Asked for: supctl's own log lines (links, reconnects) formatted as the servers'.
+            # Not by default, so that a user's stderr stays the one-line messages.
+            setup_logging(LOG_LEVELS[log_level], log_format)
         if token and source("token") is ParameterSource.COMMANDLINE:
             # Once per invocation (the root callback runs once); never the token itself.
             make_console().print(

@@ -415,3 +415,15 @@ def scrape_status(port: int, path: str) -> int:
         return scrape(port, path)[0]
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def test_supctl_log_options_are_checked_and_stay_off_stdout(tmp_path: Path) -> None:
+    bad = subprocess.run([program("supctl"), "--log-level", "loud", "whoami"], capture_output=True, text=True)
+    assert bad.returncode == ExitCode.USAGE and "'loud' is not one of" in bad.stderr, bad.stderr
+    with Stack(tmp_path) as stack:
+        stack.start_tower()
+        result = stack.supctl("--log-level", "debug", "--log-format", "json", "show", "sites", "-o", "json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == []  # stdout stays data
+        for line in result.stderr.decode().splitlines():
+            assert {"time", "level", "logger", "event"} <= json.loads(line).keys()
