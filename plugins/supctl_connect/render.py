@@ -59,12 +59,11 @@ class Sink(Protocol):
     def detail(self, text: str) -> None:
         """A line for ``-v`` only."""
 
-    # the session's news (supctl.client.session.SessionReport), of one forward's session
-    # when there are several (``forward``: its position in the command), else None
-    def lost(self, reason: str, *, forward: int | None = None) -> None: ...
-    def still_lost(self, seconds: float, reason: str, *, forward: int | None = None) -> None: ...
-    def back(self, seconds: float, *, forward: int | None = None) -> None: ...
-    def moving(self, reason: str, *, forward: int | None = None) -> None: ...
+    # the session's news (supctl.client.session.SessionReport)
+    def lost(self, reason: str) -> None: ...
+    def still_lost(self, seconds: float, reason: str) -> None: ...
+    def back(self, seconds: float) -> None: ...
+    def moving(self, reason: str) -> None: ...
 
 
 class ForwardReporter:
@@ -159,26 +158,17 @@ class HumanStatus:
         if self.verbose:
             self.line(escape(text))
 
-    def _session(self, forward: int | None) -> str:
-        return "" if forward is None else f"forward {forward}: "
+    def lost(self, reason: str) -> None:
+        self.line(f"[yellow]tower connection lost; reconnecting...[/] ({escape(reason)})")
 
-    def lost(self, reason: str, *, forward: int | None = None) -> None:
-        self.line(
-            f"{self._session(forward)}[yellow]tower connection lost; reconnecting...[/] ({escape(reason)})"
-        )
+    def still_lost(self, seconds: float, reason: str) -> None:
+        self.line(f"[yellow]still reconnecting after {seconds:.0f} s:[/] {escape(reason)}")
 
-    def still_lost(self, seconds: float, reason: str, *, forward: int | None = None) -> None:
-        self.line(
-            f"{self._session(forward)}[yellow]still reconnecting after {seconds:.0f} s:[/] {escape(reason)}"
-        )
+    def back(self, seconds: float) -> None:
+        self.line(f"reconnected after {seconds:.1f} s")
 
-    def back(self, seconds: float, *, forward: int | None = None) -> None:
-        self.line(f"{self._session(forward)}reconnected after {seconds:.1f} s")
-
-    def moving(self, reason: str, *, forward: int | None = None) -> None:
-        self.line(
-            f"{self._session(forward)}[yellow]the tower is draining ({escape(reason)}); moving to a new session...[/]"
-        )
+    def moving(self, reason: str) -> None:
+        self.line(f"[yellow]the tower is draining ({escape(reason)}); moving to a new session...[/]")
 
     # --- the live table ------------------------------------------------------------
 
@@ -260,20 +250,17 @@ class JsonEvents:
     def detail(self, text: str) -> None:
         pass
 
-    def _session(self, event: str, forward: int | None, **fields: object) -> None:
-        self.emit(event, **fields, **({} if forward is None else {"forward": forward}))
+    def lost(self, reason: str) -> None:
+        self.emit("tower-lost", reason=reason)
 
-    def lost(self, reason: str, *, forward: int | None = None) -> None:
-        self._session("tower-lost", forward, reason=reason)
+    def still_lost(self, seconds: float, reason: str) -> None:
+        self.emit("still-reconnecting", seconds=round(seconds, 1), reason=reason)
 
-    def still_lost(self, seconds: float, reason: str, *, forward: int | None = None) -> None:
-        self._session("still-reconnecting", forward, seconds=round(seconds, 1), reason=reason)
+    def back(self, seconds: float) -> None:
+        self.emit("reconnected", seconds=round(seconds, 3))
 
-    def back(self, seconds: float, *, forward: int | None = None) -> None:
-        self._session("reconnected", forward, seconds=round(seconds, 3))
-
-    def moving(self, reason: str, *, forward: int | None = None) -> None:
-        self._session("moving", forward, reason=reason)
+    def moving(self, reason: str) -> None:
+        self.emit("moving", reason=reason)
 
 
 def _now() -> str:

@@ -22,9 +22,10 @@ import click
 from rich.markup import escape
 
 from supctl import aio
-from supctl.client.api import BindAddress, Forward, Invocation, Listener, Netcat
+from supctl.client.api import BindAddress, Forward, Invocation, Listener, Netcat, Streams
 from supctl.client.session import TowerSession
 from supctl.errors import ExitCode, UsageError
+from supctl.link import Channel
 from supctl.protocol import OpenRequest
 
 from .account import keep_renewed
@@ -75,14 +76,16 @@ def make_connect_command() -> click.Group:
             f"/service-instances/{quote(inv.service_instance, safe='')}/connect"
         )
 
-        def query(forward: Forward) -> dict[str, str]:
-            fields = {"site": site, "protocol": forward.protocol, "port": str(forward.port)}
-            if forward.ip_address:
-                fields["ip-address"] = forward.ip_address
-            return fields
-
+        # One session for every forward: each target once, in order (docs/protocol.md).
+        query: dict[str, list[str]] = {
+            "site": [site],
+            "protocol": [f.protocol for f in forwards],
+            "port": [str(f.port) for f in forwards],
+        }
+        if any(f.ip_address for f in forwards):
+            query["ip-address"] = [f.ip_address or "" for f in forwards]
         if not forwards[0].binds:
-            return aio.run(_netcat(inv, path, query(forwards[0])))
+            return aio.run(_netcat(inv, path, query))
         wait = options["wait_tower"]
         sink: Sink
         if options["output"] == "json":
@@ -95,16 +98,13 @@ def make_connect_command() -> click.Group:
                 verbose=bool(options["verbose"]),
                 several=len(forwards) > 1,
             )
-        plan = [
-            (f, query(f), f"{BindAddress(f.ip_address or '127.0.0.1', f.port)} in {inv.where}")
-            for f in forwards
-        ]
-        return aio.run(_serve(inv, path, plan, sink, WAIT_TOWER if wait is None else float(str(wait))))
+        plan = [(f, f"{BindAddress(f.ip_address or '127.0.0.1', f.port)} in {inv.where}") for f in forwards]
+        return aio.run(_serve(inv, path, plan, query, sink, WAIT_TOWER if wait is None else float(str(wait))))
 
     return connect
 
 
-async def _netcat(inv: Invocation, path: str, query: dict[str, str]) -> int:
+async def _netcat(inv: Invocation, path: str, query: dict[str, list[str]]) -> int:
     """Netcat mode: one stream, stdin/stdout; a lost session ends it (StreamError, exit 6)."""
     transport = inv.transport()
     request = OpenRequest(verb="connect")  # the tower fills in what it authorised
@@ -120,58 +120,59 @@ async def _netcat(inv: Invocation, path: str, query: dict[str, str]) -> int:
     return ExitCode.OK
 
 
-class SessionLines:
-    """One forward's session news, to the sink (named by the forward when there are several)."""
+class ForwardStreams:
+    """The :class:`~supctl.client.api.Streams` of one forward: streams of the one session,
+    each OPEN naming the forward's target by its position (the tower granted them all)."""
 
-    def __init__(self, sink: Sink, index: int | None) -> None:
-        self.sink = sink
-        self.index = index
+    def __init__(self, session: TowerSession, position: int) -> None:
+        self.session = session
+        # The first target is the session's own: its OPEN is the seed's, understood by any tower.
+        self.request = OpenRequest(verb="connect", args={"forward": position} if position else {})
 
-    def lost(self, reason: str) -> None:
-        self.sink.lost(reason, forward=self.index)
+    def open_now(self) -> Channel | None:
+        return self.session.open_now(self.request)
 
-    def still_lost(self, seconds: float, reason: str) -> None:
-        self.sink.still_lost(seconds, reason, forward=self.index)
-
-    def back(self, seconds: float) -> None:
-        self.sink.back(seconds, forward=self.index)
-
-    def moving(self, reason: str) -> None:
-        self.sink.moving(reason, forward=self.index)
+    async def open(self) -> Channel:
+        return await self.session.open(self.request)
 
 
 async def _serve(
-    inv: Invocation, path: str, plan: list[tuple[Forward, dict[str, str], str]], sink: Sink, wait: float
+    inv: Invocation,
+    path: str,
+    plan: list[tuple[Forward, str]],
+    query: dict[str, list[str]],
+    sink: Sink,
+    wait: float,
 ) -> int:
+    """Every forward over one session with the tower: one WebSocket, one reconnect, one renewal."""
     transport = inv.transport()
     request = OpenRequest(verb="connect")  # the tower fills in what it authorised
-    sessions: list[TowerSession] = []
+    session = TowerSession(functools.partial(transport.open_session, path, query), request, sink, wait=wait)
     servers: list[asyncio.Future[None]] = []
-    several = len(plan) > 1
     try:
-        for index, (_forward, query, _target) in enumerate(plan, 1):
-            session = TowerSession(
-                functools.partial(transport.open_session, path, query),
-                request,
-                SessionLines(sink, index if several else None),
-                wait=wait,
-            )
+        try:
             await session.start()
-            sessions.append(session)
-        for index, (forward, _query, target) in enumerate(plan, 1):
+        except UsageError as exc:
+            if len(plan) > 1 and "given more than once" in str(exc):  # a tower from before several forwards
+                raise UsageError(
+                    f"{exc}: this tower takes one forward per session; run supctl once per forward"
+                ) from None
+            raise
+        for index, (forward, target) in enumerate(plan, 1):
             listener: Listener | None = forward.listener or inv.pm.hook.supctl_listener()
             if listener is None:
                 raise UsageError("no listener backend plugin is installed")
-            servers += await _listen(listener, sessions[index - 1], index, forward, target, sink)
+            streams = ForwardStreams(session, index - 1)
+            servers += await _listen(listener, streams, index, forward, target, sink)
     except BaseException:
-        await _stop(servers, sessions)
+        await _stop(servers, session)
         raise
     # A login token is renewed before it expires, for as long as the forwards run.
     from_login = inv.settings.token_source == "login"  # noqa: S105 - a source name, not a secret
     renewer = asyncio.ensure_future(keep_renewed(inv)) if from_login else None
     status = asyncio.ensure_future(sink.run()) if isinstance(sink, HumanStatus) else None
     try:
-        return await _serve_until_stopped(sessions, servers)
+        return await _serve_until_stopped(session, servers)
     finally:
         for task in (renewer, status):
             if task is not None:
@@ -180,7 +181,7 @@ async def _serve(
 
 
 async def _listen(
-    listener: Listener, session: TowerSession, index: int, forward: Forward, target: str, sink: Sink
+    listener: Listener, streams: Streams, index: int, forward: Forward, target: str, sink: Sink
 ) -> list[asyncio.Future[None]]:
     """Listen on each address of ``forward`` (two for ``localhost``: the second takes the
     port the first got); return the serving tasks once each listens."""
@@ -198,7 +199,7 @@ async def _listen(
             if not ready.done():
                 ready.set_result(real)
 
-        task = asyncio.ensure_future(listener.serve(session, address, on_ready, reporter))
+        task = asyncio.ensure_future(listener.serve(streams, address, on_ready, reporter))
         await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if ready.done():
             tasks.append(task)
@@ -216,36 +217,35 @@ async def _listen(
     return tasks
 
 
-async def _stop(servers: list[asyncio.Future[None]], sessions: list[TowerSession]) -> None:
+async def _stop(servers: list[asyncio.Future[None]], session: TowerSession) -> None:
     for task in servers:
         task.cancel()
     await asyncio.gather(*servers, return_exceptions=True)
-    for session in sessions:
-        for link in [session.link, *session.draining]:
-            if link is not None:
-                await link.aclose()
+    for link in [session.link, *session.draining]:
+        if link is not None:
+            await link.aclose()
 
 
-async def _serve_until_stopped(sessions: list[TowerSession], servers: list[asyncio.Future[Any]]) -> int:
+async def _serve_until_stopped(session: TowerSession, servers: list[asyncio.Future[Any]]) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     stopper: asyncio.Future[object] = asyncio.ensure_future(stop.wait())
-    keepers: list[asyncio.Future[object]] = [asyncio.ensure_future(session.keep()) for session in sessions]
+    keeper: asyncio.Future[object] = asyncio.ensure_future(session.keep())
     try:
-        tasks: list[asyncio.Future[object]] = [*servers, stopper, *keepers]
+        tasks: list[asyncio.Future[object]] = [*servers, stopper, keeper]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if stopper not in done:
             for task in done:
-                task.result()  # a listener's failure, or what ends a session (a revoked token...)
+                task.result()  # a listener's failure, or what ends the session (a revoked token...)
         return ExitCode.OK
     except OSError as exc:
         raise UsageError(f"cannot listen: {exc.strerror or exc}") from None
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        for task in (stopper, *keepers):
+        for task in (stopper, keeper):
             task.cancel()
-        await asyncio.gather(stopper, *keepers, return_exceptions=True)
-        await _stop(servers, sessions)
+        await asyncio.gather(stopper, keeper, return_exceptions=True)
+        await _stop(servers, session)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,8 +70,9 @@ class Invocation:
 class Transport(Protocol):
     """Opens a session (one multiplexed WebSocket) to the tower."""
 
-    async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
-        """Connect to ``path?query`` and return a running :class:`~supctl.link.Link`.
+    async def open_session(self, path: str, query: Mapping[str, str | Sequence[str]]) -> Link:
+        """Connect to ``path?query`` and return a running :class:`~supctl.link.Link`
+        (a sequence: the parameter repeated, as a connect session's targets).
 
         Raises a :class:`~supctl.errors.SupctlError` with a one-line message when
         the tower refuses (HTTP status) or cannot be reached.
