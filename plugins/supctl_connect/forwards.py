@@ -48,6 +48,7 @@ def run_options(command: F) -> F:
                 "-o",
                 "--output",
                 type=click.Choice(["text", "json"]),
+                multiple=True,  # given twice is judged, never the last one silently
                 help="With --bind, json: one JSON object per event on stdout (listening, opened, closed...)"
                 "  [default: text].",
             ),
@@ -55,6 +56,7 @@ def run_options(command: F) -> F:
                 "--wait-tower",
                 metavar="SECONDS",
                 type=click.FloatRange(0, 3600),
+                multiple=True,
                 help="With --bind: how long a local connection waits while the session with the tower "
                 "is re-opened, before it is reset  [default: 10].",
             ),
@@ -65,16 +67,20 @@ def run_options(command: F) -> F:
 
 
 def given_options(ctx: click.Context) -> dict[str, object]:
-    """The run-wide options the user wrote on this command (defaults left out)."""
-    return {
-        name: ctx.params[name]
-        for name in RUN_DEFAULTS
-        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
-    }
+    """The run-wide options the user wrote on this command (defaults left out); an option
+    written twice with different values is an error."""
+    given: list[dict[str, object]] = []
+    for name in RUN_DEFAULTS:
+        if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        given += [{name: v} for v in value] if isinstance(value, tuple) else [{name: value}]
+    return merge_options(given, defaults=False)
 
 
-def merge_options(sources: Iterable[Mapping[str, object]]) -> dict[str, object]:
-    """One value per run-wide option: a value given twice must be the same."""
+def merge_options(sources: Iterable[Mapping[str, object]], *, defaults: bool = True) -> dict[str, object]:
+    """One value per run-wide option (with the defaults of the others): a value given twice
+    must be the same."""
     merged: dict[str, object] = {}
     for given in sources:
         for name, value in given.items():
@@ -84,7 +90,7 @@ def merge_options(sources: Iterable[Mapping[str, object]]) -> dict[str, object]:
                     " it applies to the whole command: give it once"
                 )
             merged[name] = value
-    return {**RUN_DEFAULTS, **merged}
+    return {**RUN_DEFAULTS, **merged} if defaults else merged
 
 
 def parse_bind(value: str) -> tuple[BindAddress, ...]:
