@@ -14,7 +14,7 @@ from typing import Any
 import click
 import pytest
 from rich.console import Console
-from supctl_connect.forwards import _overlap, check_forwards, merge_options, parse_bind
+from supctl_connect.forwards import _overlap, check_forwards, given_options, merge_options, parse_bind
 from supctl_connect.render import ForwardReporter, HumanStatus, JsonEvents
 from supctl_connect.status import (
     RATE_WINDOW,
@@ -243,7 +243,15 @@ def chain(*args: str) -> list[Forward]:
     parsed: list[Forward] = []
     instance = cli.commands["do"].commands["applications"].commands["service-instances"]  # type: ignore[attr-defined]
     connect = instance.commands["connect"]
-    connect._result_callback = lambda forwards, **_: parsed.extend(forwards)
+
+    def parsed_only(forwards: list[Forward], **_: object) -> None:  # the options judged as run() does
+        parsed.extend(forwards)
+        check_forwards(
+            forwards,
+            merge_options([given_options(click.get_current_context()), *(f.given for f in forwards)]),
+        )
+
+    connect._result_callback = parsed_only
     cli.main(
         ["do", "-s", "s", "applications", "a", "service-instances", "i", "connect", *args],
         standalone_mode=False,
@@ -258,7 +266,7 @@ def test_a_chain_of_forwards_each_with_its_options() -> None:
     assert (first.port, first.ip_address, first.bind) == (443, None, "8443")
     assert (second.port, second.ip_address, second.bind) == (80, "192.0.2.11", "8080")
     # Options before the port, run-wide options anywhere: the seed's form parses as before.
-    [only] = chain("tcp", "--bind", "0", "443", "-o", "json")
+    [only] = chain("tcp", "--bind", "0", "443", "-o", "json", "-o", "json")  # the same twice: honoured
     assert (only.port, only.bind, only.given) == (443, "0", {"output": "json"})
 
 
@@ -288,8 +296,7 @@ def test_a_chain_of_forwards_each_with_its_options() -> None:
 )
 def test_a_chain_that_cannot_be_honoured_is_an_error(args: tuple[str, ...], message: str) -> None:
     with pytest.raises(UsageError) as caught:  # a forward, or the chain as a whole
-        forwards = chain(*args)
-        check_forwards(forwards, merge_options([f.given for f in forwards]))
+        chain(*args)
     assert message in str(caught.value)
 
 
