@@ -23,11 +23,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import wait_until
+import tower_raw
+from e2e_support import connect_policy, echo_roundtrip, wait_until
 from exec_support import Output
 from netlab import NetLab
 from servers import pattern_sha256, send_pattern_and_read
 from stack import LogFile, Proc, Stack, do_args, one_line_error, program
+
+from supctl.errors import ExitCode
 
 pytestmark = pytest.mark.root
 
@@ -314,3 +317,37 @@ asyncio.run(main())
     assert all("in this session (it has 1)" in line for line in lines[:5]), lines
     assert lines[-1] == "echo still here"
     assert proc.stop() == 0
+
+
+def test_every_target_of_a_session_is_judged_by_the_policy(
+    netlab: NetLab, lab: dict[str, str], stack: Stack
+) -> None:
+    """A user allowed only the service itself (127.0.0.1) cannot slip a LAN host in as the
+    second forward: the session is refused at the upgrade, naming that target; a session of
+    allowed targets works, and narrowing the policy under it ends it (the sweep judges every
+    target, not only the first)."""
+    (stack.dir / "policies.toml").write_text(connect_policy(SITE))
+    tower_raw.add_user(stack, "alice", "s3cret-pass", "ops")
+    env = {k: v for k, v in stack.env.items() if k != "SUPCTL_TOKEN_FILE"}
+    env["XDG_CONFIG_HOME"] = str(stack.root / "config-alice")
+    login = stack.supctl("do", "login", "alice", input=b"s3cret-pass\n", env=env)
+    assert login.returncode == 0, login.stderr
+
+    sneaky = connect("tcp", "443", "--bind", "0", "tcp", "443", "--ip-address", "192.0.2.11", "--bind", "0")
+    result = stack.supctl(*sneaky, env=env, timeout=30)
+    assert result.returncode == ExitCode.DENIED
+    assert "policy refuses connect to 192.0.2.11:443" in one_line_error(result.stderr)
+    assert sessions_opened(stack) == 0
+
+    netlab.start_server(lab["svc"], "echo", "127.0.0.1:443")
+    netlab.start_server(lab["svc"], "echo", "127.0.0.1:80")
+    allowed = connect("tcp", "443", "--bind", "0", "tcp", "80", "--bind", "0")
+    proc = stack.spawn("supctl-alice", [program("supctl"), *allowed], env=env)
+    ports = [int(m) for m in wait_until(lambda: re.findall(r"Forwarding from \S+:(\d+) ->", proc.log.text()) if
+             len(re.findall(r"Forwarding from", proc.log.text())) == 2 else None, 20, "both forwards")]  # fmt: skip
+    for port in ports:
+        assert echo_roundtrip(port, b"allowed") == b"allowed"
+    # Port 80 only is taken away: the session (which holds it) ends, as a one-target one would.
+    (stack.dir / "policies.toml").write_text(connect_policy(SITE) + 'ports = ["443"]\n')
+    assert proc.popen.wait(timeout=30) == ExitCode.DENIED
+    assert "policy no longer allows connect to 127.0.0.1:80" in proc.log.text()
