@@ -343,8 +343,9 @@ def test_every_target_of_a_session_is_judged_by_the_policy(
     netlab.start_server(lab["svc"], "echo", "127.0.0.1:80")
     allowed = connect("tcp", "443", "--bind", "0", "tcp", "80", "--bind", "0")
     proc = stack.spawn("supctl-alice", [program("supctl"), *allowed], env=env)
-    ports = [int(m) for m in wait_until(lambda: re.findall(r"Forwarding from \S+:(\d+) ->", proc.log.text()) if
-             len(re.findall(r"Forwarding from", proc.log.text())) == 2 else None, 20, "both forwards")]  # fmt: skip
+    proc.log.wait_for(r"Forwarding from .*\n(?:.*\n)*.*Forwarding from", proc=proc.popen)
+    ports = [int(port) for port in re.findall(r"Forwarding from \S+:(\d+) ->", proc.log.text())]
+    assert len(ports) == 2
     for port in ports:
         assert echo_roundtrip(port, b"allowed") == b"allowed"
     # Port 80 only is taken away: the session (which holds it) ends, as a one-target one would.
