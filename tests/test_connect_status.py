@@ -87,7 +87,7 @@ def test_the_seed_example_line() -> None:
 def test_rate_is_the_window_and_age_follows_the_clock() -> None:
     clock, meter = FakeClock(), FakeMeter()
     model = StatusModel(clock)
-    connection = model.opened("tcp/443", 1, "127.0.0.1:5000", meter)
+    connection = model.opened(1, "tcp/443", 1, "127.0.0.1:5000", meter)
     assert connection.rates() == (0.0, 0.0)  # one sample: no rate yet
     for _ in range(10):  # 1 MB/s up, 2 kB/s down, sampled every 0.5 s
         clock.now += 0.5
@@ -109,10 +109,10 @@ def test_rate_is_the_window_and_age_follows_the_clock() -> None:
 def test_totals_keep_finished_connections() -> None:
     clock = FakeClock()
     model = StatusModel(clock)
-    model.opened("tcp/443", 1, "a", FakeMeter(100, 200))
-    model.opened("tcp/80", 1, "b", FakeMeter(1, 2))
-    assert model.closed("tcp/443", 1, 100, 200) is not None
-    assert model.closed("tcp/443", 9, 5, 5) is None  # never seen open: counted, not shown
+    model.opened(1, "tcp/443", 1, "a", FakeMeter(100, 200))
+    model.opened(2, "tcp/443", 1, "b", FakeMeter(1, 2))  # the same label: told apart by position
+    assert model.closed(1, 1, 100, 200) is not None
+    assert model.closed(1, 9, 5, 5) is None  # never seen open: counted, not shown
     totals = model.totals()
     assert (totals.connections, totals.sent, totals.received) == (1, 106, 207)
 

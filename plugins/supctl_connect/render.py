@@ -126,7 +126,7 @@ class HumanStatus:
         self.line(f"Forwarding from {address} -> {escape(target)}")
 
     def opened(self, index: int, forward: Forward, number: int, peer: str, meter: Meter) -> None:
-        self.model.opened(forward.label, number, peer, meter)
+        self.model.opened(index, forward.label, number, peer, meter)
         self.meters[(index, number)] = meter
         if self.live is None and not self.quiet:  # on a terminal the table shows it
             self.line(f"{self._who(forward, number)} from {escape(peer)} opened")
@@ -141,7 +141,7 @@ class HumanStatus:
         seconds: float,
         error: str | None,
     ) -> None:
-        connection = self.model.closed(forward.label, number, sent, received)
+        connection = self.model.closed(index, number, sent, received)
         meter = self.meters.pop((index, number), None)
         who = self._who(forward, number)
         if error is not None:

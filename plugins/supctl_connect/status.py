@@ -93,23 +93,24 @@ class StatusModel:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.open: dict[tuple[str, int], Connection] = {}
+        self.open: dict[tuple[int, int], Connection] = {}  # by (forward's position, number)
         self.finished = 0
         self.finished_sent = 0
         self.finished_received = 0
 
-    def opened(self, forward: str, number: int, peer: str, meter: Meter) -> Connection:
+    def opened(self, index: int, forward: str, number: int, peer: str, meter: Meter) -> Connection:
+        """Connection ``number`` of forward ``index`` (its position; ``forward`` its label)."""
         now = self.clock()
         connection = Connection(forward, number, peer, meter, now)
         connection.sample(now)
-        self.open[(forward, number)] = connection
+        self.open[(index, number)] = connection
         return connection
 
-    def closed(self, forward: str, number: int, sent: int, received: int) -> Connection | None:
+    def closed(self, index: int, number: int, sent: int, received: int) -> Connection | None:
         self.finished += 1
         self.finished_sent += sent
         self.finished_received += received
-        return self.open.pop((forward, number), None)
+        return self.open.pop((index, number), None)
 
     def tick(self) -> None:
         now = self.clock()

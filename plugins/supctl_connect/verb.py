@@ -49,8 +49,9 @@ def make_connect_command() -> click.Group:
     def connect(**_: object) -> None:
         """Forward connections to the service instance, or through it to an address it can reach.
 
-        Several forwards in one command share one run (one login renewal, one status):
-        connect tcp 443 --bind 8443 tcp 80 --bind 8080 --ip-address 192.0.2.11
+        Several forwards in one command share one session with the tower (one reconnection,
+        one login renewal, one status): connect tcp 443 --bind 8443 tcp 80 --bind 8080
+        --ip-address 192.0.2.11
         """
 
     @connect.result_callback()
@@ -99,19 +100,19 @@ def make_connect_command() -> click.Group:
                 several=len(forwards) > 1,
             )
         plan = [(f, f"{BindAddress(f.ip_address or '127.0.0.1', f.port)} in {inv.where}") for f in forwards]
-        return aio.run(_serve(inv, path, plan, query, sink, WAIT_TOWER if wait is None else float(str(wait))))
+        wait_tower = float(wait) if isinstance(wait, int | float) else WAIT_TOWER
+        return aio.run(_serve(inv, path, plan, query, sink, wait_tower))
 
     return connect
 
 
 async def _netcat(inv: Invocation, path: str, query: dict[str, list[str]]) -> int:
     """Netcat mode: one stream, stdin/stdout; a lost session ends it (StreamError, exit 6)."""
-    transport = inv.transport()
-    request = OpenRequest(verb="connect")  # the tower fills in what it authorised
-    link = await transport.open_session(path, query)
     netcat: Netcat | None = inv.pm.hook.supctl_netcat()
     if netcat is None:
         raise UsageError("no netcat backend plugin is installed")
+    request = OpenRequest(verb="connect")  # the tower fills in what it authorised
+    link = await inv.transport().open_session(path, query)
     try:
         # No wait for ACCEPT: the first bytes travel with the OPEN (EARLY_DATA).
         await netcat.run(lambda: link.open_channel_now(request))
