@@ -106,7 +106,6 @@ class HumanStatus:
         self.verbose = verbose
         self.several = several  # name the forward in each line
         self.wall = wall
-        self.meters: dict[tuple[int, int], Meter] = {}
         # The table only on an interactive terminal, and not with -q (only errors then).
         self.live: Live | None = None
         if console.is_terminal and not console.is_dumb_terminal and not quiet:
@@ -127,7 +126,6 @@ class HumanStatus:
 
     def opened(self, index: int, forward: Forward, number: int, peer: str, meter: Meter) -> None:
         self.model.opened(index, forward.label, number, peer, meter)
-        self.meters[(index, number)] = meter
         if self.live is None and not self.quiet:  # on a terminal the table shows it
             self.line(f"{self._who(forward, number)} from {escape(peer)} opened")
 
@@ -142,7 +140,7 @@ class HumanStatus:
         error: str | None,
     ) -> None:
         connection = self.model.closed(index, number, sent, received)
-        meter = self.meters.pop((index, number), None)
+        meter = connection.meter if connection is not None else None
         who = self._who(forward, number)
         if error is not None:
             detail = f" [{stream_detail(meter)}]" if self.verbose else ""
