@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .client.api import Listener, Netcat, RegisterVerb, Transport
+    from .client.api import Listener, Netcat, RegisterProtocol, RegisterVerb, Transport
     from .client.settings import ClientSettings
     from .enforcer.api import RegisterHandler
     from .enforcer.runtime import RegisterRuntime
@@ -35,6 +35,26 @@ def supctl_add_verbs(register: RegisterVerb) -> None:
         at ``node``, one of :data:`supctl.client.api.NODES` (``"root"``, ``"do"``,
         ``"application"``, ``"service-instance"``, ``"container"``).  A verb reads
         where it was invoked from ``click.get_current_context().find_object(Invocation)``.
+    :return: nothing; every implementation is called.
+    """
+
+
+@hookspec
+def supctl_add_connect_protocols(register: RegisterProtocol) -> None:
+    """Add protocols to ``connect`` (built in: ``tcp``), so that one command can hold
+    several forwards of any protocol: ``connect tcp 443 --bind 8443 udp 53 --bind 5353``.
+
+    Called once per ``connect`` invocation, when its chain of forwards is parsed.
+
+    ``connect`` is a click group in chain mode: each protocol is one of its subcommands,
+    a :class:`supctl.client.api.ForwardCommand` (``cls=ForwardCommand``), which parses its
+    own arguments and options up to the next protocol name.
+
+    :param register: ``register(name, command)`` adds the :class:`click.Command`
+        ``command`` as ``connect NAME``; its callback returns a
+        :class:`supctl.client.api.Forward` (with its own ``listener`` backend unless the
+        ``supctl_listener`` one serves it).  A name registered twice is a
+        :class:`supctl.errors.PluginError` naming both plugins.
     :return: nothing; every implementation is called.
     """
 

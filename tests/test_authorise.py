@@ -23,7 +23,7 @@ from supctl.tower.authorise import (
 )
 from supctl.tower.httpapi import Rejection
 from supctl.tower.policy import ALLOW_ALL, ALLOW_EVERYTHING, Rule, parse_policies
-from supctl.tower.requests import connect_access, exec_access
+from supctl.tower.requests import connect_accesses, exec_access
 from supctl.tower.route import Access, Route
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
 
@@ -238,7 +238,7 @@ def test_a_non_canonical_address_is_judged_as_the_one_dialled(
 ) -> None:
     """The request is parsed to canonical form before it is judged, and the route keeps the
     spelling for the audit only."""
-    access = connect_access(
+    [access] = connect_accesses(
         APP, INST, {"site": [SITE], "protocol": ["tcp"], "port": ["443"], "ip-address": [ip]}
     )
     assert (access.ip_address, access.requested_address) == (judged_as, ip)
@@ -259,7 +259,7 @@ def test_a_non_canonical_address_is_judged_as_the_one_dialled(
 )
 def test_requests_that_cannot_be_judged_are_400(query: dict[str, list[str]], fragment: str) -> None:
     with pytest.raises(Rejection) as caught:
-        connect_access(APP, INST, query)
+        connect_accesses(APP, INST, query)
     assert caught.value.status == 400 and fragment in str(caught.value)
 
 

@@ -113,7 +113,7 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
         (
             do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "8443", "--bind", "8080"),
             ExitCode.USAGE,
-            "--bind given 2 times (8443, 8080): one forward per command; run supctl once per forward",
+            "--bind given 2 times (8443, 8080) for one forward; for several forwards repeat the protocol",
         ),
         (
             do_args(

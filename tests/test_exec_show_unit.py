@@ -290,7 +290,7 @@ class MemoryTransport:
         self.site: ScriptedSite | None = None
         self.opened: tuple[str, dict[str, str]] | None = None
 
-    async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
+    async def open_session(self, path: str, query: Mapping[str, Any]) -> Link:
         self.opened = (path, dict(query))
         ours, theirs = MemoryWebSocket(), MemoryWebSocket()
         ours.peer, theirs.peer = theirs, ours

@@ -273,6 +273,7 @@ def test_every_hook_is_registered_and_known() -> None:
     specs = _hookspecs()
     assert set(specs) == {
         "supctl_add_verbs",
+        "supctl_add_connect_protocols",
         "supctl_add_handlers",
         "supctl_add_runtimes",
         "supctl_transport",

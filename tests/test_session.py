@@ -378,7 +378,7 @@ class NoSession:
 class Lines:
     closed: dict[int, str | None] = field(default_factory=dict)
 
-    def opened(self, number: int, peer: str) -> None:
+    def opened(self, number: int, peer: str, meter: object = None) -> None:
         pass
 
     def closed_(self, number: int, error: str | None) -> None:

@@ -1,14 +1,16 @@
 """Built-in plugin: the ``connect`` verb and its three backends.
 
 * transport - how streams reach the tower (TLS WebSocket, :mod:`.transport`)
+* forwards  - the command line: a chain of forwards (``tcp 443 --bind 8443 tcp 80 ...``)
 * listener  - ``--bind``: a local TCP listener, a stream per connection
+* status, render - what ``--bind`` shows: the model (counters, rates, units) and its views
 * netcat    - no ``--bind``: stdin/stdout joined to one stream
 """
 
 from __future__ import annotations
 
 from supctl import hookimpl
-from supctl.client.api import Listener, Netcat, RegisterVerb, Transport
+from supctl.client.api import Listener, Netcat, RegisterProtocol, RegisterVerb, Transport
 from supctl.client.settings import ClientSettings
 
 
@@ -21,6 +23,13 @@ def supctl_add_verbs(register: RegisterVerb) -> None:
     register("do", make_login_command())
     register("do", make_logout_command())
     register("root", make_whoami_command())
+
+
+@hookimpl
+def supctl_add_connect_protocols(register: RegisterProtocol) -> None:
+    from .forwards import make_tcp_command
+
+    register("tcp", make_tcp_command())
 
 
 @hookimpl(trylast=True)  # a third-party transport wins if it answers

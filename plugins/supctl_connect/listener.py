@@ -18,6 +18,38 @@ from supctl.protocol import ErrorCode
 MAX_WAITING = 128
 
 
+class BridgeMeter:
+    """The :class:`~supctl.client.api.Meter` of one connection: its channel's counters, read
+    through (the channel owns them), and when the far end accepted the stream."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.channel: Channel | None = None
+        self.open_latency: float | None = None
+
+    def attach(self, channel: Channel) -> None:
+        self.channel = channel
+        opened_at = self.clock()
+
+        def accepted(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                self.open_latency = self.clock() - opened_at
+
+        channel.accepted.add_done_callback(accepted)
+
+    @property
+    def sent(self) -> int:
+        return self.channel.bytes_out if self.channel is not None else 0
+
+    @property
+    def received(self) -> int:
+        return self.channel.bytes_in if self.channel is not None else 0
+
+    @property
+    def stream_id(self) -> int | None:
+        return self.channel.id if self.channel is not None else None
+
+
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -38,7 +70,7 @@ class TcpListener:
         waiting: set[asyncio.Future[Channel]] = set()
         stopping = False
 
-        def join(bridge: SocketBridge, task: asyncio.Future[Channel]) -> None:
+        def join(bridge: SocketBridge, meter: BridgeMeter, task: asyncio.Future[Channel]) -> None:
             waiting.discard(task)
             if task.cancelled():
                 bridge.abort(ErrorCode.CANCEL, "supctl is stopping")
@@ -48,25 +80,30 @@ class TcpListener:
                 else:
                     bridge.abort(ErrorCode.INTERNAL, f"internal error: {error}")
             else:
-                bridge.start(task.result())
+                channel = task.result()
+                meter.attach(channel)
+                bridge.start(channel)
 
         def new_connection() -> SocketBridge:
             # Each connection is a SocketBridge: bytes move in callbacks, no task per
             # connection.  A refused or failed stream ends its own connection only.
             number = next(numbers)
             started = time.monotonic()
+            meter = BridgeMeter()
 
             def opened(transport: asyncio.Transport) -> Channel | None:
-                reporter.opened(number, _peer(transport))
+                reporter.opened(number, _peer(transport), meter)
                 channel = streams.open_now()
-                if channel is None:  # the session is being re-opened: wait for it
+                if channel is not None:
+                    meter.attach(channel)
+                else:  # the session is being re-opened: wait for it
                     if len(waiting) >= MAX_WAITING:
                         raise StreamError(
                             f"{MAX_WAITING} connections already wait for the tower", code=ErrorCode.LIMIT
                         )
                     task = asyncio.ensure_future(streams.open())
                     waiting.add(task)
-                    task.add_done_callback(lambda task: join(bridge, task))
+                    task.add_done_callback(lambda task: join(bridge, meter, task))
                 return channel
 
             def closed(bridge: SocketBridge, error: StreamError | None) -> None:

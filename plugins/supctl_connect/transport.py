@@ -10,7 +10,7 @@ import os
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -171,10 +171,10 @@ class WebSocketTransport:
     def __init__(self, settings: ClientSettings) -> None:
         self.settings = settings
 
-    async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
+    async def open_session(self, path: str, query: Mapping[str, str | Sequence[str]]) -> Link:
         settings = self.settings
         require_token(settings)
-        uri = f"{settings.host}{path}?{urlencode(dict(query))}"
+        uri = f"{settings.host}{path}?{urlencode(dict(query), doseq=True)}"
         pin = settings.tower_fingerprint
         try:
             ws = await connect(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,8 +70,9 @@ class Invocation:
 class Transport(Protocol):
     """Opens a session (one multiplexed WebSocket) to the tower."""
 
-    async def open_session(self, path: str, query: Mapping[str, str]) -> Link:
-        """Connect to ``path?query`` and return a running :class:`~supctl.link.Link`.
+    async def open_session(self, path: str, query: Mapping[str, str | Sequence[str]]) -> Link:
+        """Connect to ``path?query`` and return a running :class:`~supctl.link.Link`
+        (a sequence: the parameter repeated, as a connect session's targets).
 
         Raises a :class:`~supctl.errors.SupctlError` with a one-line message when
         the tower refuses (HTTP status) or cannot be reached.
@@ -89,10 +90,31 @@ class Transport(Protocol):
         ...
 
 
-class Reporter(Protocol):
-    """How backends tell the user about connections (one short line each)."""
+class Meter(Protocol):
+    """A live view of one local connection's stream: its channel's counters, read through
+    (the channel owns them), for the live status of ``connect --bind``."""
 
-    def opened(self, number: int, peer: str) -> None: ...
+    @property
+    def sent(self) -> int:
+        """Bytes sent to the remote so far."""
+
+    @property
+    def received(self) -> int:
+        """Bytes received from the remote so far."""
+
+    @property
+    def stream_id(self) -> int | None:
+        """The stream's id on the session (None while it waits for the session)."""
+
+    @property
+    def open_latency(self) -> float | None:
+        """Seconds from the stream's OPEN to the far end's ACCEPT (None until then)."""
+
+
+class Reporter(Protocol):
+    """How backends tell the user about connections (one short line each, or a live table)."""
+
+    def opened(self, number: int, peer: str, meter: Meter) -> None: ...
     def closed(self, number: int, sent: int, received: int, seconds: float, error: str | None) -> None: ...
 
 
@@ -103,6 +125,72 @@ class BindAddress:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward of a ``connect`` command, as its protocol subcommand parsed it
+    (``tcp 443 --bind 8443``); a protocol plugin's command returns one
+    (hook ``supctl_add_connect_protocols``).
+
+    All forwards of one command run together; without ``binds`` (netcat mode) there must
+    be exactly one.  ``given`` holds the run-wide options (``quiet``, ``verbose``,
+    ``output``, ``wait_tower``) the user wrote after this subcommand."""
+
+    protocol: str
+    port: int
+    ip_address: str | None = None  # numeric, checked; None: 127.0.0.1 inside the instance
+    bind: str | None = None  # --bind as the user wrote it
+    binds: tuple[BindAddress, ...] = ()  # where to listen (localhost: 127.0.0.1 and ::1)
+    listener: Listener | None = None  # None: the supctl_listener hook's backend
+    given: Mapping[str, object] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``tcp/443``, or ``tcp/192.0.2.11:443`` with an address: how lines name it."""
+        if self.ip_address is None:
+            return f"{self.protocol}/{self.port}"
+        return f"{self.protocol}/{BindAddress(self.ip_address, self.port)}"
+
+
+class ForwardCommand(click.Command):
+    """A protocol subcommand of ``connect`` (``cls=ForwardCommand``): it reads its
+    arguments and options in any order, as ``tcp 443 --bind 8443`` writes them, up to the
+    next protocol name, where the next forward begins.
+
+    (click's chain mode stops a subcommand at its first argument; so a lookahead splits
+    the chain first, skipping the values of options.)"""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        arguments = sum(p.nargs for p in self.params if isinstance(p, click.Argument) and p.nargs > 0)
+        valued = {
+            name
+            for p in self.params
+            if isinstance(p, click.Option) and not p.is_flag and not p.count
+            for name in p.opts
+        }
+        positional, skip, end = 0, False, len(args)
+        for i, arg in enumerate(args):
+            if skip:
+                skip = False
+            elif arg == "--":
+                break
+            elif arg in valued:
+                skip = True  # the option's value, whatever it looks like
+            elif not arg.startswith("-") or arg == "-":
+                if positional >= arguments:
+                    end = i  # the next forward's protocol (or a stray word: click names it)
+                    break
+                positional += 1
+        ctx.allow_interspersed_args = True
+        extra = super().parse_args(ctx, args[:end])
+        ctx.args = [*extra, *args[end:]]
+        return ctx.args
+
+
+#: ``register(name, command)``: a protocol subcommand of ``connect`` (a
+#: :class:`ForwardCommand`) whose callback returns a :class:`Forward`.
+RegisterProtocol = Callable[[str, click.Command], None]
 
 
 class Streams(Protocol):

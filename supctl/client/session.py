@@ -216,27 +216,28 @@ class TowerSession:
             self.report.back(self.clock() - lost_at)
             return link
 
-    def open_now(self) -> Channel | None:
+    def open_now(self, request: OpenRequest | None = None) -> Channel | None:
         """A new stream on the current link, or None while the session is being re-opened.
 
-        The first bytes may be written at once (EARLY_DATA); a refusal surfaces as
-        StreamError from the channel.  Raises StreamError once the session is over."""
+        ``request``: the OPEN's, if not the session's (a connect stream to another of the
+        session's targets).  The first bytes may be written at once (EARLY_DATA); a refusal
+        surfaces as StreamError from the channel.  Raises StreamError once the session is over."""
         if self.final is not None:
             raise StreamError(str(self.final), code=ErrorCode.LINK_LOST)
         link = self.link
         if link is None or link.task is None or link.task.done():
             return None
         try:
-            return link.open_channel_now(self.request)
+            return link.open_channel_now(request or self.request)
         except StreamError:  # closing: keep() learns why in a moment
             return None
 
-    async def open(self) -> Channel:
+    async def open(self, request: OpenRequest | None = None) -> Channel:
         """A new stream once the session is up, waiting at most ``wait`` seconds."""
         timeout = self.wait
         deadline = self.clock() + timeout
         while True:
-            channel = self.open_now()
+            channel = self.open_now(request)
             if channel is not None:
                 return channel
             left = deadline - self.clock()

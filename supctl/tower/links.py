@@ -105,28 +105,45 @@ class ClientLink(Link):
             self._refuse(event, ErrorCode.DENIED, refusal, "denied")
             self.close(ErrorCode.DENIED, refusal)
             return
+        chosen = self._target(event.request.args)
+        if isinstance(chosen, str):
+            self._refuse(event, ErrorCode.NOT_FOUND, chosen, "denied")
+            return
+        route, args = chosen
         hub = self.tower.hub
-        site = hub.site_link(self.route.site)
-        args = event.request.args
+        site = hub.site_link(route.site)
         # Not a SiteLink: None (no valid link).  Closed: lost, its on_lost not run yet.
         if not isinstance(site, SiteLink) or site.conn.closed is not None:
-            self._open_remote(event)
+            self._open_remote(event, route, args)
             return
         if (text := hub.stream_refusal(self, site)) is not None:
             self._refuse(event, ErrorCode.LIMIT, text, "limit")
             return
-        if (text := site.cannot_serve(self.route, args)) is not None:
+        if (text := site.cannot_serve(route, args)) is not None:
             self._refuse(event, ErrorCode.UNSUPPORTED, text, "unsupported")
             return
-        site_id = site.conn.open_stream(self.route.request(args))
-        Relay(self, event.stream_id, site, site_id, self.route, audit.exec_command(self.route, args))
+        site_id = site.conn.open_stream(route.request(args))
+        Relay(self, event.stream_id, site, site_id, route, audit.exec_command(route, args))
         site.flush()
 
-    def _open_remote(self, event: StreamOpened) -> None:
+    def _target(self, args: dict[str, Any]) -> tuple[Route, dict[str, Any]] | str:
+        """The session's target a stream asked for (``forward``: its position among the
+        targets the session was granted, 0 unless given) and the args the site gets, without
+        ``forward``; or why there is no such target.  The client picks only among targets
+        authorised at the upgrade (and judged again above): never one of its own making."""
+        if "forward" not in args:
+            return self.route, args
+        index = args["forward"]
+        targets = self.route.targets
+        if type(index) is not int or not 0 <= index < len(targets):
+            return f"no forward {str(index)[:20]!r} in this session (it has {len(targets)})"
+        return targets[index], {key: value for key, value in args.items() if key != "forward"}
+
+    def _open_remote(self, event: StreamOpened, route: Route, args: dict[str, Any]) -> None:
         """Relay the stream to the replica that holds the site, if another one does: the
         request it carries is the one judged here; that replica checks only that the site
         is still its own, and the site's budget (docs/tower.md, "Replicas")."""
-        route, hub, presence = self.route, self.tower.hub, self.tower.hub.presence
+        hub, presence = self.tower.hub, self.tower.hub.presence
         remote = presence.remote_site(route.site) if presence is not None else None
         if presence is None or remote is None:
             self._refuse(event, ErrorCode.LINK_LOST, f"site {route.site} is not connected", "site-lost")
@@ -153,7 +170,6 @@ class ClientLink(Link):
         if (limit := hub.stream_refusal(self, None)) is not None:
             self._refuse(event, ErrorCode.LIMIT, limit, "limit")
             return
-        args = event.request.args
         peer_id = link.conn.open_stream(route.peer_request(args))
         Relay(self, event.stream_id, link, peer_id, route, audit.exec_command(route, args))
         link.flush()

@@ -83,17 +83,38 @@ def site_name(query: dict[str, list[str]]) -> str:
     return site
 
 
-def connect_access(app: str, instance: str, query: dict[str, list[str]]) -> Access:
-    """A connect session's request: its site, protocol, port and target, checked (400)."""
+#: Targets one connect session may carry (``connect tcp 443 --bind 8443 tcp 80 ...``).
+MAX_TARGETS = 16
+
+
+def connect_accesses(app: str, instance: str, query: dict[str, list[str]]) -> list[Access]:
+    """A connect session's targets: ``protocol``, ``port`` and optional ``ip-address``, each
+    repeated once per target in the same order (``ip-address`` empty for the service itself,
+    or absent for all), each checked (400).  One target is the seed's session; a stream picks
+    another by its position (``forward`` in the OPEN's args, :mod:`.links`)."""
     site = site_name(query)
-    protocol = single(query, "protocol")
+    ports = query.get("port", [])
+    count = len(ports)
+    if count == 0:
+        raise Rejection(400, "missing query parameter 'port'")
+    if count > MAX_TARGETS:
+        raise Rejection(400, f"at most {MAX_TARGETS} targets in one session, got {count}")
+    protocols, addresses = query.get("protocol", []), query.get("ip-address", [""] * count)
+    if len(protocols) != count or len(addresses) != count:
+        raise Rejection(400, "'protocol', 'port' and 'ip-address' (if given) must be given once per target")
+    return [
+        connect_target(site, app, instance, *target)
+        for target in zip(protocols, ports, addresses, strict=True)
+    ]
+
+
+def connect_target(site: str, app: str, instance: str, protocol: str, port_text: str, ip_text: str) -> Access:
+    """One target of a connect session, checked (400) and canonical."""
     if not valid_name(protocol):
         raise Rejection(400, f"invalid protocol {audit.cut(protocol, 40)!r}")
-    port_text = single(query, "port")
     port = parse_port(port_text)
     if port is None:
         raise Rejection(400, f"port must be 1-65535 in ASCII digits, got {audit.cut(port_text, 40)!r}")
-    ip_text = single(query, "ip-address", required=False)
     ip = ""
     if ip_text:
         # Canonical before it is judged: the address the policy sees is the one dialled.

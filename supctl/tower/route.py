@@ -71,6 +71,9 @@ class Route:
     # Set by the tower once the session is accepted, for its audit records.
     peer: str = ""  # the client's address
     session: str = ""  # a random id shared by the session's records
+    # connect: the session's other targets (a stream picks one by its position), each
+    # authorised as this one; () for the seed's one-target session.
+    more: tuple[Route, ...] = ()
 
     @classmethod
     def grant(cls, access: Access, who: str) -> Route:
@@ -152,6 +155,16 @@ class Route:
             session=session,
         )
         return route, inner
+
+    @property
+    def targets(self) -> tuple[Route, ...]:
+        """Every target of the session: this route, then :attr:`more`."""
+        return (self, *self.more)
+
+    def accepted(self, peer: str, session: str) -> Route:
+        """This route (and its other targets) as accepted from ``peer`` in ``session``."""
+        more = tuple(replace(r, peer=peer, session=session) for r in self.more)
+        return replace(self, peer=peer, session=session, more=more)
 
     @property
     def summary(self) -> str:

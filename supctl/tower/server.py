@@ -52,7 +52,7 @@ from .requests import (
     EXEC_PATH,
     WHOAMI_PATH,
     audit_event,
-    connect_access,
+    connect_accesses,
     exec_access,
     has_feature,
     peer,
@@ -279,15 +279,18 @@ class Tower:
                 return error_response(503, "the control tower cannot write its audit log")
             return outcome
         if isinstance(outcome, Route):
-            outcome = replace(outcome, peer=peer(connection), session=secrets.token_hex(4))
+            outcome = outcome.accepted(peer(connection), secrets.token_hex(4))
             if (message := self.hub.session_refusal(outcome.user)) is not None:
                 self._log_refused(connection, request, 429, message)
                 self._audit_refused(connection, request, 429, message)
                 return error_response(429, message)
-            rec = audit.record("session-accepted", path=audit.cut(urlsplit(request.path).path), result="ok")
-            rec.update(audit.route_fields(outcome))
-            if not self._audit(rec):
-                return error_response(503, "the control tower cannot write its audit log")
+            for target in outcome.targets:  # one record per target granted, one session id
+                rec = audit.record(
+                    "session-accepted", path=audit.cut(urlsplit(request.path).path), result="ok"
+                )
+                rec.update(audit.route_fields(target))
+                if not self._audit(rec):
+                    return error_response(503, "the control tower cannot write its audit log")
         self._routes[connection] = outcome
         return None
 
@@ -355,7 +358,8 @@ class Tower:
         if match := CONNECT_PATH.match(url.path):
             principal = self._authenticate(request)
             app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
-            return self._grant(principal, connect_access(app, instance, query))
+            first, *more = (self._grant(principal, a) for a in connect_accesses(app, instance, query))
+            return replace(first, more=tuple(more))
         if match := EXEC_PATH.match(url.path):
             principal = self._authenticate(request)
             app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
@@ -451,8 +455,11 @@ class Tower:
             principal = Principal(user, accessor, policies)
         # again=True never looks at the sites (the link's business): no per-request view.
         sites = Sites(self.store.site_exists, self.hub.site_info)
-        verdict = authorise(principal, route.access, self.policy, sites, again=True)
-        return verdict.message if isinstance(verdict, Refusal) else None
+        for target in route.targets:  # every target of the session, as at the upgrade
+            verdict = authorise(principal, target.access, self.policy, sites, again=True)
+            if isinstance(verdict, Refusal):
+                return verdict.message
+        return None
 
     def site_refusal(self, site: str, token_hash: str) -> str | None:
         """Why a site link's token is no longer the site's (rotated, removed), or None."""
