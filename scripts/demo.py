@@ -20,9 +20,11 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from types import FrameType
 
 from demo_lab import (
@@ -67,6 +69,119 @@ class Demo(Lab):
         self.stop(proc)
         console.print(Text("\n".join(log.read_text().splitlines()[1:]), style="dim"))
         console.print("[dim](supctl stopped with Ctrl-C)[/]\n")
+
+    def two_forwards(self, port: int, lan_ip: str, lan_port: int) -> None:
+        """Both forwards of the guide in one command, over one session."""
+        args = do_args(
+            "connect",
+            "tcp",
+            str(port),
+            "--bind",
+            "0",
+            "tcp",
+            str(lan_port),
+            "--ip-address",
+            lan_ip,
+            "--bind",
+            "0",
+        )
+        proc, log = self.spawn(f"supctl-{len(self.procs)}", [program("supctl"), *args])
+        ports = [
+            int(p) for p in self.wait_log(log, r"(?s)from \S+:(\d+) ->.*from \S+:(\d+) ->", proc).groups()
+        ]
+        step(shlex.join(["supctl", *args]), log.read_text(), "one command, one session; in another terminal:")
+        for local, expect in zip(
+            ports, (f"{INSTANCE} says hello", f"{NAME} ({lan_ip}) says hello"), strict=True
+        ):
+            url = f"http://127.0.0.1:{local}/"
+            page = output_of(self.run(["curl", "-sS", "--max-time", "10", url]))
+            step(f"curl -sS {url}", page)
+            if expect not in page:
+                raise DemoError(f"expected {expect!r} through the forward, got {page.strip()!r}")
+        self.stop(proc)
+        console.print("[dim](supctl stopped with Ctrl-C)[/]\n")
+
+    def short_forms(self, port: int) -> None:
+        """The same netcat forward with a compact target, then with defaults in the environment."""
+        request = b"GET / HTTP/1.0\r\n\r\n"
+        args = ["do", f"{SITE}/{APP}/{INSTANCE}", "connect", "tcp", str(port)]
+        result = self.supctl(*args, stdin=request)
+        step(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | {shlex.join(['supctl', *args])}", output_of(result))
+        defaults = {"SUPCTL_SITE": SITE, "SUPCTL_APPLICATION": APP, "SUPCTL_SERVICE_INSTANCE": INSTANCE}
+        args = ["do", "connect", "tcp", str(port)]
+        again = subprocess.run(
+            [program("supctl"), *args],
+            input=request,
+            capture_output=True,
+            env={**self.env, **defaults},
+            timeout=60,
+            check=False,
+        )
+        exports = " ".join(f"{k}={v}" for k, v in defaults.items())
+        step(
+            f"export {exports}\nprintf 'GET / HTTP/1.0\\r\\n\\r\\n' | {shlex.join(['supctl', *args])}",
+            output_of(again),
+            "or named contexts in the config file: supctl config use-context NAME, supctl config view",
+        )
+        for done in (result, again):
+            if done.returncode != 0 or f"{INSTANCE} says hello" not in done.stdout.decode():
+                raise DemoError(f"a short form failed (exit {done.returncode})")
+
+    def interactive(self) -> None:
+        """exec -it in a real terminal: a tmux pane of our own, typed into by the demo."""
+        tmux = shutil.which("tmux")
+        if tmux is None:
+            console.print("[yellow]tmux is not installed: skipping the interactive step[/]\n")
+            return
+        sock = str(self.root / "tmux.sock")
+        env = {**self.env, "TERM": "xterm-256color"}
+
+        def run(*args: str) -> str:
+            result = subprocess.run(
+                [tmux, "-S", sock, *args], capture_output=True, text=True, env=env, timeout=10, check=False
+            )
+            if result.returncode != 0:
+                raise DemoError(f"tmux {args[0]}: {result.stderr.strip()}")
+            return result.stdout
+
+        def wait(pattern: str) -> str:
+            end = time.monotonic() + 20
+            while not re.search(pattern, screen := run("capture-pane", "-p", "-t", "d"), re.M):
+                if time.monotonic() > end:
+                    raise DemoError(f"timed out waiting for {pattern!r} on the terminal:\n{screen}")
+                time.sleep(0.05)  # polling the screen; the deadline above is the bound
+            return screen
+
+        args = do_args("containers", MANAGER, "exec", "-it", 'PS1="remote> " sh')
+        typed = shlex.join(["supctl", *args])
+        run(
+            "-f", "/dev/null", "new-session", "-d", "-x", "80", "-y", "24", "-s", "d", "PS1='$ ' exec /bin/sh"
+        )
+        try:
+            run("send-keys", "-t", "d", "-l", f"{shlex.join([program('supctl'), *args])}; echo rc=$?")
+            run("send-keys", "-t", "d", "Enter")
+            wait(r"^remote> ")
+
+            def type_line(keys: str, pattern: str) -> str:
+                run("send-keys", "-t", "d", "-l", keys)
+                run("send-keys", "-t", "d", "Enter")
+                return wait(pattern)
+
+            type_line("tty; stty size", r"^24 80")
+            run("resize-window", "-t", "d", "-x", "100", "-y", "30")
+            type_line("stty size", r"^30 100")
+            screen = type_line("exit 3", r"^rc=3")
+        finally:
+            subprocess.run(
+                [tmux, "-S", sock, "kill-server"], capture_output=True, env=env, timeout=10, check=False
+            )
+        shown = "\n".join(line for line in screen.splitlines()[1:] if line.strip())
+        step(
+            typed,
+            shown,
+            "a terminal in the container: tty and stty size at the site, the window resized to 100x30 "
+            "follows, Ctrl-C/Ctrl-Z would go to the remote, and exit 3 ends supctl with 3",
+        )
 
     def main(self) -> None:
         if self.netns:
@@ -149,12 +264,21 @@ class Demo(Lab):
                 soft_wrap=True,
             )
 
+        console.print(Rule("Both forwards in one command"))
+        self.two_forwards(port, lan_ip, lan_port)
+
+        console.print(Rule("An interactive shell in a container: exec -it"))
+        self.interactive()
+
         console.print(Rule("Netcat mode (no --bind): stdin/stdout"))
         args = do_args("connect", "tcp", str(port))
         result = self.supctl(*args, stdin=b"GET / HTTP/1.0\r\n\r\n")
         step(f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | {shlex.join(['supctl', *args])}", output_of(result))
         if result.returncode != 0 or f"{INSTANCE} says hello" not in result.stdout.decode():
             raise DemoError(f"netcat mode failed (exit {result.returncode})")
+
+        console.print(Rule("Shorter: a compact target, or defaults"))
+        self.short_forms(port)
 
         console.print(Rule("connect never resolves names"))
         args = do_args("connect", "tcp", "443", "--ip-address", NAME, "--bind", bind)
