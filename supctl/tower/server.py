@@ -118,7 +118,8 @@ class Tower:
         # The links to the other replicas (:mod:`.peering`); None: no [cluster] advertise.
         self.peers: PeerRoutes | None = None
         # /healthz and /readyz (:mod:`.probes`): no token, no audit record.
-        self.probes = Probes(store.fresh, lambda: self.hub.draining, clock)
+        # The store is looked up at each probe, not now (tests give a tower a stand-in store).
+        self.probes = Probes(lambda: self.store.fresh(), lambda: self.hub.draining, clock)  # noqa: PLW0108
         # Prometheus metrics (:mod:`.metrics`), when serving sets them up.
         self.metrics: TowerMetrics | None = None
         # Who the request being authorised comes from ("admin:ACCESSOR"), once its token
