@@ -109,7 +109,7 @@ def make_config_command() -> click.Group:
     @_OUTPUT
     @click.pass_context
     def get_contexts(ctx: click.Context, output: str) -> None:
-        """List the contexts of the config file; the one in use is marked with *."""
+        """List the contexts of the config file; the one in use is marked in the CURRENT column."""
         path = config_path(ctx.meta.get(CONFIG_KEY))
         file = read_config(path, explicit=ctx.meta.get(CONFIG_KEY) is not None)
         chosen, _ = _chosen(ctx)
