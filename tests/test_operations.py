@@ -233,6 +233,8 @@ def test_metrics_count_exactly_what_a_workload_did(tmp_path: Path) -> None:
         assert moved(before, after, "supctl_requests_refused_total", status="401", verb="login") == 1
         assert moved(before, after, "supctl_stream_open_seconds_count") == 3
         assert moved(before, after, "supctl_audit_write_seconds_count") >= 1
+        for direction in ("up", "down"):  # one peak per stream and direction, where it was opened
+            assert moved(before, after, "supctl_relay_queue_peak_bytes_count", direction=direction) == 3
         # No user name, token or stream id is a label.
         text = scrape(port)[1]
         assert "admin" not in text and "sct_" not in text

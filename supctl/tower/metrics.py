@@ -78,6 +78,13 @@ class TowerMetrics:
             "supctl_stream_open_seconds", "From a stream's OPEN to the site's ACCEPT", registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )  # fmt: skip
+        # At most a window per stream and direction by design (docs/architecture.md): a peak
+        # near it says a peer reads slowly; above it would be a flow-control bug.
+        self.queue_peak = Histogram(
+            "supctl_relay_queue_peak_bytes", "The most bytes a stream had queued in the tower, per direction",
+            ["direction"], registry=r,
+            buckets=(0, 1024, 16384, 65536, 262144, 1048576, 4194304, 16777216),
+        )  # fmt: skip
         self.audit_write = Histogram(
             "supctl_audit_write_seconds", "Time to write one batch of audit records to the store", registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
@@ -87,6 +94,10 @@ class TowerMetrics:
 
     def stream_opened(self, seconds: float) -> None:
         self.open_latency.observe(seconds)
+
+    def stream_queued(self, peak_up: int, peak_down: int) -> None:
+        self.queue_peak.labels("up").observe(peak_up)
+        self.queue_peak.labels("down").observe(peak_down)
 
     def observe(self, rec: dict[str, Any]) -> None:
         """Count one audit record (the single source of these counters)."""

@@ -52,6 +52,9 @@ class StreamMetrics(Protocol):
     def stream_opened(self, seconds: float) -> None:
         """A stream was accepted by the site ``seconds`` after its OPEN."""
 
+    def stream_queued(self, peak_up: int, peak_down: int) -> None:
+        """A stream ended; the most bytes it had queued here, each way."""
+
 
 class Services(Protocol):
     """The parts of the tower a link and its relays use."""
@@ -294,6 +297,8 @@ class Relay:
             "timeout": "reset by the tower: ",
         }.get(close, "")
         tower = self.client.tower
+        if tower.metrics is not None and accounted:  # once, where the stream was opened
+            tower.metrics.stream_queued(self.up.peak, self.down.peak)
         line = (
             "stream closed %s sent=%d received=%d peak_queued_up=%d peak_queued_down=%d "
             "seconds=%.3f result=%s%s"
