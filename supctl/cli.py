@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from click.shell_completion import CompletionItem
 from rich.markup import escape
 
 from .client.api import NODES, Invocation
-from .client.completion import TowerNames, compact_items, make_completion_command, quietly
+from .client.completion import COMPLETE_VAR, TowerNames, compact_items, make_completion_command, quietly
 from .client.configcmd import CONFIG_KEY, CONTEXT_KEY, make_config_command
 from .client.settings import ClientSettings, resolve
 from .client.target import Compact, fill, looks_compact, parse_compact
@@ -391,4 +392,14 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
+    if os.environ.get(COMPLETE_VAR):
+        # A TAB: completion abandons a tower request that takes too long (completion.quietly),
+        # and the worker thread it left must not hold the exit up until its own timeout.
+        # Nothing needs cleaning up here: no file is written, no session opened.
+        try:
+            code = run()
+        except SystemExit as exc:  # click's completion ends with sys.exit
+            code = exc.code if isinstance(exc.code, int) else 0
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(run())

@@ -17,7 +17,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,7 +378,5 @@ def test_options_after_command_belong_to_it(world: World) -> None:
     result = world.stack.supctl(*do_args(SITE, APP, INSTANCE, "containers", SHELL, "exec", "echo", "-t"))
     assert result.returncode == ExitCode.EXEC_FAILED
     assert "quote it, e.g. exec 'echo -t'" in one_line_error(result.stderr)
-    started = time.monotonic()
     result = world.stack.supctl(*do_args(SITE, APP, INSTANCE, "containers", SHELL, "exec", "-i", "echo -t"))
     assert result.returncode == 0 and result.stdout == b"-t\n", result
-    assert time.monotonic() - started < 30
