@@ -160,7 +160,7 @@ class Demo(Lab):
         try:
             run("send-keys", "-t", "d", "-l", f"{shlex.join([program('supctl'), *args])}; echo rc=$?")
             run("send-keys", "-t", "d", "Enter")
-            wait(r"^remote> ")
+            wait(r"^remote>")  # capture-pane drops trailing blanks
 
             def type_line(keys: str, pattern: str) -> str:
                 run("send-keys", "-t", "d", "-l", keys)
