@@ -175,7 +175,9 @@ class Demo(Lab):
             subprocess.run(
                 [tmux, "-S", sock, "kill-server"], capture_output=True, env=env, timeout=10, check=False
             )
-        shown = "\n".join(line for line in screen.splitlines()[1:] if line.strip())
+        lines = [line for line in screen.splitlines() if line.strip()]
+        first = next((i for i, line in enumerate(lines) if line.startswith("remote>")), 0)
+        shown = "\n".join(lines[first:])  # from the remote prompt on (the typed line wraps)
         step(
             typed,
             shown,
