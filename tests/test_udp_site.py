@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 import tomllib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from netlab import NetLab, call_in_netns
@@ -261,7 +262,7 @@ def udp_request(port: int, ip: str = "", **args: object) -> OpenRequest:
 
 
 async def read_datagrams(channel: Channel, count: int) -> list[bytes]:
-    decoder, got = DatagramDecoder(), []
+    decoder, got = DatagramDecoder(), list[bytes]()
     while len(got) < count:
         data = await asyncio.wait_for(channel.read(), DEADLINE)
         assert data, f"EOF after {len(got)} of {count} datagrams"
@@ -275,7 +276,7 @@ async def finish(channel: Channel) -> dict[str, Any]:
     channel.write_eof()
     control = await asyncio.wait_for(channel.read_control(), DEADLINE)
     assert await asyncio.wait_for(channel.read(), DEADLINE) == b""
-    return control["udp"]  # type: ignore[no-any-return]
+    return cast(dict[str, Any], control["udp"])
 
 
 SIZES = [1, 0, 1400, 8000, 65000]
@@ -335,7 +336,7 @@ def test_no_credit_drops_and_nothing_queues(monkeypatch: pytest.MonkeyPatch, net
                 for _ in range(burst):
                     target.sock.sendto(b"d" * size, target.peer)
                 # Paced by what the site has handled, so the kernel drops nothing itself.
-                await until(lambda n=n: flow.counts.datagrams_down + flow.counts.dropped_down == n * burst)
+                await until(functools.partial(handled, flow, n * burst))
                 # The client never reads, so never gives credit: at most one window is out.
                 assert channel.buffered <= DEFAULT_WINDOW and channel.bytes_in <= DEFAULT_WINDOW
             fits = DEFAULT_WINDOW // record_size(size)
@@ -349,10 +350,14 @@ def test_no_credit_drops_and_nothing_queues(monkeypatch: pytest.MonkeyPatch, net
     asyncio.run(main())
 
 
+def handled(flow: UdpFlow, count: int) -> bool:
+    return flow.counts.datagrams_down + flow.counts.dropped_down == count
+
+
 async def finish_unread(channel: Channel) -> dict[str, Any]:
     channel.write_eof()
     control = await channel.read_control()  # CONTROL is outside flow control: it overtakes
-    return control["udp"]  # type: ignore[no-any-return]
+    return cast(dict[str, Any], control["udp"])
 
 
 @pytest.mark.root
