@@ -20,7 +20,7 @@ from typing import Any, cast
 import pytest
 from netlab import NetLab, call_in_netns
 from supctl_udp.handler import CLOSE_GRACE, DEFAULT_IDLE, UdpFlow, UdpHandler, parse_idle
-from test_exec_unit import MemoryWebSocket, TowerLink, until
+from test_exec_unit import LOOPS, MemoryWebSocket, TowerLink, run, until
 
 from supctl.enforcer import agent as agent_module
 from supctl.enforcer.agent import Agent
@@ -34,6 +34,14 @@ from supctl.protocol.datagrams import DatagramDecoder, encode_datagram, record_s
 from supctl.tower import audit
 
 DEADLINE = 20.0
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """asyncio, and uvloop (the enforcer's loop) when installed."""
+    if LOOPS[request.param] is None and request.param != "asyncio":
+        pytest.skip("uvloop is not installed")
+    return str(request.param)
 
 
 class FakeClock:
@@ -219,10 +227,10 @@ class Echo:
     """A UDP server on 127.0.0.1 inside a namespace, served from this loop: it records
     every datagram and (``echo``) sends it back."""
 
-    def __init__(self, netns: str, echo: bool = True) -> None:
+    def __init__(self, netns: str, echo: bool = True, address: str = "127.0.0.1") -> None:
         def make() -> socket.socket:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((address, 0))
             return sock
 
         self.sock = call_in_netns(netns, make)
@@ -283,13 +291,24 @@ SIZES = [1, 0, 1400, 8000, 65000]
 
 
 @pytest.mark.root
-def test_datagrams_of_every_size_come_back_identical(monkeypatch: pytest.MonkeyPatch, netlab: NetLab) -> None:
+@pytest.mark.parametrize("where", ["loopback", "veth"])
+def test_datagrams_of_every_size_come_back_identical(
+    monkeypatch: pytest.MonkeyPatch, netlab: NetLab, loop_kind: str, where: str
+) -> None:
     ns = netlab.add_ns("udp")
+    address = "127.0.0.1"
+    if where == "veth":  # another host on the instance's LAN: 65,000 bytes go as IP fragments
+        lan = netlab.add_ns("lan")
+        netlab.veth(ns, "192.0.2.1/24", lan, "192.0.2.53/24")
+        ns_echo, address = lan, "192.0.2.53"
+    else:
+        ns_echo = ns
 
     async def main() -> None:
-        echo = Echo(ns)
+        echo = Echo(ns_echo, address=address)
         async with site(monkeypatch, ns, UdpHandler()) as tower:
-            channel = await tower.open_channel(udp_request(echo.port))
+            ip = "" if where == "loopback" else address
+            channel = await tower.open_channel(udp_request(echo.port, ip))
             sent = [bytes([i + 1]) * size for i, size in enumerate(SIZES)]
             # Records cut across writes at odd places: boundaries come from the lengths only.
             stream = b"".join(encode_datagram(d) for d in sent)
@@ -308,7 +327,7 @@ def test_datagrams_of_every_size_come_back_identical(monkeypatch: pytest.MonkeyP
             }
         echo.close()
 
-    asyncio.run(main())
+    run(main(), loop_kind)
 
 
 @pytest.mark.root
