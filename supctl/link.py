@@ -473,6 +473,16 @@ class Channel:
             self.link.conn.consumed(self.id, size)
             self.link.flush()
 
+    def can_write(self, size: int) -> bool:
+        """True if :meth:`send_nowait` would take ``size`` bytes whole, now.
+
+        For messages that must not be cut and must not wait (a datagram record):
+        the caller drops what does not fit instead of queueing it, so nothing here
+        ever holds more than the credit the far end granted.
+        """
+        # send_credit is 0 for a stream that is gone, not accepted yet, or half-closed by us.
+        return self.error is None and self.link.conn.send_credit(self.id) >= size
+
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Send as much of ``data`` as the credit allows; return how much that was.
 

@@ -1,4 +1,4 @@
-"""Open TCP connections from inside a service instance's network namespace.
+"""Open TCP connections and UDP sockets from inside a service instance's network namespace.
 
 A socket belongs to the network namespace of the thread that *created* it; the
 namespace of the thread that later calls ``connect()`` on it does not matter.
@@ -100,13 +100,14 @@ def _parse_target(host: str, port: int) -> _Target:
     return _Target(family, canonical, port)
 
 
-def _new_socket(target: _Target) -> socket.socket:
-    """Create the non-blocking TCP socket, in the namespace of the calling thread."""
-    sock = socket.socket(target.family, socket.SOCK_STREAM)
+def _new_socket(target: _Target, kind: socket.SocketKind = socket.SOCK_STREAM) -> socket.socket:
+    """Create the non-blocking socket (TCP, or UDP), in the namespace of the calling thread."""
+    sock = socket.socket(target.family, kind)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        arm_reset(sock)  # before connect: an enforcer that dies at any point resets the target
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            arm_reset(sock)  # before connect: an enforcer that dies at any point resets the target
     except BaseException:
         sock.close()
         raise
@@ -171,10 +172,10 @@ class _Worker:
         finally:
             os.close(fd)
 
-    def new_socket(self, target: _Target) -> socket.socket:
+    def new_socket(self, target: _Target, kind: socket.SocketKind) -> socket.socket:
         if self.identity is None:
             raise self.error or OSError(errno.EINVAL, "namespace not entered")
-        return _new_socket(target)
+        return _new_socket(target, kind)
 
     def shutdown(self, wait: bool) -> None:
         # Queued socket creations still run (they are quick): cancelling them
@@ -188,7 +189,7 @@ def _close_result(future: concurrent.futures.Future[socket.socket]) -> None:
 
 
 class NamespaceSockets:
-    """Connect TCP sockets from inside named network namespaces.
+    """Connect TCP and UDP sockets from inside named network namespaces.
 
     Use from one event loop.  ``netns=None`` means the enforcer's own (host)
     network.  Call :meth:`close` when done; it stops the worker threads.
@@ -234,14 +235,41 @@ class NamespaceSockets:
             raise
         return sock
 
-    async def _socket(self, netns: str | None, target: _Target) -> socket.socket:
+    async def datagram(self, netns: str | None, host: str, port: int) -> socket.socket:
+        """Return a non-blocking UDP socket in ``netns``, connected to ``host:port``.
+
+        A UDP connect sends nothing: it fixes the peer (the kernel then drops datagrams
+        from anyone else) and picks the route, so only an unroutable target fails here.
+        Raises :class:`StreamError` like :meth:`connect`.
+        """
+        if self._closed:
+            raise StreamError("the enforcer is shutting down", code=ErrorCode.INTERNAL)
+        target = _parse_target(host, port)
+        sock = await self._socket(netns, target, socket.SOCK_DGRAM)
+        try:
+            sock.connect((target.host, target.port))
+        except OSError as exc:
+            sock.close()
+            where = f"network namespace {netns}" if netns is not None else "the host network"
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise StreamError(
+                f"cannot reach {target} in {where}: {reason}", code=ErrorCode.UNREACHABLE
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _socket(
+        self, netns: str | None, target: _Target, kind: socket.SocketKind = socket.SOCK_STREAM
+    ) -> socket.socket:
         if netns is None:
             try:
-                return _new_socket(target)
+                return _new_socket(target, kind)
             except OSError as exc:
                 raise self._socket_error(None, target, exc) from None
         worker = self._worker(netns)
-        future = worker.executor.submit(worker.new_socket, target)
+        future = worker.executor.submit(worker.new_socket, target, kind)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
