@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from supctl.client.api import BindAddress, Reporter, Streams
 from supctl.errors import StreamError
@@ -82,13 +83,14 @@ class UdpRelay(asyncio.DatagramProtocol):
         self.no_session = 0  # datagrams dropped while the session was being re-opened
         self.refused_lines = Throttle(WARN_EVERY, clock)
         self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None  # the transport's, for empty datagrams
         self.tasks: set[asyncio.Task[None]] = set()
 
     # --- the local socket ----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's UDPTransport is not a subclass of asyncio's, only alike.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors of earlier sendto()s (port unreachable): the peer went away
@@ -155,7 +157,14 @@ class UdpRelay(asyncio.DatagramProtocol):
         if transport.get_write_buffer_size() > MAX_SEND_BUFFER:  # type: ignore[attr-defined]
             flow.dropped_down += 1  # the peer does not read: drop, as the kernel would
             return
-        transport.sendto(datagram, flow.peer)
+        if datagram:
+            transport.sendto(datagram, flow.peer)
+        else:  # asyncio's and uvloop's sendto() skip an empty datagram: the socket sends it
+            try:
+                self.sock.sendto(datagram, flow.peer)  # type: ignore[union-attr]
+            except OSError:
+                flow.dropped_down += 1
+                return
         flow.down(len(datagram))
         self.table.touch(flow)
 
@@ -226,9 +235,17 @@ class UdpListener:
     ) -> None:
         loop = asyncio.get_running_loop()
         relay = UdpRelay(streams, reporter, idle=self.idle, limit=self.limit)
-        transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=(bind.host, bind.port))
+        family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+        sock = relay.sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sockname = transport.get_extra_info("sockname")
+            sock.bind((bind.host, bind.port))
+            sock.setblocking(False)
+            transport, _ = await loop.create_datagram_endpoint(lambda: relay, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            sockname = sock.getsockname()
             ready(BindAddress(bind.host, int(sockname[1])))
             await relay.run()
         finally:
