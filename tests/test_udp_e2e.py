@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -306,3 +307,43 @@ def test_a_flood_keeps_memory_flat_counts_drops_and_spares_tcp(world: World) -> 
     assert event["dropped-up"] + event["dropped-down"] > 0, event
     for proc in (tcp, flood.proc):
         proc.stop()
+
+
+def test_udp_and_tcp_forwards_in_one_chain_with_human_lines(world: World) -> None:
+    args = do_args(SITE, APP, INSTANCE, "connect", "tcp", str(TCP_ECHO_PORT), "--bind", "0")
+    proc = world.stack.spawn(
+        "supctl", [program("supctl"), *args, "udp", str(ECHO_PORT), "--bind", "0", "--idle", "1"]
+    )
+    ports = [int(m[1]) for m in wait_until(lambda: _listening(proc, 2))]
+    with socket.create_connection(("127.0.0.1", ports[0]), timeout=10) as conn:
+        conn.sendall(b"tcp")
+        assert conn.recv(3) == b"tcp"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", ports[1]))
+        sock.settimeout(10)
+        sock.send(b"udp!")
+        assert sock.recv(10) == b"udp!"
+    line = proc.log.wait_for(r"udp/\d+: connection 1 closed: (.*)", proc=proc.popen)
+    assert "4 B sent, 4 B received" in line[1]
+    assert "datagrams-up 1, datagrams-down 1, dropped-up 0, dropped-down 0" in line[1]
+    proc.stop()
+
+
+def _listening(proc: Proc, count: int) -> list[Any] | None:
+    found = list(re.finditer(r"Forwarding from \S+:(\d+) ->", proc.log.text()))
+    return found if len(found) >= count else None
+
+
+@pytest.mark.parametrize(
+    "rest, message",
+    [
+        (["53", "--idle", "0"], "--idle"),
+        (["53", "--idle", "5", "--idle", "6"], "--idle given 2 times"),
+        (["53", "--ip-address", NAME], "connect never resolves names"),
+        (["53", "-o", "json"], "-o json needs --bind"),
+    ],
+)
+def test_bad_udp_arguments_are_one_line_errors(world: World, rest: list[str], message: str) -> None:
+    result = world.stack.supctl(*udp_args(*rest))
+    assert result.returncode == ExitCode.USAGE, result
+    assert message in result.stderr.decode() and b"Traceback" not in result.stderr
