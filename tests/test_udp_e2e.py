@@ -329,9 +329,9 @@ def test_udp_and_tcp_forwards_in_one_chain_with_human_lines(world: World) -> Non
     proc.stop()
 
 
-def _listening(proc: Proc, count: int) -> list[Any] | None:
+def _listening(proc: Proc, count: int) -> list[re.Match[str]]:
     found = list(re.finditer(r"Forwarding from \S+:(\d+) ->", proc.log.text()))
-    return found if len(found) >= count else None
+    return found if len(found) >= count else []
 
 
 @pytest.mark.parametrize(
