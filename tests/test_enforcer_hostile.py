@@ -344,7 +344,7 @@ def test_exec_refused_by_allow_exec(site: Site) -> None:
 @pytest.mark.parametrize(
     ("verb", "protocol", "text"),
     [
-        ("connect", "udp", "protocol 'udp' is not supported at this site"),
+        ("connect", "sctp", "protocol 'sctp' is not supported at this site"),
         ("connect", "", "protocol '' is not supported at this site"),
         ("CONNECT", "tcp", "verb 'CONNECT' with protocol 'tcp' is not supported at this site"),
         ("shell", "", "verb 'shell' is not supported at this site"),

@@ -54,7 +54,7 @@ def test_third_party_echo_verb_and_handler_end_to_end(stack: Stack) -> None:
     assert stack.tower is not None
     # The site announced the plugin's handler, and the stream really crossed the tower.
     assert re.search(
-        rf"site {SITE} connected \(1 applications, handlers echo,exec,tcp\)", stack.tower.log.text()
+        rf"site {SITE} connected \(1 applications, handlers echo,exec,tcp,udp\)", stack.tower.log.text()
     )
     stack.tower.log.wait_for(
         rf"stream closed .* instance={INST} verb=connect protocol=echo .*sent=11 received=11"
@@ -208,9 +208,9 @@ def _load_handlers_with(monkeypatch: pytest.MonkeyPatch, *extra: object) -> dict
 
 
 def test_extra_handler_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    udp = Serves("connect", "udp")
-    handlers = _load_handlers_with(monkeypatch, handler_plugin("udp-plugin", udp))
-    assert isinstance(handlers[udp], NullHandler)
+    sctp = Serves("connect", "sctp")
+    handlers = _load_handlers_with(monkeypatch, handler_plugin("sctp-plugin", sctp))
+    assert isinstance(handlers[sctp], NullHandler)
 
 
 @pytest.mark.parametrize(("protocol", "owner"), [("tcp", "tcp"), ("echo", "echo")])

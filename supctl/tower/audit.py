@@ -61,6 +61,11 @@ FIELDS = (
     "command",
     "exit-code",
     "exit-signal",
+    # connect udp: the site's final counts of the flow (plugins/supctl_udp).
+    "datagrams-up",
+    "datagrams-down",
+    "dropped-up",
+    "dropped-down",
     # streams-refused: a session's refused streams counted since its previous record.
     "count",
     "reasons",
@@ -184,6 +189,29 @@ def exit_fields(payload: object) -> tuple[Any, Any] | None:
         code if isinstance(code, keep) and not isinstance(code, bool) else None,
         signum if isinstance(signum, keep) and not isinstance(signum, bool) else None,
     )
+
+
+#: The counts of a udp flow's final ``{"udp": {...}}`` CONTROL that the audit keeps.
+UDP_FIELDS = ("datagrams-up", "datagrams-down", "dropped-up", "dropped-down")
+
+
+def udp_fields(payload: object) -> dict[str, int | None] | None:
+    """The counts from a udp ``{"udp": {"datagrams-up": N, ...}}`` CONTROL, or None.
+
+    The payload comes from a site: only non-negative integers are kept (a bool, a
+    float, a string or a negative number is null), and only these four fields.
+    """
+    if not isinstance(payload, dict):
+        return None
+    value = payload.get("udp")
+    if not isinstance(value, dict):
+        return None
+    kept: dict[str, int | None] = {}
+    for name in UDP_FIELDS:
+        count = value.get(name)
+        ok = isinstance(count, int) and not isinstance(count, bool) and count >= 0
+        kept[name] = count if ok else None
+    return kept
 
 
 class AuditLog(Protocol):

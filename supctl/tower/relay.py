@@ -178,6 +178,7 @@ class Relay:
         "site_id",
         "started",
         "summary",
+        "udp",
         "up",
         "user",
     )
@@ -203,6 +204,7 @@ class Relay:
         self.summary = route.summary
         self.command = command  # exec: the command from the client's OPEN args, for the audit
         self.exit: tuple[object, object] | None = None  # exec: (code, signal) seen passing by
+        self.udp: dict[str, int | None] | None = None  # connect udp: the site's final counts
         client.relays[client_id] = self
         site.relays[site_id] = self
         if client.accounted:
@@ -255,6 +257,10 @@ class Relay:
         elif isinstance(event, ControlReceived):
             if "exit" in event.payload:  # exec's exit status, on its way to the client
                 self.exit = audit.exit_fields(event.payload)
+            elif (
+                "udp" in event.payload and self.route.protocol == "udp"
+            ):  # a udp flow's final counts, on their way to the client
+                self.udp = audit.udp_fields(event.payload)
             if self.client.conn.is_open(self.client_id):
                 self.client.conn.send_control(self.client_id, event.payload)
                 self.client.flush()
@@ -334,5 +340,6 @@ class Relay:
                     command=self.command,
                     exit_code=exit_code,
                     exit_signal=exit_signal,
+                    **(self.udp or {}),
                 )
             )
