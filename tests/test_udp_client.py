@@ -264,6 +264,9 @@ def test_no_session_drops_and_a_silent_site_is_reset_after_the_close_wait() -> N
         rig.streams.down = True
         rig.relay.datagram_received(b"q", ("127.0.0.1", 9000))
         assert rig.relay.no_session == 1 and len(rig.relay.table) == 0
+        assert rig.events.lines == [
+            ("warning", "no session with the tower: 1 datagram(s) dropped (1 in all)")
+        ]
         rig.streams.down = False
         rig.relay.datagram_received(b"q", ("127.0.0.1", 9000))
         (channel,) = rig.streams.opened

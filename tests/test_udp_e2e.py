@@ -232,6 +232,22 @@ def test_netcat_mode_one_query_on_stdin(world: World) -> None:
     assert time.monotonic() - started < 15
 
 
+def test_netcat_mode_from_a_regular_file(world: World, tmp_path: Path) -> None:
+    query = tmp_path / "query.bin"
+    query.write_bytes(dns_query(77))
+    with query.open("rb") as stdin:
+        result = subprocess.run(
+            [program("supctl"), *udp_args("53", "--ip-address", DNS_IP, "--idle", "1")],
+            stdin=stdin,
+            capture_output=True,
+            timeout=30,
+            env=world.stack.env,
+            check=False,
+        )
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert dns_answer(result.stdout, 77) == DEST_IP
+
+
 def test_netcat_mode_keeps_each_read_one_datagram(world: World) -> None:
     """Two writes to a pipe, read apart: two datagrams, echoed back to back on stdout."""
     proc = subprocess.Popen(

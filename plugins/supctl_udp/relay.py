@@ -82,6 +82,7 @@ class UdpRelay(asyncio.DatagramProtocol):
         self.stopping = False
         self.no_session = 0  # datagrams dropped while the session was being re-opened
         self.refused_lines = Throttle(WARN_EVERY, clock)
+        self.no_session_lines = Throttle(WARN_EVERY, clock)
         self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None  # the transport's, for empty datagrams
         self.tasks: set[asyncio.Task[None]] = set()
@@ -124,6 +125,10 @@ class UdpRelay(asyncio.DatagramProtocol):
             channel = None
         if channel is None:  # the session is being re-opened: a datagram does not wait
             self.no_session += 1
+            if new := self.no_session_lines.due(self.no_session):
+                self.reporter.warning(
+                    f"no session with the tower: {new} datagram(s) dropped ({self.no_session} in all)"
+                )
             return None
         flow = self.table.add(peer)
         assert flow is not None
