@@ -191,6 +191,8 @@ def test_a_flow_per_peer_records_up_replies_down_and_idle_end() -> None:
         rig.relay.datagram_received(b"query-a", ("127.0.0.1", 5001))
         rig.relay.datagram_received(b"", ("127.0.0.1", 5001))  # an empty datagram is a datagram
         rig.relay.datagram_received(b"query-b", ("127.0.0.1", 5002))
+        assert rig.streams.opened[0].sent == b""  # until the end of the loop turn: one frame
+        rig.relay.flush()
         a, b = rig.streams.opened
         assert DatagramDecoder().feed(bytes(a.sent)) == [b"query-a", b""]
         assert DatagramDecoder().feed(bytes(b.sent)) == [b"query-b"]
@@ -225,6 +227,7 @@ def test_beyond_the_credit_datagrams_are_dropped_and_counted_never_queued() -> N
         rig = relay_rig(credit=3 * 1402)
         for _ in range(10):
             rig.relay.datagram_received(b"f" * 1400, ("127.0.0.1", 6000))
+        rig.relay.flush()
         (channel,) = rig.streams.opened
         assert len(channel.sent) == 3 * 1402  # three whole records, never a piece of a fourth
         flow = rig.relay.table.get(("127.0.0.1", 6000))
@@ -253,6 +256,7 @@ def test_the_flow_limit_drops_new_peers_with_one_line_per_period() -> None:
         )
         # The known peers still get through.
         rig.relay.datagram_received(b"q", ("127.0.0.1", 7000))
+        rig.relay.flush()
         assert rig.streams.opened[0].sent == encode_datagram(b"q") * 2
 
     asyncio.run(main())

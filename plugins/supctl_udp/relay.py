@@ -86,6 +86,8 @@ class UdpRelay(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None  # the transport's, for empty datagrams
         self.tasks: set[asyncio.Task[None]] = set()
+        self.pending: dict[Flow, bytearray] = {}  # records of this loop turn, by flow
+        self._flush_scheduled = False
 
     # --- the local socket ----------------------------------------------------------
 
@@ -108,11 +110,30 @@ class UdpRelay(asyncio.DatagramProtocol):
         if len(data) > MAX_DATAGRAM:  # not over UDP, but the record could not say it
             flow.dropped_up += 1
             return
-        if not channel.can_write(record_size(len(data))):
+        # The records of one loop turn go as one DATA frame per flow (see flush); the
+        # credit is checked against what is already waiting, so nothing waits beyond it.
+        pending = self.pending.get(flow)
+        if not channel.can_write((len(pending) if pending is not None else 0) + record_size(len(data))):
             flow.dropped_up += 1
             return
-        channel.send_nowait(encode_datagram(data))
+        if pending is None:
+            self.pending[flow] = bytearray(encode_datagram(data))
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            pending += encode_datagram(data)
         flow.up(len(data))
+
+    def flush(self) -> None:
+        """Send the records that came in this loop turn: a DATA frame per flow, not per
+        datagram (bench/udp.py: about 20% more datagrams/s through the chain)."""
+        self._flush_scheduled = False
+        pending, self.pending = self.pending, {}
+        for flow, records in pending.items():
+            channel = self.channels.get(flow)
+            if channel is not None:
+                channel.send_nowait(memoryview(records))  # within the credit checked as they came
 
     def _new_flow(self, peer: Peer) -> Flow | None:
         if self.stopping or self.table.full():
@@ -193,6 +214,7 @@ class UdpRelay(asyncio.DatagramProtocol):
     def finish(self, flow: Flow, channel: Channel, error: StreamError | None) -> None:
         """The flow's stream is over (the site's EOF, a reset or a lost session): report it,
         with the site's counters once its CONTROL is read."""
+        self.flush()  # what came before the end goes before our EOF
         if self.channels.pop(flow, None) is None:
             return
         self.table.remove(flow)
