@@ -13,6 +13,7 @@ from supctl_udp.flows import Flow, FlowTable, Throttle, remote_counts
 from supctl_udp.relay import CLOSE_WAIT, UdpRelay
 
 from supctl.errors import StreamError
+from supctl.protocol import ErrorCode
 from supctl.protocol.datagrams import DatagramDecoder, encode_datagram
 
 
@@ -302,3 +303,38 @@ def test_flow_counts_add_the_sites_drops() -> None:
     flow = Flow(("::1", 5), 1, 0.0, 0.0, datagrams_up=3, dropped_up=1, dropped_down=2)
     flow.remote = {"dropped-up": 10, "dropped-down": 20, "datagrams-up": 99}
     assert flow.counts() == {"datagrams-up": 3, "datagrams-down": 0, "dropped-up": 11, "dropped-down": 22}
+
+
+def test_a_refused_flow_drops_its_peer_until_idle_then_tries_again() -> None:
+    async def main() -> None:
+        rig = relay_rig()
+        peer = ("127.0.0.1", 9002)
+        rig.relay.datagram_received(b"q", peer)
+        refusal = StreamError("more than 100 concurrent streams", code=ErrorCode.LIMIT)
+        rig.streams.opened[0].receiver.channel_failed(refusal)
+        await settle(rig.relay)
+        assert rig.events.lines[-1][5] == "more than 100 concurrent streams"
+        for _ in range(50):  # a peer that keeps sending: no new stream, no new line
+            rig.clock.now += 1
+            rig.relay.datagram_received(b"q", peer)
+        assert len(rig.streams.opened) == 1 and len(rig.events.lines) == 2
+        flow = rig.relay.table.get(peer)
+        assert flow is not None and flow.dropped_up == 50
+        rig.clock.now += 10
+        rig.relay.tick()  # idle since the refusal: gone, silently
+        rig.relay.datagram_received(b"q", peer)
+        assert len(rig.streams.opened) == 2 and rig.events.lines[-1] == ("opened", 2, "127.0.0.1:9002")
+
+    asyncio.run(main())
+
+
+def test_a_lost_session_does_not_hold_the_peer_back() -> None:
+    async def main() -> None:
+        rig = relay_rig()
+        peer = ("127.0.0.1", 9003)
+        rig.relay.datagram_received(b"q", peer)
+        rig.streams.opened[0].receiver.channel_failed(StreamError("link lost", code=ErrorCode.LINK_LOST))
+        rig.relay.datagram_received(b"q", peer)
+        assert len(rig.streams.opened) == 2
+
+    asyncio.run(main())

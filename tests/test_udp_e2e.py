@@ -363,3 +363,39 @@ def test_bad_udp_arguments_are_one_line_errors(world: World, rest: list[str], me
     result = world.stack.supctl(*udp_args(*rest))
     assert result.returncode == ExitCode.USAGE, result
     assert message in result.stderr.decode() and b"Traceback" not in result.stderr
+
+
+def test_new_peers_beyond_the_flow_limit_are_dropped_with_a_warning(world: World) -> None:
+    """A hostile local sender spraying source ports gets 256 flows, no more (each would hold a
+    stream at the tower and a socket at the site)."""
+    forward, port = json_forward(world.stack, *udp_args(str(ECHO_PORT), "--bind", "0"))
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(300)]
+    try:
+        for sock in socks:
+            sock.connect(("127.0.0.1", port))
+            sock.send(b"hello")
+        warnings = wait_until(lambda: [e for e in forward.events() if e["event"] == "warning"])
+        assert "256 flows are open" in warnings[0]["text"]
+        opened = [e for e in forward.events() if e["event"] == "opened"]
+        assert len(opened) == 256
+        # The tower's own limit (streams-per-session, 100 by default) refuses flows 101-256:
+        # one line each, and their peers wait out the idle time instead of retrying a
+        # stream per datagram.
+        refused = wait_until(
+            lambda: (
+                [e for e in forward.closed() if "streams-per-session" in e["result"]]
+                if len(forward.closed()) >= 156
+                else []
+            )
+        )
+        assert len(refused) == 156 == len(forward.closed())
+        socks[200].send(b"again")
+        socks[0].settimeout(10)
+        assert socks[0].recv(100) == b"hello"  # the first peers' flows work
+        socks[0].send(b"after")
+        assert socks[0].recv(100) == b"after"
+        assert len([e for e in forward.events() if e["event"] == "opened"]) == 256
+    finally:
+        for sock in socks:
+            sock.close()
+    forward.proc.stop()

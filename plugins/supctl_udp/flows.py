@@ -38,6 +38,9 @@ class Flow:
     stream_id: int | None = None
     open_latency: float | None = None
     remote: dict[str, int] = field(default_factory=dict)  # the site's counters, at the end
+    #: Refused (a limit, a policy): kept until idle, its datagrams dropped, so that a peer
+    #: that keeps sending costs one refused stream per idle period, not one per datagram.
+    dead: bool = False
 
     def up(self, size: int) -> None:
         self.datagrams_up += 1

@@ -31,7 +31,9 @@ TICK = 0.25
 CLOSE_WAIT = 5.0
 #: Bytes the local socket may hold back for peers before replies are dropped.
 MAX_SEND_BUFFER = 1024 * 1024
-#: At most one line a this many seconds about datagrams dropped for want of a flow.
+#: Refusals of a flow's stream that another try at once would only repeat.
+REFUSALS = frozenset({ErrorCode.LIMIT, ErrorCode.DENIED})
+#: At most one line every this many seconds about datagrams dropped for want of a flow.
 WARN_EVERY = 10.0
 
 
@@ -105,6 +107,9 @@ class UdpRelay(asyncio.DatagramProtocol):
             flow = self._new_flow(peer)
             if flow is None:
                 return
+        if flow.dead:  # refused: not touched, so the peer may try again once it is idle
+            flow.dropped_up += 1
+            return
         channel = self.channels[flow]
         self.table.touch(flow)
         if len(data) > MAX_DATAGRAM:  # not over UDP, but the record could not say it
@@ -217,7 +222,10 @@ class UdpRelay(asyncio.DatagramProtocol):
         self.flush()  # what came before the end goes before our EOF
         if self.channels.pop(flow, None) is None:
             return
-        self.table.remove(flow)
+        if error is not None and error.code in REFUSALS and not self.stopping:
+            flow.dead = True  # stays in the table until idle (FlowTable.expired drops it)
+        else:
+            self.table.remove(flow)
         self.ending.pop(flow, None)
         if error is None:
             channel.write_eof()  # the site ended first (its idle timeout): end ours too
