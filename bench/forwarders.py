@@ -76,7 +76,7 @@ def setup_ssh_jump(procs: Procs, target: int) -> Forward:
     return port, {"ssh": ssh.pid, "sshd": sshd}
 
 
-def setup_supctl(procs: Procs, target: int) -> Forward:
+def setup_supctl(procs: Procs, target: int, protocol: str = "tcp") -> Forward:
     d, tower_cli = procs.logdir / "tower", tool("control-tower")
     run([tower_cli, "init", str(d)])
     config = str(d / "tower.toml")
@@ -95,13 +95,14 @@ def setup_supctl(procs: Procs, target: int) -> Forward:
     env = {**os.environ, "SUPCTL_HOST": url, "SUPCTL_TOKEN_FILE": str(d / "admin.token"),
            "SUPCTL_CA_FILE": str(d / "ca.pem"), "XDG_CONFIG_HOME": str(procs.logdir)}  # fmt: skip
     argv = [tool("supctl"), "do", "-s", "demo", "applications", "bench", "service-instances", "bench-1",
-            "connect", "tcp", str(target), "--bind", "0", "-q"]  # fmt: skip
+            "connect", protocol, str(target), "--bind", "0", "-q"]  # fmt: skip
     end = time.monotonic() + SETUP_TIMEOUT
     for attempt in range(100):  # HTTP 503 until the tower has the site: retry until the deadline
         supctl = procs.start(f"supctl-{attempt}", argv, env)
         log = procs.logdir / f"supctl-{attempt}.log"
         if found := procs.wait("supctl", supctl, in_log(log, r"Forwarding from 127\.0\.0\.1:(\d+)"), end):
-            procs.wait("supctl", supctl, port_open(int(found[1])))
+            if protocol == "tcp":  # a UDP forward is ready once it said where it listens
+                procs.wait("supctl", supctl, port_open(int(found[1])))
             return int(found[1]), {"supctl": supctl.pid, "tower": tower.pid, "enforcer": enforcer.pid}
         if time.monotonic() > end:
             break

@@ -16,7 +16,7 @@ import asyncio
 import datetime
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import click
@@ -55,9 +55,13 @@ class Sink(Protocol):
         received: int,
         seconds: float,
         error: str | None,
+        counts: Mapping[str, int] | None = None,
     ) -> None: ...
     def detail(self, text: str) -> None:
         """A line for ``-v`` only."""
+
+    def warning(self, index: int, forward: Forward, text: str) -> None:
+        """A line about a forward as a whole (rate-limited by its listener)."""
 
     # the session's news (supctl.client.session.SessionReport)
     def lost(self, reason: str) -> None: ...
@@ -82,9 +86,20 @@ class ForwardReporter:
         self._ours[number] = ours = next(self.numbers)
         self.sink.opened(self.index, self.forward, ours, peer, meter)
 
-    def closed(self, number: int, sent: int, received: int, seconds: float, error: str | None) -> None:
+    def closed(
+        self,
+        number: int,
+        sent: int,
+        received: int,
+        seconds: float,
+        error: str | None,
+        counts: Mapping[str, int] | None = None,
+    ) -> None:
         ours = self._ours.pop(number, number)
-        self.sink.closed(self.index, self.forward, ours, sent, received, seconds, error)
+        self.sink.closed(self.index, self.forward, ours, sent, received, seconds, error, counts)
+
+    def warning(self, text: str) -> None:
+        self.sink.warning(self.index, self.forward, text)
 
 
 class HumanStatus:
@@ -138,6 +153,7 @@ class HumanStatus:
         received: int,
         seconds: float,
         error: str | None,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         connection = self.model.closed(index, number, sent, received)
         meter = connection.meter if connection is not None else None
@@ -147,7 +163,7 @@ class HumanStatus:
             self.line(f"[red]{who} failed:[/] {escape(error + detail)}")
         elif not self.quiet:
             peer = connection.peer if connection is not None else "?"
-            text = closed_text(sent, received, seconds, peer)
+            text = closed_text(sent, received, seconds, peer, counts)
             if self.verbose:  # a clean close: both ends sent FIN
                 text += f" [{stream_detail(meter)}, reason: closed by both ends]"
             self.line(f"{who} closed: {escape(text)}")
@@ -155,6 +171,9 @@ class HumanStatus:
     def detail(self, text: str) -> None:
         if self.verbose:
             self.line(escape(text))
+
+    def warning(self, index: int, forward: Forward, text: str) -> None:
+        self.line(f"[yellow]{escape(forward.label)}:[/] {escape(text)}")
 
     def lost(self, reason: str) -> None:
         self.line(f"[yellow]tower connection lost; reconnecting...[/] ({escape(reason)})")
@@ -241,12 +260,18 @@ class JsonEvents:
         received: int,
         seconds: float,
         error: str | None,
+        counts: Mapping[str, int] | None = None,
     ) -> None:
         fields = {"connection": number, "sent": sent, "received": received, "seconds": round(seconds, 3)}
-        self.emit("closed", forward=index, **fields, result="ok" if error is None else error)
+        self.emit(
+            "closed", forward=index, **fields, **(counts or {}), result="ok" if error is None else error
+        )
 
     def detail(self, text: str) -> None:
         pass
+
+    def warning(self, index: int, forward: Forward, text: str) -> None:
+        self.emit("warning", forward=index, text=text)
 
     def lost(self, reason: str) -> None:
         self.emit("tower-lost", reason=reason)

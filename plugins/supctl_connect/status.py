@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from supctl.client.api import Meter
@@ -139,15 +139,18 @@ def clock_time(now: Callable[[], datetime.datetime] | None = None) -> str:
     return (now or datetime.datetime.now)().strftime("%H:%M:%S")
 
 
-def closed_text(sent: int, received: int, seconds: float, peer: str) -> str:
+def closed_text(
+    sent: int, received: int, seconds: float, peer: str, counts: Mapping[str, int] | None = None
+) -> str:
     """The summary of a finished connection: ``1000000 B sent, 2000 B received in 6.5 s
     (1.0 MB at 154.1 kB/s, from 127.0.0.1:53122)``; exact counts first (scripts grep
-    them), then human units."""
+    them), then human units.  A protocol's ``counts`` follow (``datagrams-up 3, ...``)."""
     total = sent + received
     rate = total / seconds if seconds > 0 else 0.0
+    extra = "".join(f", {name} {value}" for name, value in (counts or {}).items())
     return (
         f"{sent} B sent, {received} B received in {seconds:.1f} s"
-        f" ({human_bytes(total)} at {human_rate(rate)}, from {peer})"
+        f" ({human_bytes(total)} at {human_rate(rate)}, from {peer}{extra})"
     )
 
 

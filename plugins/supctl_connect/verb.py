@@ -15,6 +15,7 @@ import itertools
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -86,7 +87,7 @@ def make_connect_command() -> click.Group:
         if any(f.ip_address for f in forwards):
             query["ip-address"] = [f.ip_address or "" for f in forwards]
         if not forwards[0].binds:
-            return aio.run(_netcat(inv, path, query))
+            return aio.run(_netcat(inv, forwards[0], path, query))
         wait = options["wait_tower"]
         sink: Sink
         if options["output"] == "json":
@@ -106,12 +107,12 @@ def make_connect_command() -> click.Group:
     return connect
 
 
-async def _netcat(inv: Invocation, path: str, query: dict[str, list[str]]) -> int:
+async def _netcat(inv: Invocation, forward: Forward, path: str, query: dict[str, list[str]]) -> int:
     """Netcat mode: one stream, stdin/stdout; a lost session ends it (StreamError, exit 6)."""
-    netcat: Netcat | None = inv.pm.hook.supctl_netcat()
+    netcat: Netcat | None = forward.netcat or inv.pm.hook.supctl_netcat()
     if netcat is None:
         raise UsageError("no netcat backend plugin is installed")
-    request = OpenRequest(verb="connect")  # the tower fills in what it authorised
+    request = OpenRequest(verb="connect", args=dict(forward.open_args))  # the tower fills in the rest
     link = await inv.transport().open_session(path, query)
     try:
         # No wait for ACCEPT: the first bytes travel with the OPEN (EARLY_DATA).
@@ -125,10 +126,11 @@ class ForwardStreams:
     """The :class:`~supctl.client.api.Streams` of one forward: streams of the one session,
     each OPEN naming the forward's target by its position (the tower granted them all)."""
 
-    def __init__(self, session: TowerSession, position: int) -> None:
+    def __init__(self, session: TowerSession, position: int, args: Mapping[str, object]) -> None:
         self.session = session
         # The first target is the session's own: its OPEN is the seed's, understood by any tower.
-        self.request = OpenRequest(verb="connect", args={"forward": position} if position else {})
+        forward = {"forward": position} if position else {}
+        self.request = OpenRequest(verb="connect", args={**forward, **args})
 
     def open_now(self) -> Channel | None:
         return self.session.open_now(self.request)
@@ -163,7 +165,7 @@ async def _serve(
             listener: Listener | None = forward.listener or inv.pm.hook.supctl_listener()
             if listener is None:
                 raise UsageError("no listener backend plugin is installed")
-            streams = ForwardStreams(session, index - 1)
+            streams = ForwardStreams(session, index - 1, forward.open_args)
             servers += await _listen(listener, streams, index, forward, target, sink)
     except BaseException:
         await _stop(servers, session)

@@ -115,7 +115,21 @@ class Reporter(Protocol):
     """How backends tell the user about connections (one short line each, or a live table)."""
 
     def opened(self, number: int, peer: str, meter: Meter) -> None: ...
-    def closed(self, number: int, sent: int, received: int, seconds: float, error: str | None) -> None: ...
+    def closed(
+        self,
+        number: int,
+        sent: int,
+        received: int,
+        seconds: float,
+        error: str | None,
+        counts: Mapping[str, int] | None = None,
+    ) -> None:
+        """``counts``: a protocol's own counters of the connection, by name (``connect udp``:
+        ``datagrams-up``, ``datagrams-down``, ``dropped-up``, ``dropped-down``)."""
+
+    def warning(self, text: str) -> None:
+        """A line about the forward as a whole (e.g. datagrams dropped over a limit); the
+        caller rate-limits it."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,9 @@ class Forward:
     bind: str | None = None  # --bind as the user wrote it
     binds: tuple[BindAddress, ...] = ()  # where to listen (localhost: 127.0.0.1 and ::1)
     listener: Listener | None = None  # None: the supctl_listener hook's backend
+    netcat: Netcat | None = None  # None: the supctl_netcat hook's backend
+    #: More arguments for the OPEN of each of its streams (``connect udp``: ``idle``).
+    open_args: Mapping[str, object] = field(default_factory=dict)
     given: Mapping[str, object] = field(default_factory=dict)
 
     @property
