@@ -20,7 +20,7 @@ from click.core import ParameterSource
 
 from supctl.client.api import BindAddress, Forward, ForwardCommand, Invocation
 from supctl.errors import UsageError
-from supctl.plugins import collect
+from supctl.plugins import collect, make_plugin_manager
 from supctl.protocol import check_ip_address
 from supctl.protocol.targets import NOT_NUMERIC
 
@@ -227,11 +227,11 @@ class ConnectGroup(click.Group):
         self._protocols: dict[str, click.Command] | None = None
 
     def protocols(self, ctx: click.Context) -> dict[str, click.Command]:
-        inv = ctx.find_object(Invocation)
-        if inv is None:  # built without supctl's root (e.g. to document it): the built-ins
-            return {"tcp": make_tcp_command()}
         if self._protocols is None:
-            self._protocols = collect(inv.pm, "supctl_add_connect_protocols", "connect protocol")
+            inv = ctx.find_object(Invocation)
+            # Without supctl's root (the docs' reference walks the tree): every installed plugin.
+            pm = inv.pm if inv is not None else make_plugin_manager()
+            self._protocols = collect(pm, "supctl_add_connect_protocols", "connect protocol")
         return self._protocols
 
     def list_commands(self, ctx: click.Context) -> list[str]:
