@@ -109,7 +109,7 @@ def run_error(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tu
             ExitCode.USAGE,
             "--bind address must be numeric",
         ),
-        (do_args(SITE, APP, INSTANCE, "connect", "udp", "53"), ExitCode.USAGE, "No such command 'udp'"),
+        (do_args(SITE, APP, INSTANCE, "connect", "sctp", "53"), ExitCode.USAGE, "No such command 'sctp'"),
         (
             do_args(SITE, APP, INSTANCE, "connect", "tcp", "443", "--bind", "8443", "--bind", "8080"),
             ExitCode.USAGE,
