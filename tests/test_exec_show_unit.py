@@ -101,7 +101,7 @@ def supctl_run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str
         ),
         (
             ["do", "applications", "a", "service-instances", "i", "containers", "c", "exec", "true"],
-            "no site given",
+            "no site given: use supctl do -s SITE ..., a SITE/APP/INSTANCE target, SUPCTL_SITE or a context",
         ),
     ],
 )

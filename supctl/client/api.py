@@ -51,7 +51,10 @@ class Invocation:
 
     def require_site(self) -> str:
         if not self.site:
-            raise UsageError("no site given: use supctl do -s SITE ...")
+            raise UsageError(
+                "no site given: use supctl do -s SITE ..., a SITE/APP/INSTANCE target,"
+                " SUPCTL_SITE or a context (supctl config view shows what is in force)"
+            )
         return self.site
 
     def transport(self) -> Transport:
