@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -429,3 +430,41 @@ def test_supctl_log_options_are_checked_and_stay_off_stdout(tmp_path: Path) -> N
         assert json.loads(result.stdout) == []  # stdout stays data
         for line in result.stderr.decode().splitlines():
             assert {"time", "level", "logger", "event"} <= json.loads(line).keys()
+
+
+def test_a_reload_that_narrows_the_site_policy_ends_streams_it_no_longer_allows(tmp_path: Path) -> None:
+    """Authority is judged while it is used: a stream opened under the old inventory's policy
+    ends when a reload no longer allows it; one still allowed goes on."""
+    with Stack(tmp_path) as stack:
+        stack.start_tower()
+        site = stack.add_site(SITE, reload_inventory({}))
+        _, echo = start_server(stack, "echo")
+        _, other = start_server(stack, "echo")
+        args = [program("supctl"), *do_args(SITE, APP, INST, "connect", "tcp", str(echo), "--bind", "0")]
+        kept = stack.spawn(
+            "kept",
+            [program("supctl"), *do_args(SITE, APP, INST, "connect", "tcp", str(other), "--bind", "0")],
+        )
+        narrowed = stack.spawn("narrowed", args)
+        ports = [
+            int(p.log.wait_for(r"Forwarding from \S+:(\d+) ->", proc=p.popen)[1]) for p in (kept, narrowed)
+        ]
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for port in ports]
+        try:
+            for conn in conns:  # both streams are open and accepted at the site
+                conn.sendall(b"before")
+                assert conn.recv(6) == b"before"
+            policy = f'[policy]\nallow-ports = ["{other}"]\n'
+            (stack.root / f"{SITE}.toml").write_text(reload_inventory({}, policy))
+            site.popen.send_signal(signal.SIGHUP)
+            site.log.wait_for(r"inventory reloaded; .*1 streams ended by the new inventory")
+            # The narrowed stream was reset: its local connection ends (RST or EOF), no echo.
+            conns[1].settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                assert conns[1].recv(10) == b""
+            narrowed.log.wait_for(r"the site's inventory changed")
+            conns[0].sendall(b"after")
+            assert conns[0].recv(5) == b"after"
+        finally:
+            for conn in conns:
+                conn.close()

@@ -176,6 +176,9 @@ class Agent:
         self.links_made = 0  # links to the tower established (the first one, then reconnects)
         self.streams_open: Counter[str] = Counter()  # by the handler serving them
         self.streams_ended: Counter[tuple[str, str]] = Counter()  # (handler, outcome)
+        # The OPEN of every stream being served, as the tower sent it: judged again when
+        # the inventory (and its local policy) is reloaded.
+        self.serving: dict[Channel, OpenRequest] = {}
         # Links a draining tower asked us to leave, still ending their streams; oldest first.
         self.moving: deque[tuple[EnforcerLink, asyncio.Task[None]]] = deque()
         if supervisor is not None:
@@ -198,12 +201,21 @@ class Agent:
         tower gets it in a STATUS.  Streams in flight go on.  Returns what changed."""
         self.inventory = inventory
         self.dispatcher = Dispatcher(self.dispatcher.handlers, inventory)
+        # Authority is judged while it is used: a stream the new inventory would refuse
+        # (its policy narrowed, its instance or container gone) ends now, not when it ends.
+        ended = 0
+        for channel, opened in list(self.serving.items()):
+            try:
+                self.dispatcher.route(opened)
+            except StreamError as exc:
+                channel.reset(ErrorCode.DENIED, f"the site's inventory changed: {exc}")
+                ended += 1
         summary = "containers unchanged"
         if self.supervisor is not None:
             kept, restarted, stopped, started = await self.supervisor.reload(inventory)
             summary = f"containers: {kept} kept, {restarted} restarted, {stopped} stopped, {started} started"
         self._status_changed.set()
-        return summary
+        return f"{summary}; {ended} streams ended by the new inventory"
 
     async def _push_status(self, link: EnforcerLink) -> None:
         """Send a STATUS frame after container state changes, coalesced."""
@@ -385,10 +397,12 @@ class Agent:
         outcome = "ok"
         served = "no handler"
         handler = "none"  # the metrics' label: refused before a handler was found, whatever was asked
+        opened = request
         try:
             # The handler, the canonical request and the site's own policy on both,
             # whatever the tower allowed (docs/policies.md, "A compromised tower").
             dispatch = self.dispatcher.route(request)
+            self.serving[channel] = opened
             served, request = str(dispatch.serves), dispatch.request
             handler = dispatch.serves.name  # as HELLO announces it: "tcp", "exec"
             self.streams_open[handler] += 1
@@ -415,6 +429,7 @@ class Agent:
             result = outcome = "internal error"
             channel.reset(ErrorCode.INTERNAL, "internal error in the edge enforcer")
         finally:
+            self.serving.pop(channel, None)
             self.streams_ended[handler, outcome] += 1
             log.debug(
                 "stream closed application=%s instance=%s verb=%s protocol=%s target=%s sent=%d received=%d "
