@@ -171,22 +171,27 @@ class UdpFlow:
     # --- the socket -----------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        # The datagrams of one wake-up go as one write (one DATA frame where they fit),
+        # each taken only if the credit covers it on top of those before it.
+        batch = bytearray()
         for _ in range(READ_BATCH):
             try:
                 payload = self.sock.recv(MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except ConnectionRefusedError:  # ICMP port unreachable for an earlier send
                 self.counts.refused += 1
                 continue
             except OSError:  # another ICMP error, reported once: nothing was received
                 continue
             self.last_activity = self.clock()
-            if self.channel.can_write(record_size(len(payload))):
-                self.channel.send_nowait(encode_datagram(payload))
+            if self.channel.can_write(len(batch) + record_size(len(payload))):
+                batch += encode_datagram(payload)
                 self.counts.datagrams_down += 1
             else:
                 self.counts.dropped_down += 1
+        if batch:
+            self.channel.send_nowait(bytes(batch))
 
     def _send(self, payload: bytes) -> None:
         try:
