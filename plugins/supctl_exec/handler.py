@@ -18,24 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import time
 from dataclasses import replace
+from typing import Any
 
 from supctl.enforcer.api import Container, HandlerContext, ServiceInstance
 from supctl.enforcer.cgroups import Cgroup
-from supctl.enforcer.runtime import ProcessSpec, Runtime, exit_status, kill_group, reap, wait_exited
+from supctl.enforcer.runtime import ProcessSpec, Runtime, kill_group, reap, wait_exited
 from supctl.errors import StreamError
 from supctl.link import Channel
 from supctl.protocol import ErrorCode, OpenRequest
 from supctl.protocol.exec import EXEC_TTY, STDERR, STDOUT, TtyRequest, encode_output, parse_tty
 
+from .command import GRACE, SIGNALS, Command
 from .ptyhandler import PtySession, ctty_argv, open_pty
 
-#: Seconds between a client's INT/TERM and SIGKILL, if the command is still running.
-GRACE = 5.0
 #: Bytes read from a pipe at once (one output record at most this big).
 READ_CHUNK = 256 * 1024
 #: After the command exited and its group was killed, a pipe that stays open and
@@ -44,13 +43,6 @@ READ_CHUNK = 256 * 1024
 ORPHAN_WAIT = 1.0
 #: TERM of a tty exec when neither the client nor the container gives one (docker's).
 DEFAULT_TERM = "xterm"
-SIGNALS = {
-    "INT": signal.SIGINT,
-    "TERM": signal.SIGTERM,
-    "HUP": signal.SIGHUP,
-    "KILL": signal.SIGKILL,
-    "QUIT": signal.SIGQUIT,
-}
 
 # Spawns abandoned by a cancelled stream, kept referenced until reaped.
 _reaping: set[asyncio.Task[None]] = set()
@@ -111,7 +103,7 @@ async def _run_piped(
     proc = await _spawn(runtime, instance, replace(spec, cgroup=cgroup))
     try:
         channel.accept()  # only now: a spawn failure is a refusal, not an accepted stream
-        await _Session(channel, proc, context.log, cgroup).run()
+        await _Session(channel, proc, context.log, cgroup, signals=SIGNALS, grace=GRACE).run()
     finally:
         # Reset, link lost, enforcer stopping, or done: nothing may stay behind.
         if cgroup is not None:
@@ -201,16 +193,12 @@ class _OutputPump:
                 await self.session.channel.write(record)
 
 
-class _Session:
-    def __init__(
-        self, channel: Channel, proc: asyncio.subprocess.Process, log: logging.Logger, cgroup: Cgroup | None
-    ) -> None:
-        self.channel = channel
-        self.proc = proc
-        self.log = log
-        self.cgroup = cgroup
+class _Session(Command):
+    """An exec stream joined to the command's pipes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.write_lock = asyncio.Lock()
-        self.grace: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         proc = self.proc
@@ -222,27 +210,13 @@ class _Session:
         exited = asyncio.create_task(wait_exited(proc))
         everything = [*outputs, stdin, control, exited]
         try:
-            waiting = set(everything)
-            while not exited.done():
-                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # StreamError: reset by the client or link lost
-            # The command exited.  Whatever it left running in its group (and, with a
-            # cgroup, anywhere: setsid) goes too, which also closes the pipes it held.
-            kill_group(proc, signal.SIGKILL)
-            if self.cgroup is not None:
-                self.cgroup.kill()
+            await self.wait_exited(everything, exited)
+            self.end_group()
             stdin.cancel()
             await self._drain(outputs)
-            code, signum = exit_status(exited.result())
-            self.channel.send_control({"exit": {"code": code, "signal": signum}})
-            self.channel.write_eof()
+            self.send_exit(exited.result())
         finally:
-            if self.grace is not None:
-                self.grace.cancel()
-            for task in everything:
-                task.cancel()
-            await asyncio.gather(*everything, return_exceptions=True)
+            await self.stop(everything)
 
     async def _drain(self, outputs: dict[asyncio.Task[None], _OutputPump]) -> None:
         """Wait until the pipes are empty and written to the stream (the exit status
@@ -278,13 +252,4 @@ class _Session:
 
     async def _control(self) -> None:
         while True:
-            message = await self.channel.read_control()
-            name = message.get("signal")
-            signum = SIGNALS.get(name) if isinstance(name, str) else None
-            if signum is None:
-                self.log.debug("exec: ignoring CONTROL message %.200r", message)
-                continue
-            kill_group(self.proc, signum)
-            if signum in (signal.SIGINT, signal.SIGTERM) and self.grace is None:
-                loop = asyncio.get_running_loop()
-                self.grace = loop.call_later(GRACE, kill_group, self.proc, signal.SIGKILL)
+            self.on_signal(await self.channel.read_control())

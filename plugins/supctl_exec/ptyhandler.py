@@ -28,7 +28,6 @@ import errno
 import fcntl
 import logging
 import os
-import signal
 import struct
 import sys
 import termios
@@ -36,11 +35,13 @@ import time
 from collections.abc import Mapping
 
 from supctl.enforcer.cgroups import Cgroup
-from supctl.enforcer.runtime import exit_status, kill_group, wait_exited
+from supctl.enforcer.runtime import wait_exited
 from supctl.errors import StreamError
 from supctl.link import Channel
 from supctl.protocol import ErrorCode
 from supctl.protocol.exec import STDOUT, WindowSize, encode_output, parse_resize
+
+from .command import Command
 
 #: Runs as the session leader the runtime started: take fd 0 (the slave) as the
 #: controlling terminal, then exec the command.  ``-I -S``: no environment, no
@@ -99,7 +100,7 @@ async def _ready(fd: int, writing: bool) -> None:
         remove(fd)
 
 
-class PtySession:
+class PtySession(Command):
     """One accepted tty exec stream, from the command's start to its exit status."""
 
     def __init__(
@@ -115,16 +116,10 @@ class PtySession:
         read_chunk: int,
         orphan_wait: float,
     ) -> None:
-        self.channel = channel
-        self.proc = proc
+        super().__init__(channel, proc, log, cgroup, signals=signals, grace=grace)
         self.master = master
-        self.log = log
-        self.cgroup = cgroup
-        self.signals = signals
-        self.grace_seconds = grace
         self.read_chunk = read_chunk
         self.orphan_wait = orphan_wait
-        self.grace: asyncio.TimerHandle | None = None
         self.reading_since: float | None = None  # waiting on the master since (monotonic)
 
     async def run(self) -> None:
@@ -134,27 +129,15 @@ class PtySession:
         exited = asyncio.create_task(wait_exited(self.proc))
         everything = [output, stdin, control, exited]
         try:
-            waiting = set(everything)
-            while not exited.done():
-                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # StreamError: reset by the client, link lost, bad resize
-            # The command exited: what it left (its jobs, in groups of their own under
-            # job control) goes too; they hold the slave, so then the master reads EIO.
-            kill_group(self.proc, signal.SIGKILL)
-            if self.cgroup is not None:
-                self.cgroup.kill()
+            await self.wait_exited(everything, exited)  # a bad resize fails here too
+            # What the command left (its jobs, in groups of their own under job control)
+            # goes too; they hold the slave, so then the master reads EIO.
+            self.end_group()
             stdin.cancel()
             await self._drain(output)
-            code, signum = exit_status(exited.result())
-            self.channel.send_control({"exit": {"code": code, "signal": signum}})
-            self.channel.write_eof()
+            self.send_exit(exited.result())
         finally:
-            if self.grace is not None:
-                self.grace.cancel()
-            for task in everything:
-                task.cancel()
-            await asyncio.gather(*everything, return_exceptions=True)
+            await self.stop(everything)
 
     async def _drain(self, output: asyncio.Task[None]) -> None:
         """Wait until the PTY is empty and written to the stream, or silent for
@@ -213,12 +196,4 @@ class PtySession:
                 with contextlib.suppress(OSError):  # hung up meanwhile: nothing to resize
                     set_window(self.master, size)
                 continue
-            name = message.get("signal")
-            signum = self.signals.get(name) if isinstance(name, str) else None
-            if signum is None:
-                self.log.debug("exec: ignoring CONTROL message %.200r", message)
-                continue
-            kill_group(self.proc, signum)
-            if signum in (signal.SIGINT, signal.SIGTERM) and self.grace is None:
-                loop = asyncio.get_running_loop()
-                self.grace = loop.call_later(self.grace_seconds, kill_group, self.proc, signal.SIGKILL)
+            self.on_signal(message)

@@ -208,7 +208,7 @@ class UdpFlow:
 
     def channel_data(self, data: bytes | memoryview) -> None:
         if not self.ended:
-            datagrams = self.decoder.feed(bytes(data))
+            datagrams = self.decoder.feed(data)
             if datagrams:
                 self.last_activity = self.clock()
             for payload in datagrams:

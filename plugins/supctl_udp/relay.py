@@ -47,7 +47,7 @@ class _FlowReceiver:
         self.decoder = DatagramDecoder()
 
     def channel_data(self, data: bytes | memoryview) -> None:
-        datagrams = self.decoder.feed(bytes(data))
+        datagrams = self.decoder.feed(data)
         self.channel.consume(len(data))  # never held here: a reply is sent or dropped now
         relay, flow = self.relay, self.flow
         for datagram in datagrams:

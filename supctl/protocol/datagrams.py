@@ -50,8 +50,9 @@ class DatagramDecoder:
         """Bytes of an incomplete record held back (0 at a record boundary)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """The datagrams completed by ``data``, in order."""
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
+        """The datagrams completed by ``data``, in order (a memoryview is read, not copied
+        first: the buffer's append is the one copy before a datagram is cut out)."""
         buffer = self._buffer
         buffer += data
         datagrams: list[bytes] = []
