@@ -185,6 +185,20 @@ class Demo(Lab):
             "follows, Ctrl-C/Ctrl-Z would go to the remote, and exit 3 ends supctl with 3",
         )
 
+    def container_logs(self) -> None:
+        """``logs``, a verb from a plugin: the web container's own stderr (its access log),
+        kept at the site; stdout and stderr stay apart."""
+        args = do_args("containers", WEB, "logs", "--tail", "2")
+        result = self.supctl(*args)
+        step(
+            shlex.join(["supctl", *args]),
+            output_of(result) + f"(exit code {result.returncode})",
+            f"the last lines {WEB} wrote (here on its stderr: the access log), kept by the site's "
+            "enforcer; logs -f follows them, across restarts",
+        )
+        if result.returncode != 0 or '"GET / ' not in result.stderr.decode(errors="replace"):
+            raise DemoError(f"logs of {WEB} failed or missed the request (exit {result.returncode})")
+
     def main(self) -> None:
         if self.netns:
             console.print(
@@ -223,6 +237,7 @@ class Demo(Lab):
                 f"{WEB}, at 127.0.0.1 of the service instance\n",
                 soft_wrap=True,
             )
+        self.container_logs()
         if self.netns:
             result = self.run(["curl", "-sS", "--max-time", "5", "http://127.0.0.1:443/"])
             if result.returncode != 0:
