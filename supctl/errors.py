@@ -27,6 +27,7 @@ class ExitCode(enum.IntEnum):
     UNAVAILABLE = 5  # tower unreachable, TLS failure, site not connected (503), a tower limit (429)
     STREAM = 6  # the remote end refused or reset the stream, or the path broke
     PROTOCOL = 7  # the peer broke the wire protocol
+    UNSUPPORTED = 8  # 501: the site (or the tower) has no handler for that verb or protocol
     # exec: supctl itself failed (any of the above), as ssh does; the remote command's own
     # exit code passes through otherwise, so the two never collide.
     EXEC_FAILED = 255
@@ -87,6 +88,13 @@ class StreamError(RemoteError):
         self.code = code
 
 
+class UnsupportedError(RemoteError):
+    """The site's enforcer (or the tower) cannot serve that verb, protocol or option:
+    the plugin is not installed there, or it is too old."""
+
+    exit_code = ExitCode.UNSUPPORTED
+
+
 class ProtocolError(RemoteError):
     """The peer sent bytes that break the wire protocol."""
 
@@ -98,6 +106,7 @@ _HTTP_ERRORS: dict[int, type[RemoteError]] = {
     403: DeniedError,
     404: NotFoundError,
     429: UnavailableError,  # a limit of the tower (e.g. sessions per user): try again later
+    501: UnsupportedError,
     503: UnavailableError,
 }
 

@@ -67,6 +67,11 @@ def _same(value: Any) -> Any:
     return value
 
 
+class OpaqueTable(dict[str, Any]):
+    """A table taken as it is, for its owner to check later (a plugin's settings,
+    ``[verbs.logs]`` of the inventory): the schema only says it must be a table."""
+
+
 class Rule:
     """What a value must be beyond its TOML type.
 
@@ -294,7 +299,7 @@ def _value(tp: Any, value: object, source: Source, path: tuple[str, ...]) -> Any
 
 
 def _describe(tp: Any) -> str:
-    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict or tp is OpaqueTable:
         return "a table"
     if typing.get_origin(tp) is list:
         return f"a list of {_describe(typing.get_args(tp)[0])[2:]}s"
@@ -321,6 +326,10 @@ def _typed(
                 raise source.refuse((*path, name), names.refusal)
             out[name] = _value(entry, item, source, (*path, name))
         return out
+    if tp is OpaqueTable:
+        if not isinstance(value, Mapping):
+            raise bad
+        return OpaqueTable(value)
     if origin is list or tp is list:
         if not isinstance(value, list):
             raise bad

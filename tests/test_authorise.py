@@ -143,8 +143,8 @@ CASES: list[tuple[str, Principal, Access, Any]] = [
     ("admin no such app", ADMIN, connect(app="nope"), not_found(f"application 'nope' not found at site {SITE!r}")),
     ("admin no such instance", ADMIN, connect(inst="nope-1"), not_found(f"service instance 'nope-1' of application {APP!r} not found at site {SITE!r}")),
     ("admin no such container", ADMIN, exec_("db"), not_found(f"container 'db' not found in service instance {INST!r} at site {SITE!r}")),
-    ("admin no exec handler", ADMIN, exec_(site=TCP_ONLY), (400, f"verb 'exec' is not supported at site {TCP_ONLY!r}")),
-    ("admin no udp handler", ADMIN, Access("connect", SITE, APP, INST, protocol="udp", port=53), (400, f"protocol 'udp' is not supported at site {SITE!r}")),
+    ("admin no exec handler", ADMIN, exec_(site=TCP_ONLY), (501, f"verb 'exec' is not supported at site {TCP_ONLY!r}")),
+    ("admin no udp handler", ADMIN, Access("connect", SITE, APP, INST, protocol="udp", port=53), (501, f"protocol 'udp' is not supported at site {SITE!r}")),
     # A narrow policy: exactly its site, application, instance, container, port and addresses.
     ("alice allowed connect", ALICE, connect(), ("route",)),
     ("alice allowed address", ALICE, connect(443, "192.0.2.11"), ("route",)),
@@ -160,7 +160,7 @@ CASES: list[tuple[str, Principal, Access, Any]] = [
     ("alice ipv6 loopback is the service", ALICE, connect(443, "::1"), ("route",)),
     # Refused before the site is looked at: a refused user learns nothing of what exists.
     ("alice unknown site", ALICE, connect(site="nowhere"), refuses(f"connect to 127.0.0.1:443 in {INST} at nowhere")),
-    ("alice missing handler", ALICE, exec_(site=TCP_ONLY), (400, f"verb 'exec' is not supported at site {TCP_ONLY!r}")),
+    ("alice missing handler", ALICE, exec_(site=TCP_ONLY), (501, f"verb 'exec' is not supported at site {TCP_ONLY!r}")),
     ("no policies at all", NOBODY, exec_(), refuses(f"exec in {SHELL} at {SITE}", "bob")),
     # show: an unknown site and one the principal may not see get the same answer.
     ("show unknown site", ALICE, Access("show", "nowhere"), not_found("unknown site 'nowhere'")),

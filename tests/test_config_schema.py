@@ -172,7 +172,7 @@ def test_tower_toml_new_keys(tmp_path: Path) -> None:
 
 
 INVENTORY = [
-    ("top = 1", "bad inventory F: unknown key 'top' (known: applications, policy)"),
+    ("top = 1", "bad inventory F: unknown key 'top' (known: applications, policy, verbs)"),
     (
         "[applications.a]\nfoo = 1",
         "bad inventory F: unknown key 'applications.a.foo' (known: service-instances)",

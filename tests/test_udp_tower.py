@@ -72,7 +72,7 @@ CASES: list[tuple[str, Principal, Access, Any]] = [
     ("tcp-only allows tcp", TCP_ONLY, udp(protocol="tcp"), ("route",)),
     ("no protocol field: any protocol", ANY, udp(), ("route",)),
     ("no protocol field, wrong port", ANY, udp(54), refuses(f"connect to 127.0.0.1:54 in {INST} at {UDP_SITE}", "ann")),
-    ("site without a udp handler", ADMIN, udp(site=TCP_SITE), (400, f"protocol 'udp' is not supported at site {TCP_SITE!r}")),
+    ("site without a udp handler", ADMIN, udp(site=TCP_SITE), (501, f"protocol 'udp' is not supported at site {TCP_SITE!r}")),
 ]  # fmt: skip
 
 

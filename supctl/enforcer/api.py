@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from ..errors import StreamError, UsageError
+from ..protocol.frames import ErrorCode
 from ..protocol.names import valid_name
+from ..schema import Source, load
 
 if TYPE_CHECKING:
     from ..link import Channel
@@ -67,6 +71,61 @@ class HandlerContext:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("supctl.enforcer"))
     #: The enforcer's cgroup tree: a child per process started (None: no containment).
     cgroups: CgroupTree | None = None
+    #: Wall-clock seconds (``time.time``), for what a user asks in wall-clock terms
+    #: (``logs --since``); a test gives a fake one.
+    clock: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerOutput:
+    """One line of a supervised container's stdout (``fd`` 1) or stderr (``fd`` 2),
+    without its newline; a line longer than 64 KiB comes in pieces.  ``time``: the
+    wall clock when the enforcer read it."""
+
+    application: str
+    service_instance: str
+    container: str
+    fd: int
+    data: bytes
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerEvent:
+    """A supervised container's life: ``started`` (``pid``), ``exited`` (``exit_code``:
+    its status, or -N for signal N; it is restarted after a backoff), ``failed`` (it
+    could not start; retried likewise) or ``stopped`` (by the enforcer).  ``restarts``:
+    how many times it was restarted before this run."""
+
+    application: str
+    service_instance: str
+    container: str
+    event: str
+    time: float
+    pid: int | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+
+
+#: What a handler's ``observe`` gets (:class:`Handler`).
+ContainerNews = ContainerOutput | ContainerEvent
+
+T = TypeVar("T")
+
+
+def parse_args(cls: type[T], request: OpenRequest) -> T:
+    """``request.args`` loaded into the frozen dataclass ``cls`` with the project's one
+    schema (:mod:`supctl.schema`: a field ``since_seconds`` is key ``since-seconds``,
+    ``int | None`` may be absent, ``Annotated[int, Rule(...)]`` bounds it), or
+    :class:`StreamError` (``PROTOCOL``) naming the key that is wrong, in one line.
+
+    The tower checked only the shape of ``args`` (:mod:`supctl.protocol.args`): what
+    they mean is judged here, by the verb's handler, before it acts on them.
+    """
+    try:
+        return load(cls, request.args, Source(f"args of verb {request.verb!r}"))
+    except UsageError as exc:
+        raise StreamError(str(exc), code=ErrorCode.PROTOCOL) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +183,17 @@ class Handler(Protocol):
         can do beyond the basics, announced in HELLO's ``features`` (the exec
         handler's ``exec-tty``); a tower refuses a request that needs a feature the
         site does not announce.
+
+        And two optional methods, called on the event loop (neither may block):
+
+        * ``configure(settings: Mapping[str, Any]) -> None``: at enforcer start and at
+          every reload (SIGHUP), with the inventory's ``[verbs.VERB]`` table (``{}``
+          when there is none).  Raise :class:`supctl.errors.UsageError` (one line) to
+          refuse it: the enforcer does not start, or keeps its running inventory.
+        * ``observe(news: ContainerNews) -> None``: every line the containers the
+          enforcer supervises write (:class:`ContainerOutput`, stdout and stderr
+          apart) and every start and exit (:class:`ContainerEvent`), from enforcer
+          start.  An exception is logged and the next news is delivered all the same.
         """
         ...
 

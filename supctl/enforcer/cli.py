@@ -26,7 +26,7 @@ from .agent import Agent
 from .api import Handler, HandlerContext, Serves
 from .cgroups import CgroupTree
 from .containers import ContainerSupervisor
-from .dispatch import collect_handlers
+from .dispatch import collect_handlers, configure_handlers, observers
 from .inventory import Inventory, load_inventory
 from .metrics import EnforcerMetrics
 from .netns import NamespaceSockets
@@ -139,12 +139,21 @@ def make_cli() -> click.Group:
                 raise UsageError(f"cannot load CA file {ca_file}: {exc}") from None
             context.minimum_version = ssl.TLSVersion.TLSv1_2
         runtimes = load_runtimes()
+        handlers = load_handlers()
         site_inventory = load_inventory(inventory)
         site_inventory.check_runtimes(runtimes)
+        configure_handlers(handlers, site_inventory)
         # Kill what a previous enforcer of this site left running, and contain ours.
         cgroups = CgroupTree.open(site)
-        # Container output goes to our stderr, next to our log, one prefixed line at a time.
-        supervisor = ContainerSupervisor(site_inventory, runtimes, output=sys.stderr.buffer, cgroups=cgroups)
+        # Container output goes to our stderr, next to our log, one prefixed line at a
+        # time, and to the handlers that observe it (logs).
+        supervisor = ContainerSupervisor(
+            site_inventory,
+            runtimes,
+            output=sys.stderr.buffer,
+            cgroups=cgroups,
+            observers=observers(handlers),
+        )
         sockets = NamespaceSockets()
         agent = Agent(
             towers=list(dict.fromkeys(towers)),
@@ -156,7 +165,7 @@ def make_cli() -> click.Group:
             max_streams=max_streams,
             keepalive=keepalive or None,
             read_token=lambda: read_site_token(token_file),
-            handlers=load_handlers(),
+            handlers=handlers,
             context=HandlerContext(
                 site=site,
                 sockets=sockets,
@@ -170,6 +179,7 @@ def make_cli() -> click.Group:
         def reload_inventory() -> Inventory:
             new = load_inventory(inventory)
             new.check_runtimes(runtimes)
+            configure_handlers(handlers, new)
             return new
 
         try:

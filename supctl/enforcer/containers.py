@@ -19,9 +19,12 @@ definition (its own, and its instance's runtime and namespace) with the new
 inventory's: an unchanged one keeps running (same PID), a changed one is stopped
 and started again, a removed one stopped, a new one started.
 
-Output: stdout and stderr of every container go, line by line, to the
-enforcer's stderr, prefixed ``INSTANCE/CONTAINER| `` (or are discarded when
-``output`` is None).  When the main process exits, its process group gets
+Output: stdout and stderr of every container are read apart, line by line; each
+line goes to the enforcer's stderr, prefixed ``INSTANCE/CONTAINER| `` (unless
+``output`` is None), and to every observer (handlers' ``observe``:
+:class:`~supctl.enforcer.api.ContainerOutput`, with the container's starts and
+exits as :class:`~supctl.enforcer.api.ContainerEvent`), so a plugin (``logs``) can
+keep what it wants of them without the supervisor knowing why.  When the main process exits, its process group gets
 SIGKILL, and so does its cgroup (one per run, when the enforcer has a cgroup
 tree: :mod:`.cgroups`), so nothing it started outlives it, ``setsid`` or not.
 """
@@ -40,7 +43,7 @@ from typing import IO, Any
 
 from ..backoff import Backoff
 from ..errors import StreamError
-from .api import Container, ServiceInstance
+from .api import Container, ContainerEvent, ContainerNews, ContainerOutput, ServiceInstance
 from .cgroups import Cgroup, CgroupTree
 from .inventory import Inventory
 from .runtime import ProcessSpec, Runtime, kill_group, reap, wait_exited
@@ -90,8 +93,13 @@ class ContainerSupervisor:
         stable_after: float = STABLE_AFTER,
         stop_grace: float = STOP_GRACE,
         cgroups: CgroupTree | None = None,
+        observers: list[Callable[[ContainerNews], None]] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.inventory = inventory
+        #: Who hears every line and every start and exit (each one guarded by its giver).
+        self.observers = observers or []
+        self.wall_clock = wall_clock
         #: Where each run gets its cgroup (None: process groups only).
         self.cgroups = cgroups
         self.runtimes = runtimes
@@ -160,15 +168,20 @@ class ContainerSupervisor:
         if self.on_change is not None:
             self.on_change()
 
+    def _tell(self, key: Key, event: str, state: ContainerState) -> None:
+        if self.observers:
+            news = ContainerEvent(*key, event, self.wall_clock(), state.pid, state.exit_code, state.restarts)
+            for observe in self.observers:
+                observe(news)
+
     async def _supervise(self, key: Key, run: _Supervised) -> None:
         instance, container, stopping = run.instance, run.container, run.stop
         state = self._states[key]
         label = f"{instance.name}/{container.name}"
         runtime = self.runtimes[instance.runtime]  # checked when the enforcer started
-        stdout = asyncio.subprocess.PIPE if self.output is not None else asyncio.subprocess.DEVNULL
-        spec = ProcessSpec.for_container(
-            container, list(container.command or ()), stdout=stdout, stderr=asyncio.subprocess.STDOUT
-        )
+        read = self.output is not None or bool(self.observers)
+        pipe = asyncio.subprocess.PIPE if read else asyncio.subprocess.DEVNULL
+        spec = ProcessSpec.for_container(container, list(container.command or ()), stdout=pipe, stderr=pipe)
         backoff = Backoff(self.backoff_start, self.backoff_cap, self.stable_after)
         first = True
         while not stopping.is_set():
@@ -184,31 +197,62 @@ class ContainerSupervisor:
             except StreamError as exc:
                 log.warning("container %s cannot start: %s", label, exc)
                 self._changed(state, state="failed", pid=None)
+                self._tell(key, "failed", state)
                 if cgroup is not None:
                     await cgroup.release()
             else:
                 started = datetime.now(UTC).isoformat(timespec="seconds")
                 self._changed(state, state="running", pid=proc.pid, started=started)
-                returncode = await self._run(proc, label, cgroup, stopping)
+                self._tell(key, "started", state)
+                returncode = await self._run(proc, key, cgroup, stopping)
                 if stopping.is_set():
                     log.info("container %s stopped with status %d", label, returncode)
                     self._changed(state, state="stopped", pid=None, exit_code=returncode)
+                    self._tell(key, "stopped", state)
                     return
                 log.warning("container %s exited with status %d", label, returncode)
                 self._changed(state, state="restarting", pid=None, exit_code=returncode)
+                self._tell(key, "exited", state)
             delay = backoff.after(time.monotonic() - began)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
         self._changed(state, state="stopped", pid=None)
 
+    async def _read_lines(self, reader: asyncio.StreamReader, key: Key, fd: int) -> None:
+        """Pass one of a container's outputs on, a line at a time: to our stderr with its
+        prefix, and to the observers."""
+        prefix = f"{key[1]}/{key[2]}| ".encode()
+        pending = b""
+        while True:
+            chunk = await reader.read(LINE_LIMIT)
+            if chunk:
+                lines, pending = _split_lines(pending, chunk)
+            else:
+                lines, pending = ([pending] if pending else []), b""
+            if lines:
+                if self.output is not None:
+                    self.output.write(b"".join(prefix + line + b"\n" for line in lines))
+                    self.output.flush()
+                if self.observers:
+                    now = self.wall_clock()
+                    for line in lines:
+                        news = ContainerOutput(*key, fd, line, now)
+                        for observe in self.observers:
+                            observe(news)
+            if not chunk:
+                return
+
     async def _run(
-        self, proc: asyncio.subprocess.Process, label: str, cgroup: Cgroup | None, stop: asyncio.Event
+        self, proc: asyncio.subprocess.Process, key: Key, cgroup: Cgroup | None, stop: asyncio.Event
     ) -> int:
         """Wait for the process (or for shutdown); always leaves it, its group and its
         cgroup reaped."""
-        pump = None
-        if proc.stdout is not None and self.output is not None:
-            pump = asyncio.create_task(_copy_lines(proc.stdout, self.output, f"{label}| ".encode()))
+        pumps = [
+            self._read_lines(reader, key, fd)
+            for fd, reader in ((1, proc.stdout), (2, proc.stderr))
+            if reader is not None
+        ]
+        pump = asyncio.ensure_future(asyncio.gather(*pumps)) if pumps else None
         exited = asyncio.create_task(wait_exited(proc))
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -265,18 +309,12 @@ def _definitions(inventory: Inventory) -> dict[Key, tuple[ServiceInstance, Conta
     }
 
 
-async def _copy_lines(reader: asyncio.StreamReader, out: IO[bytes], prefix: bytes) -> None:
-    """Pass a container's output on, one prefixed line at a time."""
-    pending = b""
-    while chunk := await reader.read(LINE_LIMIT):
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        if len(pending) >= LINE_LIMIT:
-            lines.append(pending)
-            pending = b""
-        if lines:
-            out.write(b"".join(prefix + line + b"\n" for line in lines))
-            out.flush()
-    if pending:
-        out.write(prefix + pending + b"\n")
-        out.flush()
+def _split_lines(pending: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """The whole lines of ``pending + chunk`` (a piece of LINE_LIMIT counts as one) and
+    what is left of a line not ended yet."""
+    lines = (pending + chunk).split(b"\n")
+    rest = lines.pop()
+    if len(rest) >= LINE_LIMIT:
+        lines.append(rest)
+        rest = b""
+    return lines, rest

@@ -15,25 +15,35 @@ place, in this order:
    (:func:`supctl.protocol.targets.canonical_address`).  Fields that the verb
    does not have must be empty.
 3. The site's local policy judges that declaration and that canonical request.
-4. The handler of that declaration gets that canonical request: what was judged
+4. The request's service instance, and its container if it names one, must be
+   in the inventory (``NOT_FOUND``).
+5. The handler of that declaration gets that canonical request: what was judged
    is what runs.
+
+The OPEN's ``args`` reached here in the shape every verb's args have
+(:mod:`supctl.protocol.args`, checked as the frame was read); what they mean is
+the handler's to judge (:func:`supctl.enforcer.api.parse_args`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
-from ..errors import PluginError, StreamError
+from ..errors import PluginError, StreamError, UsageError
 from ..plugins import call_registration
 from ..protocol import ErrorCode, OpenRequest
 from ..protocol.names import parse_port, valid_name
 from ..protocol.targets import canonical_address
-from .api import Handler, Serves, ServiceInstance
+from .api import ContainerNews, Handler, Serves, ServiceInstance
 from .inventory import Inventory
+
+log = logging.getLogger("supctl.enforcer")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +87,58 @@ class Dispatcher:
         canonical = canonical_request(serves, request)
         self.inventory.policy.check(serves, canonical)
         instance = self.inventory.find(canonical.application, canonical.service_instance)
+        if canonical.container and canonical.container not in instance.containers:
+            raise StreamError(
+                f"container {canonical.container} not found in service instance {instance.name}",
+                code=ErrorCode.NOT_FOUND,
+            )
         return Dispatch(serves, self.handlers[serves], canonical, instance)
+
+
+def observers(handlers: Mapping[Serves, Handler]) -> list[Callable[[ContainerNews], None]]:
+    """The handlers' ``observe`` methods, each guarded: a plugin's bug is logged (once
+    per handler) and never reaches the container supervisor."""
+    return [_guarded(serves, observe) for serves, handler in handlers.items()
+            if callable(observe := getattr(handler, "observe", None))]  # fmt: skip
+
+
+def configure_handlers(handlers: Mapping[Serves, Handler], inventory: Inventory) -> None:
+    """Give each handler that has ``configure`` its ``[verbs.VERB]`` table of ``inventory``
+    (``{}`` without one); UsageError for a table no installed handler reads (a typo would
+    leave a setting silently unused) or one a handler refuses."""
+    verbs = {serves.verb: handler for serves, handler in handlers.items() if serves.verb != "connect"}
+    for name in sorted(inventory.verbs):
+        handler = verbs.get(name)
+        if handler is None or not callable(getattr(handler, "configure", None)):
+            raise UsageError(
+                f"inventory: [verbs.{name}] has settings, but no installed handler of verb "
+                f"{name!r} takes any (installed verbs: {', '.join(sorted(verbs)) or 'none'})"
+            )
+    for name, handler in sorted(verbs.items()):
+        configure = getattr(handler, "configure", None)
+        if callable(configure):
+            settings: Mapping[str, Any] = inventory.verbs.get(name, {})
+            try:
+                configure(settings)
+            except UsageError:
+                raise
+            except (ValueError, TypeError) as exc:  # a plugin that did not say it in a UsageError
+                raise UsageError(f"inventory: [verbs.{name}]: {exc}") from None
+
+
+def _guarded(serves: Serves, observe: Callable[[ContainerNews], None]) -> Callable[[ContainerNews], None]:
+    failed = False
+
+    def call(news: ContainerNews) -> None:
+        nonlocal failed
+        try:
+            observe(news)
+        except Exception:
+            if not failed:  # once: it would fail again on every line
+                failed = True
+                log.exception("the handler of %s failed to observe container output", serves)
+
+    return call
 
 
 def _describe(request: OpenRequest) -> str:

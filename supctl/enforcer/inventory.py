@@ -16,6 +16,10 @@ Example::
     allow-ip-addresses = ["192.0.2.0/24"]     # where connect --ip-address may reach (absent: anywhere)
     allow-ports = ["443", "8000-8100"]        # which target ports connect may reach (absent: any)
     allow-exec = false                        # whether exec may run here (absent: true)
+    allow-verbs = ["exec", "logs"]            # the verbs besides connect served here (absent: all installed)
+
+    [verbs.logs]                              # optional: settings of the handler of verb logs
+    buffer-bytes = 1048576                    # (each handler checks its own table: configure())
 
 The ``[policy]`` table is checked for every stream, after the tower's own check,
 so a compromised or misconfigured tower still cannot make the site connect
@@ -24,6 +28,9 @@ declaration (:class:`~supctl.enforcer.api.Serves`) and the canonical request
 (:mod:`supctl.enforcer.dispatch`).  Every loopback target (127.0.0.0/8, ``::1``)
 is the service instance itself, as a connect without ``--ip-address`` is, and is
 never refused by ``allow-ip-addresses``; ``allow-ports`` applies to every connect.
+``allow-verbs`` names the verbs other than ``connect`` that the site serves, exec and
+plugins' verbs alike, by the verb their handler declared; ``allow-exec = false``
+refuses exec even when listed there.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from ..errors import StreamError, UsageError
 from ..protocol import ErrorCode, OpenRequest
 from ..protocol.names import valid_name
 from ..protocol.targets import canonical_network, is_self, matches
-from ..schema import Invalid, Names, Rule, Source, load, parse_toml
+from ..schema import Invalid, Names, OpaqueTable, Rule, Source, load, parse_toml
 from .api import Container, Serves, ServiceInstance
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -95,7 +102,15 @@ def _netns(name: str) -> str:
     return name
 
 
+def _verbs(values: list[str]) -> frozenset[str]:
+    for value in values:
+        if not valid_name(value):
+            raise Invalid(f"has {value[:40]!r}, which is not a verb name")
+    return frozenset(values)
+
+
 NETWORKS = Rule("a list of CIDR strings", _networks, toml=list[str])
+VERBS = Rule("a list of verb names", _verbs, toml=list[str])
 PORTS = Rule('a list of ports or ranges such as ["443", "8000-8100"]', _ports, toml=list)
 #: Names of applications, service instances and containers: the protocol's (names.py).
 NAMES = Names(
@@ -145,6 +160,8 @@ class LocalPolicy:
         default=None, metadata={"key": "allow-ports"}
     )
     exec_allowed: bool = field(default=True, metadata={"key": "allow-exec"})
+    #: The verbs besides connect this site serves; None: every verb a handler serves.
+    verbs: Annotated[frozenset[str] | None, VERBS] = field(default=None, metadata={"key": "allow-verbs"})
 
     def check(self, serves: Serves, request: OpenRequest) -> None:
         """Raise StreamError (DENIED) if the site's local policy refuses to serve
@@ -152,14 +169,17 @@ class LocalPolicy:
         with the handler that declared ``serves``.
 
         Judged by the declaration, never by the OPEN's own words: the exec handler is
-        refused by ``allow-exec`` whatever verb the OPEN carried.  A third-party verb
-        is not restricted by these keys (they speak of connect and exec only).
+        refused by ``allow-exec`` whatever verb the OPEN carried, and a plugin's verb
+        by ``allow-verbs`` under the name its handler declared.
         """
-        if serves.verb == "exec":
-            if not self.exec_allowed:
-                raise StreamError("the site's local policy refuses exec", code=ErrorCode.DENIED)
-            return
         if serves.verb != "connect":
+            if serves.verb == "exec" and not self.exec_allowed:
+                raise StreamError("the site's local policy refuses exec", code=ErrorCode.DENIED)
+            if self.verbs is not None and serves.verb not in self.verbs:
+                raise StreamError(
+                    f"the site's local policy refuses verb {serves.verb!r} (allow-verbs)",
+                    code=ErrorCode.DENIED,
+                )
             return
         refused = self.ports is not None and not any(lo <= request.port <= hi for lo, hi in self.ports)
         address = request.ip_address or None
@@ -173,6 +193,8 @@ class LocalPolicy:
 class Inventory:
     instances: dict[tuple[str, str], ServiceInstance]
     policy: LocalPolicy = LocalPolicy()  # [policy]; the default allows everything
+    #: ``[verbs.VERB]``: each verb's handler settings, as written (the handler checks them).
+    verbs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def find(self, application: str, instance: str) -> ServiceInstance:
         found = self.instances.get((application, instance))
@@ -222,6 +244,7 @@ class InventoryFile:
 
     applications: Annotated[dict[str, ApplicationTable], NAMES] = field(default_factory=dict)
     policy: LocalPolicy = LocalPolicy()
+    verbs: Annotated[dict[str, OpaqueTable], NAMES] = field(default_factory=dict)
 
 
 def parse_inventory(data: object, source: str = "inventory") -> Inventory:
@@ -239,7 +262,7 @@ def parse_inventory(data: object, source: str = "inventory") -> Inventory:
                 c: Container(c, t.command, dict(t.env), t.cwd, t.user) for c, t in body.containers.items()
             }
             instances[(app, name)] = ServiceInstance(app, name, body.netns, containers, body.runtime)
-    return Inventory(instances, parsed.policy)
+    return Inventory(instances, parsed.policy, dict(parsed.verbs))
 
 
 def load_inventory(path: Path) -> Inventory:

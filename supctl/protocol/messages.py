@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .args import MAX_DEPTH, MAX_OPEN, check_args
 from .frames import FrameError
 from .targets import canonical_address
 
@@ -53,6 +54,8 @@ class OpenRequest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> OpenRequest:
+        if len(raw) > MAX_OPEN:  # before parsing: a refusal a peer can cause stays cheap
+            raise FrameError(f"OPEN request of {len(raw)} bytes is longer than {MAX_OPEN}")
         try:
             obj = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -62,9 +65,10 @@ class OpenRequest:
         port = obj.get("port", 0)
         if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
             raise FrameError("OPEN field 'port' must be an integer 0-65535")
-        args = obj.get("args", {})
-        if not isinstance(args, dict):
-            raise FrameError("OPEN field 'args' must be an object")
+        try:  # the shape every verb's args have (.args); the relay adds one level
+            args = check_args(obj.get("args", {}), depth=MAX_DEPTH + 1)
+        except ValueError as exc:
+            raise FrameError(f"OPEN field {exc}") from None
         ip = _text(obj, "ip_address", limit=64)
         if ip:
             try:

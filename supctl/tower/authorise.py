@@ -271,18 +271,21 @@ def _target(access: Access, info: SiteInfo, seen: _Seen) -> Refusal | None:
         return Refusal(
             404, f"service instance {instance!r} of application {app!r} not found at site {site!r}{hint}"
         )
-    if access.verb == "exec":
-        if access.container not in found.containers:
-            hint = seen.suggest_in(site, app, access.container, found.containers)
-            return Refusal(
-                404,
-                f"container {access.container!r} not found in service instance {instance!r} at site {site!r}{hint}",
-            )
-        return _handler(site, info, "exec", "verb")
-    return _handler(site, info, access.protocol, "protocol")
+    # Every verb at a container (exec always is) needs that container.
+    if (access.container or access.verb == "exec") and access.container not in found.containers:
+        hint = seen.suggest_in(site, app, access.container, found.containers)
+        return Refusal(
+            404,
+            f"container {access.container!r} not found in service instance {instance!r} at site {site!r}{hint}",
+        )
+    if access.verb == "connect":
+        return _handler(site, info, access.protocol, "protocol")
+    return _handler(site, info, access.verb, "verb")
 
 
 def _handler(site: str, info: SiteInfo, name: str, what: str) -> Refusal | None:
+    """501 when the site's enforcer announced no handler for ``name`` (it has not got the
+    plugin): the request may be right, this site just cannot serve it."""
     if name in info.handlers:
         return None
-    return Refusal(400, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers})
+    return Refusal(501, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers})

@@ -24,6 +24,17 @@ log = logging.getLogger("supctl.tower")
 
 CONNECT_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/connect$")
 EXEC_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)/containers/([^/]+)/exec$")
+#: Any verb a plugin registers, at a service instance or at one of its containers
+#: (docs/protocol.md, "Verbs"): the tower judges and relays it without knowing what it does.
+VERB_PATH = re.compile(
+    r"^/v1/state/applications/([^/]+)/service-instances/([^/]+)(?:/containers/([^/]+))?/verbs/([^/]+)$"
+)
+#: Verbs the generic route does not take: each has a URL of its own that says more
+#: (connect's targets), or is not a stream at all (show).
+OWN_ENDPOINTS = {
+    "connect": "connect has its own endpoint (.../service-instances/INSTANCE/connect?protocol=&port=)",
+    "show": "show is not a stream: GET /v1/state/... instead",
+}
 INSTANCES_PATH = re.compile(r"^/v1/state/applications/([^/]+)/service-instances$")
 ENFORCER_PATH = "/v1/enforcer"
 #: Plain GETs that manage a user's login token, and the audit event (and verb) of each.
@@ -73,6 +84,9 @@ def requested(requester: str, connection: ServerConnection, request: Request) ->
     elif match := EXEC_PATH.match(url.path):
         app, instance, container = (audit.cut(unquote(part)) for part in match.groups())
         fields.update(verb="exec", application=app, service_instance=instance, container=container)
+    elif match := VERB_PATH.match(url.path):
+        app, instance, container, verb = (audit.cut(unquote(part or "")) for part in match.groups())
+        fields.update(verb=verb, application=app, service_instance=instance, container=container or None)
     return fields
 
 
@@ -131,6 +145,17 @@ def connect_target(site: str, app: str, instance: str, protocol: str, port_text:
 def exec_access(app: str, instance: str, container: str, query: dict[str, list[str]]) -> Access:
     """An exec session's request (its site checked: 400)."""
     return Access("exec", site_name(query), app, instance, container=container)
+
+
+def verb_access(app: str, instance: str, container: str, verb: str, query: dict[str, list[str]]) -> Access:
+    """A session of any other verb (a plugin's), at ``instance`` or, with ``container``,
+    at one of its containers (its site checked: 400).  ``exec`` is the same request
+    as at its own endpoint, so it is judged the same; it needs a container."""
+    if verb in OWN_ENDPOINTS:
+        raise Rejection(400, f"verb {verb!r}: {OWN_ENDPOINTS[verb]}")
+    if verb == "exec" and not container:
+        raise Rejection(400, "exec runs in a container: .../containers/CONTAINER/verbs/exec")
+    return Access(verb, site_name(query), app, instance, container=container)
 
 
 def upgrading(request: Request) -> bool:

@@ -16,7 +16,8 @@ from .policy import Request as PolicyRequest
 class Access(NamedTuple):
     """A request, parsed and canonical: what :func:`.authorise.authorise` judges.
 
-    ``verb`` is ``connect``, ``exec`` or ``show``; a field the verb does not use is empty.
+    ``verb`` is ``connect``, ``exec``, ``show`` or any verb a plugin adds (at a service
+    instance, or at a container with ``container``); a field the verb does not use is empty.
     (A named tuple, not a frozen dataclass: one is built per upgrade, OPEN and sweep, and
     a tuple is built in about half the time.)
     """
@@ -49,7 +50,9 @@ class Access(NamedTuple):
             )
         if self.verb == "show":
             return PolicyRequest("show", self.site, self.application or None)
-        return PolicyRequest(self.verb, self.site, self.application, self.service_instance, self.container)
+        # A verb at a service instance has no container: a rule naming one never matches it.
+        container = self.container or None
+        return PolicyRequest(self.verb, self.site, self.application, self.service_instance, container)
 
 
 @dataclass(frozen=True)

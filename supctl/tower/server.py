@@ -50,6 +50,7 @@ from .requests import (
     CONNECT_PATH,
     ENFORCER_PATH,
     EXEC_PATH,
+    VERB_PATH,
     WHOAMI_PATH,
     audit_event,
     connect_accesses,
@@ -60,6 +61,7 @@ from .requests import (
     requested,
     upgrading,
     url_name,
+    verb_access,
 )
 from .route import Access, Route, SiteClaim
 from .siteinfo import SiteInfo
@@ -365,6 +367,12 @@ class Tower:
             principal = self._authenticate(request)
             app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
             return self._grant(principal, exec_access(app, instance, url_name(match[3], "container"), query))
+        if match := VERB_PATH.match(url.path):
+            principal = self._authenticate(request)
+            app, instance = url_name(match[1], "application"), url_name(match[2], "service instance")
+            container = url_name(match[3], "container") if match[3] is not None else ""
+            access = verb_access(app, instance, container, url_name(match[4], "verb"), query)
+            return self._grant(principal, access)
         raise Rejection(404, f"no such endpoint: {url.path}")
 
     def _whoami(self, principal: Principal) -> dict[str, Any]:
