@@ -123,6 +123,13 @@ def test_stdout_and_stderr_are_kept_apart(stack: Stack) -> None:
     out, err = expected(runs(stack))
     result = stack.supctl(*logs())
     assert (result.returncode, result.stdout, result.stderr) == (0, out, err)
+    records = stack.wait_audit(
+        lambda r: r["event"] == "stream-closed" and r["verb"] == "logs", "the logs stream's record"
+    )
+    closed = [r for r in records if r["event"] == "stream-closed" and r["verb"] == "logs"]
+    # Both halves ended (not a reset), and the tower counted the bytes it relayed.
+    assert {(r["container"], r["result"]) for r in closed} == {(CONTAINER, "ok")}, closed
+    assert max(r["bytes-down"] for r in closed) > len(out + err), closed
     assert stack.supctl(*logs("--since", "1d")).stdout == out
     stamped = stack.supctl(*logs("--timestamps"))
     stamp = rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z "
@@ -152,7 +159,7 @@ def test_follow_goes_on_across_a_restart_until_ctrl_c(stack: Stack) -> None:
     assert stdout.read_line(20) == b"out %d a\n" % (n + 1)
     assert stdout.read_line(20) == b"out %d b\n" % (n + 1)
     # The restart is one line on stderr, before the next run's own stderr.
-    proc.log.wait_for(rb"err %d b\n".decode() % (n + 1), 20, proc.popen)
+    proc.log.wait_for(f"err {n + 1} b\n", 20, proc.popen)
     assert proc.log.path.read_bytes().endswith(
         b"err %d b\n" % n + RESTARTED + b"err %d a\nerr %d b\n" % (n + 1, n + 1)
     )
@@ -176,12 +183,14 @@ def test_a_user_policy_without_logs_is_refused_at_the_tower(stack: Stack) -> Non
     assert login.returncode == 0, login.stderr
     result = stack.supctl(*logs(), env=env)
     assert result.returncode == ExitCode.DENIED
-    assert "logs" in one_line_error(result.stderr) and result.stdout == b""
+    line = one_line_error(result.stderr)
+    assert line == f"supctl: error: policy refuses logs in {CONTAINER} at {SITE} for user bob", line
+    assert result.stdout == b""
 
 
 def test_a_site_that_does_not_allow_logs_refuses_the_stream(stack: Stack) -> None:
     result = stack.supctl(*logs(site=QUIET_SITE))
     assert result.returncode == ExitCode.DENIED
     line = one_line_error(result.stderr)
-    assert "logs" in line and "polic" in line, line
+    assert line == "supctl: error: the site's local policy refuses verb 'logs' (allow-verbs)", line
     assert result.stdout == b""

@@ -227,11 +227,14 @@ def test_a_restart_leaves_one_mark_naming_how_the_run_ended() -> None:
     book.event("started", 6.0)
     book.event("failed", 7.0)
     book.event("started", 8.0)
+    book.event("stopped", 9.0, -15)  # a reload changed it
+    book.event("started", 10.0)
     assert held(book) == [
         (2.0, 1, b"hello"),
         (4.0, 0, b"container web restarted (exit status 1)"),
         (6.0, 0, b"container web restarted (killed by SIGKILL)"),
         (8.0, 0, b"container web restarted (its start failed)"),
+        (10.0, 0, b"container web restarted (stopped by the enforcer)"),
     ]
     assert book.start(1, None) == book.start(None, None)  # marks do not count as lines
 
@@ -492,12 +495,16 @@ class ReplayChannel:
     def __init__(self, data: bytes, chunk: int = 7) -> None:
         self.chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
         self.reset_with: tuple[ErrorCode, str] | None = None
+        self.eof_sent = False
 
     async def read(self) -> bytes:
         return self.chunks.pop(0) if self.chunks else b""
 
     def reset(self, code: ErrorCode, text: str = "") -> None:
         self.reset_with = (code, text)
+
+    def write_eof(self) -> None:
+        self.eof_sent = True
 
 
 def print_records(data: bytes, timestamps: bool = False) -> tuple[int, bytes, bytes]:
@@ -527,6 +534,17 @@ def test_stdout_and_stderr_are_kept_apart_byte_for_byte() -> None:
     assert code == 0
     assert out == b"out \x00 bytes\n\n"
     assert err == b"err line\n--- container web restarted (exit status 1)?[2J ---\n"
+
+
+def test_printer_ends_its_half_at_the_sites_eof() -> None:
+    channel = ReplayChannel(wire.encode(wire.OUTPUT, 1, 1.0, b"x"))
+    out_r, out_w = os.pipe()
+    try:
+        assert run(Printer(False, out_w, out_w).run(cast(Any, channel))) == 0
+    finally:
+        os.close(out_w)
+        os.close(out_r)
+    assert channel.eof_sent and channel.reset_with is None
 
 
 def test_timestamps_prefix_every_line_in_rfc3339_utc() -> None:

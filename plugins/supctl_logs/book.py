@@ -58,6 +58,8 @@ def ended(event: str, exit_code: int | None) -> str:
     """How a run ended, in words: ``exit status 1``, ``killed by SIGKILL``."""
     if event == "failed":
         return "its start failed"
+    if event == "stopped":
+        return "stopped by the enforcer"
     if exit_code is None:
         return event
     if exit_code >= 0:

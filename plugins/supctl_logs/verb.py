@@ -84,6 +84,7 @@ class Printer:
                 return 128 + signal.SIGPIPE
         if decoder.pending:
             raise ProtocolError(f"the site's logs ended inside a record ({decoder.pending} bytes left)")
+        channel.write_eof()  # our half too: the stream ends cleanly ("ok" in the audit), not reset
         return 0
 
     async def write(self, records: list[Record]) -> None:
