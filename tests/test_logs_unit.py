@@ -442,6 +442,7 @@ def test_a_forgotten_container_ends_its_followers() -> None:
         await until(lambda: len(channel.records()) == 1)
         handler.configure({})  # at a reload long after the stop (the event time is 2.0)
         await until(lambda: channel.eof_sent)
+        assert channel.records()[1:] == [(0, 1000.0, b"the site no longer keeps the output of container web")]
         channel.client_eof()
         await task
 

@@ -149,7 +149,9 @@ class LogsHandler:
             if book is None:
                 book = self.shelf.get(key)
             if book is not None:
-                if book.forgotten:
+                if book.forgotten:  # removed from the inventory a while ago (or over the bound)
+                    note = f"the site no longer keeps the output of container {book.name}"
+                    await channel.write(wire.encode(wire.MARK, 0, _date(context.clock()), note.encode()))
                     return
                 if stop_at is not None and cursor >= stop_at:
                     return
