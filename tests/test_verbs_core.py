@@ -296,9 +296,16 @@ def test_each_handler_gets_its_own_settings_table() -> None:
         "inventory: [verbs.lgos] has settings, but no installed handler of verb 'lgos' takes any "
         "(installed verbs: logs, stats)"
     )
-    refusing: dict[Serves, Any] = {Serves("logs"): Probe(refuse="bad inventory: 'verbs.logs.x' must be 1")}
+    # A reload one handler refuses leaves the others on their previous settings too.
+    refusing = Probe()
+    handlers[Serves("stats")] = refusing
+    old = inventory("[verbs.logs]\nbuffer-bytes = 4096\n")
+    refusing.refuse = "bad inventory: 'verbs.stats.x' must be 1"
     with pytest.raises(UsageError, match="must be 1"):
-        configure_handlers(refusing, inventory("[verbs.logs]\nx = 2\n"))
+        configure_handlers(
+            handlers, inventory("[verbs.logs]\nbuffer-bytes = 8192\n[verbs.stats]\nx = 2\n"), old
+        )
+    assert logs_.settings == {"buffer-bytes": 4096}
     with pytest.raises(UsageError, match=r"'verbs.logs' must be a table"):
         inventory("verbs.logs = 3\n")
 

@@ -20,7 +20,7 @@ from supctl.tower.cli import make_cli as make_tower
 
 #: Verbs the built-in plugins add; without them the plugins' entry points are missing (the
 #: package is not installed) and the reference would quietly lack most of supctl.
-BUILT_IN_VERBS = ("connect", "exec", "show")
+BUILT_IN_VERBS = ("connect", "exec", "logs", "show")
 
 supctl = make_supctl()
 control_tower = make_tower()

@@ -179,7 +179,7 @@ def make_cli() -> click.Group:
         def reload_inventory() -> Inventory:
             new = load_inventory(inventory)
             new.check_runtimes(runtimes)
-            configure_handlers(handlers, new)
+            configure_handlers(handlers, new, previous=agent.dispatcher.inventory)
             return new
 
         try:

@@ -102,10 +102,17 @@ def observers(handlers: Mapping[Serves, Handler]) -> list[Callable[[ContainerNew
             if callable(observe := getattr(handler, "observe", None))]  # fmt: skip
 
 
-def configure_handlers(handlers: Mapping[Serves, Handler], inventory: Inventory) -> None:
+def configure_handlers(
+    handlers: Mapping[Serves, Handler], inventory: Inventory, previous: Inventory | None = None
+) -> None:
     """Give each handler that has ``configure`` its ``[verbs.VERB]`` table of ``inventory``
     (``{}`` without one); UsageError for a table no installed handler reads (a typo would
-    leave a setting silently unused) or one a handler refuses."""
+    leave a setting silently unused) or one a handler refuses.
+
+    ``previous``: the inventory in force (a reload).  When one handler refuses its new
+    table, those configured before it get their previous table back, so a refused reload
+    leaves every handler as it was, not half of them on the new settings.
+    """
     verbs = {serves.verb: handler for serves, handler in handlers.items() if serves.verb != "connect"}
     for name in sorted(inventory.verbs):
         handler = verbs.get(name)
@@ -114,16 +121,31 @@ def configure_handlers(handlers: Mapping[Serves, Handler], inventory: Inventory)
                 f"inventory: [verbs.{name}] has settings, but no installed handler of verb "
                 f"{name!r} takes any (installed verbs: {', '.join(sorted(verbs)) or 'none'})"
             )
-    for name, handler in sorted(verbs.items()):
-        configure = getattr(handler, "configure", None)
-        if callable(configure):
-            settings: Mapping[str, Any] = inventory.verbs.get(name, {})
-            try:
-                configure(settings)
-            except UsageError:
-                raise
-            except (ValueError, TypeError) as exc:  # a plugin that did not say it in a UsageError
-                raise UsageError(f"inventory: [verbs.{name}]: {exc}") from None
+    done: list[str] = []
+    try:
+        for name in sorted(verbs):
+            if _configure(verbs[name], name, inventory):
+                done.append(name)
+    except UsageError:
+        if previous is not None:
+            for name in done:
+                _configure(verbs[name], name, previous)
+        raise
+
+
+def _configure(handler: Handler, name: str, inventory: Inventory) -> bool:
+    """``handler.configure`` with its table of ``inventory``; False if it has none."""
+    configure = getattr(handler, "configure", None)
+    if not callable(configure):
+        return False
+    settings: Mapping[str, Any] = inventory.verbs.get(name, {})
+    try:
+        configure(settings)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as exc:  # a plugin that did not say it in a UsageError
+        raise UsageError(f"inventory: [verbs.{name}]: {exc}") from None
+    return True
 
 
 def _guarded(serves: Serves, observe: Callable[[ContainerNews], None]) -> Callable[[ContainerNews], None]:
