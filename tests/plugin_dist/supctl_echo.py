@@ -36,8 +36,7 @@ MAX_MESSAGE = 64 * 1024
 
 
 @click.command(VERB)
-@click.option("--times", type=click.IntRange(1, MAX_TIMES), default=1, show_default=True,
-              help="How many times the site sends the words back.")  # fmt: skip
+@click.option("--times", type=click.IntRange(1, MAX_TIMES), default=1, help="How many times to echo.")
 @click.argument("words", nargs=-1, required=True)
 @click.pass_obj
 def echo(inv: Invocation, times: int, words: tuple[str, ...]) -> int:
