@@ -467,6 +467,7 @@ def test_run_verb_opens_the_node_it_was_invoked_at() -> None:
         (StreamError("the site's local policy refuses verb 'logs' (allow-verbs)", code=ErrorCode.DENIED), ExitCode.DENIED),
         (StreamError("verb 'logs' is not supported at this site", code=ErrorCode.UNSUPPORTED), ExitCode.UNSUPPORTED),
         (StreamError("container c not found in service instance i", code=ErrorCode.NOT_FOUND), ExitCode.NOT_FOUND),
+        (StreamError("bad args of verb 'logs': 'tail' must be an integer", code=ErrorCode.PROTOCOL), ExitCode.PROTOCOL),
         (StreamError("connection refused", code=ErrorCode.REFUSED), ExitCode.STREAM),
     ],
 )  # fmt: skip

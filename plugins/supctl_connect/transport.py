@@ -123,10 +123,20 @@ def http_error(status: int, reason: str, body: bytes) -> SupctlError:
         text = str(first.get("error-message", ""))
         info = first.get("error-info")
         if info:
-            text += f" ({info})" if isinstance(info, str) else f" ({json.dumps(info, sort_keys=True)})"
+            text += f" ({describe_info(info)})"
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         text = f"the tower answered HTTP {status} {reason}"
     return from_http_status(status, text)
+
+
+def describe_info(info: object) -> str:
+    """An error body's ``error-info`` in words: ``supported: exec, logs, tcp`` for
+    ``{"supported": [...]}``; JSON for anything else (its text is the tower's, shown as is)."""
+    if isinstance(info, str):
+        return info
+    if isinstance(info, dict) and all(isinstance(v, list) for v in info.values()):
+        return "; ".join(f"{key}: {', '.join(map(str, value))}" for key, value in sorted(info.items()))
+    return json.dumps(info, sort_keys=True)
 
 
 def require_token(settings: ClientSettings) -> str:

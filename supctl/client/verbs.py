@@ -14,6 +14,7 @@ no such site, instance, container     4, with "did you mean" where the user may 
 site not connected, tower unreachable 5
 the site lacks the verb (501)         8, ``verb 'x' is not supported at site 's'``
 the site's local policy refuses       3, the site's reason
+the site's handler refuses the args   7 (``bad args of verb 'x': ...``)
 the site resets the stream otherwise  6 (4 when it names something missing)
 ====================================  ===========================================
 """
@@ -37,6 +38,8 @@ RESET_EXIT = {
     ErrorCode.DENIED: ExitCode.DENIED,
     ErrorCode.NOT_FOUND: ExitCode.NOT_FOUND,
     ErrorCode.UNSUPPORTED: ExitCode.UNSUPPORTED,
+    # The site's handler refused the args: this supctl and that site disagree on the verb.
+    ErrorCode.PROTOCOL: ExitCode.PROTOCOL,
 }
 
 Body = Callable[[Channel], Awaitable[int | None]]
