@@ -11,18 +11,15 @@ One stack for the module:
 * user ``bob`` has a policy that allows ``exec`` and nothing else.
 
 The logs plugin reaches the enforcer and supctl through the ``supctl`` entry-point
-group; where the installed distribution predates it, the fixture declares it in a
-throwaway dist-info on PYTHONPATH, as an installed one would.
+group of the installed distribution, as any plugin does.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 from collections.abc import Iterator
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -61,18 +58,6 @@ def inventory(talker_dir: Path | None, extra: str = "") -> str:
     return text
 
 
-def declare_plugin(root: Path) -> str | None:
-    """A dist-info declaring the ``logs`` entry point, unless one is installed already;
-    returns the directory to put on PYTHONPATH."""
-    if any(ep.name == "logs" for ep in entry_points(group="supctl")):
-        return None
-    info = root / "entry-points" / "supctl_logs_e2e-0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: supctl-logs-e2e\nVersion: 0\n")
-    (info / "entry_points.txt").write_text("[supctl]\nlogs = supctl_logs\n")
-    return str(info.parent)
-
-
 def logs(*args: str, site: str = SITE) -> list[str]:
     return do_args(site, APP, INSTANCE, "containers", CONTAINER, "logs", *args)
 
@@ -93,9 +78,6 @@ def _no_logs_outlives_its_test() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("logs")) as stack:
-        extra_path = declare_plugin(stack.root)
-        if extra_path is not None:
-            stack.env["PYTHONPATH"] = os.pathsep.join(filter(None, [extra_path, stack.env.get("PYTHONPATH")]))
         stack.start_tower()
         (stack.dir / "policies.toml").write_text(READERS)
         talker_dir = stack.root / "talker"
