@@ -3,7 +3,8 @@
 Before the upgrade (websockets' ``process_request``) a request is read
 (:mod:`.requests`), its token authenticated into a :class:`~.authorise.Principal`
 and judged by :func:`~.authorise.authorise` against the policy set in force and a
-view of the sites; after it, the links run with the live state in the
+view of the sites (a login, logout or renewal is answered by :mod:`.accounts`, which
+the tower hands its token check); after it, the links run with the live state in the
 :class:`~.hub.Hub`.  Every refusal happens before the upgrade, as an HTTP status
 with the platform's JSON error body, so a client sees a one-line reason and no
 half-open session.  Every decision there (a session accepted or refused, a ``show``
@@ -15,25 +16,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from ..errors import UsageError
 from ..protocol import SUBPROTOCOL, ErrorCode
 from ..protocol.frames import CLOSE_CODE_BASE
 from ..protocol.names import valid_site_name
-from ..ratelimit import Buckets
 from ..ratelog import RateLimitedLog
 from . import audit, show
+from .accounts import AccountDone, Accounts, Caller
 from .audit import AuditLog
 from .authorise import Principal, Refusal, Sites, authorise
 from .database import StoreUnavailable
@@ -42,7 +41,7 @@ from .httpapi import Rejection, basic_credentials, bearer_token, error_response,
 from .hub import Hub, sweep_forever
 from .limits import Limits
 from .links import ClientLink, PeerRoutes, SiteLink
-from .logins import LoginCheck, LoginChecker, LoginThrottle, retry_text
+from .logins import LoginCheck
 from .metrics import TowerMetrics
 from .probes import PROBE_PATHS, Probes
 from .requests import (
@@ -66,28 +65,12 @@ from .requests import (
 from .route import Access, Route, SiteClaim
 from .siteinfo import SiteInfo
 from .store import hash_token
-from .users import (
-    DEFAULT_LOGIN_EXPIRY,
-    USER_NAME_RE,
-    Identity,
-    TokenRefused,
-    iso,
-)
+from .users import DEFAULT_LOGIN_EXPIRY, Identity, TokenRefused, iso
 
 log = logging.getLogger("supctl.tower")
 
 #: Seconds a session for a site held by another replica waits for the peer link to it.
 PEER_WAIT = 5.0
-
-
-@dataclass(frozen=True)
-class AccountDone:
-    """The outcome of a login, logout or renewal whose change to the store was made
-    before the request is answered (:meth:`Tower.handshake_request`)."""
-
-    requester: str  # "USER:ACCESSOR", for the audit record
-    body: dict[str, Any] | None = None
-    rejection: Rejection | None = None
 
 
 class Tower:
@@ -107,14 +90,13 @@ class Tower:
         self.peer_log = RateLimitedLog(log, clock=clock)
         # Users and policies (docs/policies.md); without users only admin tokens exist.
         self.users: Directory | None = store
-        self._login_checker: LoginChecker | None = None
         self.policy: Directory | None = store
         self.login_expiry = DEFAULT_LOGIN_EXPIRY
-        # The identity of the account request being judged (set with _requester).
+        # The identity behind the request being authorised (set with _requester), for whoami.
         self._identity: Identity | None = None
         self.limits = limits or Limits()
-        renewals = self.limits.renewals_per_minute
-        self._renewals = Buckets(renewals, renewals / 60.0, clock)  # per user
+        # Login, logout and renewal (:mod:`.accounts`); who asks is told by _caller.
+        self.accounts = Accounts(self.limits, self._caller, self.peer_log, clock)
         # Site links, supctl sessions and what they hold (:mod:`.hub`).
         self.hub = Hub(self.limits, clock)
         # The links to the other replicas (:mod:`.peering`); None: no [cluster] advertise.
@@ -141,7 +123,7 @@ class Tower:
         revocation made by ``control-tower`` in another process counts from the next
         request on), a login's password check (:mod:`.logins`: on a worker thread,
         throttled) and the change to the store of a login, logout or renewal
-        (:meth:`_account_write`).
+        (:meth:`.accounts.Accounts.write`).
 
         Only those await; everything else stays synchronous on the loop, and what a
         request's judgement needs (who asked) is carried across the await, so two
@@ -167,10 +149,10 @@ class Tower:
             try:
                 name, password = basic_credentials(request)
             except Rejection:
-                pass  # _account refuses it, with the reason
+                pass  # Accounts.write refuses it, with the reason
             else:
-                login = await self._logins(self.users).check(peer_host(connection), name, password)
-        done = await self._account_write(path, request, login)
+                login = await self.accounts.logins(self.users).check(peer_host(connection), name, password)
+        done = await self.accounts.write(path, request, login, self.users, self.login_expiry)
         return self.process_request(connection, request, login, done)
 
     async def _await_peer(self, path: str, request: Request) -> None:
@@ -201,48 +183,6 @@ class Tower:
         self._requester = ""
         self._audit_refused(connection, request, 503, message)
         return error_response(503, message)
-
-    async def _account_write(self, path: str, request: Request, login: LoginCheck | None) -> AccountDone:
-        """Judge an account request now (:meth:`_account`), then make its change in the
-        store (asynchronously: the loop keeps relaying meanwhile) and in the directory."""
-        self._requester = ""
-        try:
-            change = self._account(path, request, login)
-        except Rejection as exc:
-            return AccountDone(self._requester, rejection=exc)
-        except Exception:  # a bug here must cost one request, not the tower
-            log.exception("internal error judging %s", path)
-            return AccountDone(
-                self._requester, rejection=Rejection(500, "internal error in the control tower")
-            )
-        requester = self._requester
-        try:
-            body = await change()
-        except Rejection as exc:
-            return AccountDone(requester, rejection=exc)
-        except StoreUnavailable as exc:
-            self.peer_log.warning("store unavailable", "%s", exc)
-            return AccountDone(
-                requester, rejection=Rejection(503, "the control tower cannot reach its store")
-            )
-        except Exception:
-            log.exception("internal error writing to the store for %s", path)
-            return AccountDone(requester, rejection=Rejection(500, "internal error in the control tower"))
-        if path == "/v1/login":
-            requester = f"{body['user']}:{body['accessor']}"
-        return AccountDone(requester, body=body)
-
-    def _logins(self, users: Directory) -> LoginChecker:
-        if self._login_checker is None or self._login_checker.users is not users:
-            limits = self.limits
-            throttle = LoginThrottle(
-                limits.login_failures,
-                limits.login_window,
-                per_user=limits.login_failures_per_user,
-                per_address=limits.login_failures_per_address,
-            )
-            self._login_checker = LoginChecker(users, throttle)
-        return self._login_checker
 
     def process_request(
         self,
@@ -387,15 +327,21 @@ class Tower:
             "expires": iso(expires) if expires is not None else None,
         }
 
-    def _admin(self, request: Request) -> str:
-        """Who sends ``request`` ("USER:ACCESSOR"): :meth:`_authenticate`, for the account path."""
-        return self._authenticate(request).who
+    def _caller(self, request: Request) -> Caller:
+        """Who sends a logout or renewal (:mod:`.accounts`): :meth:`_authenticate`'s
+        requester and identity, handed over rather than read from the tower."""
+        self._requester = ""
+        try:
+            self._authenticate(request)
+        except Rejection as exc:
+            return Caller(self._requester, refusal=exc)
+        return Caller(self._requester, self._identity)
 
     def _authenticate(self, request: Request) -> Principal:
         """Who sends ``request``: the admin token (user "admin", allow-all policy) or a
         user's login or API token (that user's policies); 401 for any other.  Sets
-        ``_requester`` for the request's audit record (and ``_identity``, for an account
-        request), also for a token refused as revoked or expired."""
+        ``_requester`` for the request's audit record (and ``_identity``, for whoami and
+        :meth:`_caller`), also for a token refused as revoked or expired."""
         token = bearer_token(request)
         self._identity = None
         accessor = self.store.check_admin(token)
@@ -480,65 +426,6 @@ class Tower:
         wake = asyncio.Event()
         self.store.on_reload = wake.set
         await sweep_forever(self.hub, self.route_refusal, after=self.peer_log.flush, wake=wake)
-
-    def _account(
-        self, path: str, request: Request, login: LoginCheck | None = None
-    ) -> Callable[[], Awaitable[dict[str, Any]]]:
-        """``/v1/login`` (HTTP Basic), ``/v1/logout`` and ``/v1/token/renew`` (bearer):
-        judged now (a Rejection if refused); returns the change to make in the store,
-        which answers the response's body (awaited by :meth:`handshake_request`)."""
-        users = self.users
-        if users is None:
-            raise Rejection(404, "this control tower has no users")
-        expiry = self.login_expiry
-        if path == "/v1/login":
-            name, password = basic_credentials(request)
-            known = USER_NAME_RE.fullmatch(name) is not None
-            self._requester = f"{name}:" if known else ""
-            if login is None:
-                login = LoginCheck(users.check_password(name if known else "", password))
-            if login.retry_after:
-                raise Rejection(429, retry_text(login.retry_after))
-            if not login.ok or not known:
-                raise Rejection(401, "wrong user name or password")
-            most = self.limits.tokens_per_user
-
-            async def log_in() -> dict[str, Any]:
-                try:
-                    issued = await users.log_in(name, expiry, most)
-                except UsageError:  # removed since the password check
-                    raise Rejection(401, "wrong user name or password") from None
-                expires = iso(issued.expires)
-                return {"token": issued.token, "expires": expires, "accessor": issued.accessor, "user": name}
-
-            return log_in
-        self._admin(request)
-        identity = self._identity
-        if identity is None:
-            raise Rejection(400, "the admin token cannot be logged out or renewed")
-        token, accessor = bearer_token(request), identity.accessor
-        if path == "/v1/logout":
-
-            async def log_out() -> dict[str, Any]:
-                await users.log_out(token)
-                return {"revoked": accessor}
-
-            return log_out
-        if identity.kind != "login":
-            raise Rejection(400, "only login tokens are renewed; an API token keeps its expiry")
-        # Each renewal is a write to the store: a user gets renewals-per-minute, then 429.
-        if wait := self._renewals.take(identity.user):
-            raise Rejection(
-                429, f"too many token renewals for user {identity.user}; try again in {math.ceil(wait)} s"
-            )
-
-        async def renew() -> dict[str, Any]:
-            expires = await users.renew(token, expiry)
-            if expires is None:  # revoked or expired since it was checked: not brought back
-                raise Rejection(401, users.refusal_by_hash(hash_token(token)) or "token revoked")
-            return {"expires": iso(expires), "accessor": accessor}
-
-        return renew
 
     # --- after the upgrade ----------------------------------------------------
 
