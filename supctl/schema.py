@@ -159,7 +159,10 @@ def keys(cls: type) -> list[str]:
 # --- rules shared by the files --------------------------------------------------------------------
 
 
-def _between(low: float, high: float, unit: str = "") -> Callable[[Any], Any]:
+def between(low: float, high: float, unit: str = "") -> Callable[[Any], Any]:
+    """A :class:`Rule`'s ``convert`` for a number from ``low`` to ``high``: below it the
+    rule's "must be ...", above it "must be at most HIGH"."""
+
     def convert(value: Any) -> Any:
         if value < low:
             raise ValueError
@@ -173,7 +176,7 @@ def _between(low: float, high: float, unit: str = "") -> Callable[[Any], Any]:
 def _positive(value: float) -> float:
     if value <= 0:
         raise ValueError
-    return _between(0, MAX_SECONDS, " seconds")(value)  # type: ignore[no-any-return]
+    return between(0, MAX_SECONDS, " seconds")(value)  # type: ignore[no-any-return]
 
 
 def parse_duration(text: str) -> float:
@@ -194,11 +197,11 @@ def _duration_text(text: str) -> str:
 
 
 #: A count: 1 or more.
-COUNT = Rule("an integer >= 1", _between(1, MAX_COUNT))
+COUNT = Rule("an integer >= 1", between(1, MAX_COUNT))
 #: Seconds that must pass: more than 0.
 SECONDS = Rule("a number of seconds > 0", _positive)
 #: Seconds, 0 turning the thing off.
-SECONDS_OR_OFF = Rule("a number of seconds >= 0 (0: off)", _between(0, MAX_SECONDS, " seconds"))
+SECONDS_OR_OFF = Rule("a number of seconds >= 0 (0: off)", between(0, MAX_SECONDS, " seconds"))
 #: ``"90d"`` as seconds (a float).
 DURATION = Rule('a duration like "90d" (s, m, h or d)', parse_duration, toml=str)
 #: ``"8h"`` kept as written.

@@ -22,7 +22,7 @@ import os
 import signal
 import time
 import tomllib
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,6 +30,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from supctl_exec.runtimes import HostRuntime
+from test_authorise import PolicySet
 
 from supctl.client.api import Invocation
 from supctl.client.verbs import run_verb, verb_path
@@ -41,11 +42,9 @@ from supctl.errors import ExitCode, NotFoundError, StreamError, SupctlError, Usa
 from supctl.plugins import make_plugin_manager
 from supctl.protocol import ErrorCode, FrameError, OpenRequest
 from supctl.protocol.args import MAX_ARGS, MAX_DEPTH, MAX_ITEMS, MAX_OPEN, check_args, encode_args
-from supctl.schema import Rule
+from supctl.schema import Rule, between
 from supctl.tower.authorise import Principal, Refusal, Sites, authorise
 from supctl.tower.httpapi import Rejection
-from supctl.tower.policy import ALLOW_ALL, ALLOW_EVERYTHING, parse_policies
-from supctl.tower.policy import Rule as PolicyRule
 from supctl.tower.requests import exec_access, verb_access
 from supctl.tower.route import Access, Route
 from supctl.tower.siteinfo import InstanceInfo, SiteInfo
@@ -137,16 +136,6 @@ effect = "allow"
 site = "stockholm-sergel"
 verb = "stats"
 """
-
-
-class PolicySet:
-    def __init__(self, text: str) -> None:
-        self.known = parse_policies(tomllib.loads(text), "policies.toml")
-
-    def rules(self, names: Sequence[str]) -> list[PolicyRule]:
-        if ALLOW_ALL in names:
-            return [ALLOW_EVERYTHING]
-        return [rule for name in names for rule in self.known.get(name, ())]
 
 
 INFO = SiteInfo(
@@ -331,7 +320,7 @@ def test_a_failing_observer_is_logged_once_and_the_others_go_on(caplog: pytest.L
 
 @dataclass(frozen=True)
 class StatsArgs:
-    top: Annotated[int, Rule("an integer 1-100", lambda n: n if 1 <= n <= 100 else int("x"))] = 10
+    top: Annotated[int, Rule("an integer 1-100", between(1, 100))] = 10
     sort: str = "cpu"
     follow: bool = False
 

@@ -31,7 +31,7 @@ from supctl.enforcer.api import (
 )
 from supctl.link import Channel
 from supctl.protocol import OpenRequest
-from supctl.schema import SECONDS, Invalid, Rule, Source, load
+from supctl.schema import SECONDS, Rule, Source, between, load
 
 from . import wire
 from .book import DEFAULT_CAPACITY, MARK_FD, MAX_CAPACITY, MIN_CAPACITY, Entry, Key, Shelf
@@ -43,17 +43,6 @@ BATCH_BYTES = 64 * 1024
 MAX_TAIL = 1_000_000
 
 
-def _within(low: int, high: int) -> Any:
-    def convert(value: int) -> int:
-        if value < low:
-            raise ValueError
-        if value > high:
-            raise Invalid(f"must be at most {high}")
-        return value
-
-    return convert
-
-
 @dataclass(frozen=True, slots=True)
 class LogsSettings:
     """The inventory's ``[verbs.logs]`` table."""
@@ -62,7 +51,7 @@ class LogsSettings:
     buffer_bytes: Annotated[
         int,
         Rule(
-            f"an integer from {MIN_CAPACITY} to {MAX_CAPACITY} (bytes)", _within(MIN_CAPACITY, MAX_CAPACITY)
+            f"an integer from {MIN_CAPACITY} to {MAX_CAPACITY} (bytes)", between(MIN_CAPACITY, MAX_CAPACITY)
         ),
     ] = DEFAULT_CAPACITY
 
@@ -72,7 +61,7 @@ class LogsArgs:
     """The OPEN's ``args`` of a logs stream (times are always sent: ``--timestamps`` is
     the client's business)."""
 
-    tail: Annotated[int | None, Rule(f"an integer from 0 to {MAX_TAIL}", _within(0, MAX_TAIL))] = None
+    tail: Annotated[int | None, Rule(f"an integer from 0 to {MAX_TAIL}", between(0, MAX_TAIL))] = None
     since: Annotated[float | None, SECONDS] = None  # seconds back from the site's clock
     follow: bool = False
 

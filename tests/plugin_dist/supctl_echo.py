@@ -24,7 +24,7 @@ from supctl.enforcer.api import HandlerContext, RegisterHandler, Serves, Service
 from supctl.errors import StreamError
 from supctl.link import Channel
 from supctl.protocol import ErrorCode, OpenRequest
-from supctl.schema import Rule
+from supctl.schema import Rule, between
 
 VERB = "echo"
 MAX_TIMES = 10
@@ -66,18 +66,13 @@ def supctl_add_verbs(register: RegisterVerb) -> None:
 # --- enforcer side: the handler ---------------------------------------------------------------
 
 
-def _times(value: int) -> int:
-    if not 1 <= value <= MAX_TIMES:
-        raise ValueError(value)  # the message says what it must be: Rule's first argument
-    return value
-
-
 @dataclass(frozen=True)
 class EchoArgs:
     """The OPEN's ``args`` of an echo stream.  The tower relays args without knowing what
     they mean, and the client may be anyone's: the handler checks them itself."""
 
-    times: Annotated[int, Rule(f"an integer 1-{MAX_TIMES}", _times)] = 1
+    # Rule: what the value must be, in the words of the message, and its check.
+    times: Annotated[int, Rule(f"an integer 1-{MAX_TIMES}", between(1, MAX_TIMES))] = 1
 
 
 class EchoHandler:
