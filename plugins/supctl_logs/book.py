@@ -24,6 +24,7 @@ read; the next reload after that forgets it.
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections import deque
 from collections.abc import Callable
@@ -164,9 +165,11 @@ class Book:
         index = max(cursor, self.first) - self.first
         out: list[Entry] = []
         size = 0
-        entries = self._entries
-        while index < len(entries) and (not out or size < budget):
-            time, fd, data = entries[index]
+        # One walk from the cursor (islice skips in C): indexing a deque entry by entry
+        # walks its blocks again for each one.
+        for time, fd, data in itertools.islice(self._entries, index, None):
+            if out and size >= budget:
+                break
             out.append(Entry(self.first + index, time, fd, data))
             size += len(data)
             index += 1
