@@ -193,8 +193,9 @@ class Demo(Lab):
         step(
             shlex.join(["supctl", *args]),
             output_of(result) + f"(exit code {result.returncode})",
-            f"the last lines {WEB} wrote (here on its stderr: the access log), kept by the site's "
-            "enforcer; logs -f follows them, across restarts",
+            f"the last two lines {WEB} wrote, kept by the site's enforcer: its start line (its "
+            "stdout, on supctl's stdout) and the access log of that request (its stderr, on "
+            "supctl's stderr); logs -f follows them, across restarts",
         )
         if result.returncode != 0 or '"GET / ' not in result.stderr.decode(errors="replace"):
             raise DemoError(f"logs of {WEB} failed or missed the request (exit {result.returncode})")
