@@ -34,7 +34,9 @@ def supctl_add_verbs(register: RegisterVerb) -> None:
     :param register: ``register(node, command)`` adds a :class:`click.Command`
         at ``node``, one of :data:`supctl.client.api.NODES` (``"root"``, ``"do"``,
         ``"application"``, ``"service-instance"``, ``"container"``).  A verb reads
-        where it was invoked from ``click.get_current_context().find_object(Invocation)``.
+        where it was invoked from ``click.get_current_context().find_object(Invocation)``;
+        one served by a site's handler (at ``service-instance`` or ``container``) opens
+        its stream with :func:`supctl.client.verbs.run_verb` (docs/plugins.md, "Writing a verb").
     :return: nothing; every implementation is called.
     """
 
@@ -66,7 +68,11 @@ def supctl_add_handlers(register: RegisterHandler) -> None:
     Called once when ``edge-enforcer run`` starts.
 
     The declaration is a :class:`supctl.enforcer.api.Serves`: ``Serves("connect", "tcp")``
-    serves connect streams of protocol ``tcp``, ``Serves("exec")`` exec streams.  The
+    serves connect streams of protocol ``tcp``, ``Serves("exec")`` exec streams, and
+    ``Serves("logs")`` the streams of a plugin's own verb, which the tower routes by name
+    (``.../verbs/logs``) and supctl's command opens with :func:`supctl.client.verbs.run_verb`.
+    A handler may also take the inventory's ``[verbs.VERB]`` settings (``configure``) and
+    observe the containers' output and lives (``observe``): :class:`supctl.enforcer.api.Handler`.  The
     enforcer dispatches a stream only to the handler whose declaration its (verb,
     protocol) matches exactly, after the site's local policy judged that declaration
     and the canonical request (:mod:`supctl.enforcer.dispatch`); the handler gets that
