@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http
 import ipaddress
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from urllib.parse import urlsplit
@@ -21,9 +22,19 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from .errors import UsageError
+from .preauth import PreauthGate, gated_connection
 
 #: The Prometheus text exposition format, version 0.0.4.
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Connections one client address may hold open on a plain-HTTP listener.  A scraper or a
+#: probe holds one for the milliseconds of a request; a peer holding more is only
+#: holding descriptors (closed at once beyond this, before a byte is read).
+PER_ADDRESS = 8
+#: Connections in all: beyond it, the oldest is closed to make room (preauth.py says why
+#: the oldest and not the newcomer).
+TOTAL = 64
+#: Seconds a connection may take to send its request.
+OPEN_TIMEOUT = 10.0
 
 Route = Callable[[], Awaitable[Response]]
 
@@ -88,10 +99,20 @@ def metrics_response(body: bytes) -> Response:
 
 @contextlib.asynccontextmanager
 async def serve_plain_http(
-    host: str, port: int, routes: Mapping[str, Route], what: str
+    host: str, port: int, routes: Mapping[str, Route], what: str, logger: logging.Logger | None = None
 ) -> AsyncIterator[str]:
     """Serve ``routes`` (path -> answer) over plain HTTP on ``host:port``; yields the
-    bound ``HOST:PORT``.  Any other path is 404; nothing is ever upgraded."""
+    bound ``HOST:PORT``.  Any other path is 404; nothing is ever upgraded.
+
+    Every connection is counted by a :class:`~supctl.preauth.PreauthGate` for its whole
+    life (each is answered and closed at the end of its handshake, or after
+    :data:`OPEN_TIMEOUT`): whoever reaches this port cannot hold more than
+    :data:`PER_ADDRESS` sockets from one address, nor :data:`TOTAL` in all, so it can
+    never take the descriptors the tower's sessions or the enforcer's streams need.
+    ``logger`` gets the gate's refusals, one line per 10 s."""
+    gate = PreauthGate(
+        PER_ADDRESS, TOTAL, what=f"{what} listener caps", logger=logger or logging.getLogger("supctl")
+    )
 
     async def answer(_connection: ServerConnection, request: Request) -> Response:
         route = routes.get(urlsplit(request.path).path)
@@ -104,7 +125,13 @@ async def serve_plain_http(
 
     try:
         server = await ws_serve(
-            never, host, port, process_request=answer, open_timeout=10, server_header=None
+            never,
+            host,
+            port,
+            process_request=answer,
+            open_timeout=OPEN_TIMEOUT,
+            server_header=None,
+            create_connection=gated_connection(gate, None, OPEN_TIMEOUT),
         )
     except OSError as exc:
         raise UsageError(f"cannot listen for {what} on {host or '*'}:{port}: {exc.strerror or exc}") from None

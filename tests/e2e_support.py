@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import select
 import selectors
 import socket
 import subprocess
@@ -150,3 +151,11 @@ class EchoPump(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(15)
+
+
+def closed_by_peer(socks: list[socket.socket]) -> int:
+    """How many of ``socks`` the server closed (readable: EOF or reset; idle ones get nothing)."""
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return len(poller.poll(0))

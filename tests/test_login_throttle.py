@@ -14,9 +14,9 @@ from stack import Stack
 from tower_raw import add_user, basic, client_tls, get, start_tower
 from towerkit import Kit
 
+from supctl.preauth import client_key
 from supctl.tower import logins
 from supctl.tower.logins import MAX_TRACKED, Attempt, LoginChecker, LoginThrottle
-from supctl.tower.preauth import client_key
 from supctl.tower.users import check_password
 
 PASSWORD = "correct horse battery staple"

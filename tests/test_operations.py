@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import inventory, start_server, wait_until
+from e2e_support import closed_by_peer, inventory, start_server, wait_until
 from exec_support import cmdline, show_instances
 from prometheus_client.parser import text_string_to_metric_families
 from stack import Stack, do_args, program, write_secret
 
 from supctl.errors import ExitCode
+from supctl.plainhttp import PER_ADDRESS
 from supctl.protocol import SUBPROTOCOL
 from supctl.tower import audit
 from supctl.tower.database import StoreUnavailable
@@ -406,6 +407,15 @@ def test_enforcer_metrics_and_probes_on_its_local_listener(tmp_path: Path) -> No
         assert now[("supctl_enforcer_container_state", tuple(sorted((*labels, ("state", "running")))))] == 1
         assert now[("supctl_enforcer_container_restarts_total", labels)] == 0
         assert scrape_status(port, "/nothing") == 404
+        # Idle sockets beyond the listener's cap from one address are closed at once
+        # (tests/test_preauth.py has the whole story), with one line in the enforcer's log.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(PER_ADDRESS + 1)]
+        try:
+            wait_until(lambda: closed_by_peer(idle) == 1, 10, "the socket over the cap closed")
+            site.log.wait_for(r"metrics listener caps \(8 per address, 64 in all\): refused 1 ")
+        finally:
+            for sock in idle:
+                sock.close()
         # The tower goes away: not ready (no link), still alive.
         assert stack.tower is not None
         stack.tower.popen.kill()

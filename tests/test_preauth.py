@@ -7,17 +7,18 @@ import asyncio
 import functools
 import logging
 import resource
-import select
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from e2e_support import wait_until
+from e2e_support import closed_by_peer, wait_until
 from stack import Stack
 from tower_raw import client_tls, get, start_tower
+from websockets.http11 import Response
 
-from supctl.tower.preauth import FD_HEADROOM, PreauthGate, raise_fd_limit, total_cap
+from supctl.plainhttp import PER_ADDRESS, TOTAL, serve_plain_http, text_response
+from supctl.preauth import FD_HEADROOM, PreauthGate, raise_fd_limit, total_cap
 
 IDLE = 1100
 
@@ -107,14 +108,6 @@ def own_fd_room() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def closed_by_peer(socks: list[socket.socket]) -> int:
-    """How many of ``socks`` the tower closed (readable: EOF or reset; idle ones get nothing)."""
-    poller = select.poll()
-    for sock in socks:
-        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-    return len(poller.poll(0))
-
-
 def bystanders(stack: Stack, port: int, n: int = 10) -> list[int]:
     token = (stack.dir / "admin.token").read_text().strip()
     context = client_tls(stack)
@@ -187,3 +180,70 @@ def test_over_the_total_the_oldest_make_room(tmp_path: Path) -> None:
         finally:
             for sock in socks:
                 sock.close()
+
+
+# --- the plain-HTTP listeners of probes and metrics (tower and enforcer) -------------------
+
+
+def answered(port: int, local: str, path: str = "/healthz") -> bytes:
+    """The status line of ``GET path`` from source address ``local``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(local, 0)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        return sock.makefile("rb").readline().rstrip()
+
+
+def answer_or_none(port: int) -> bytes | None:
+    try:
+        return answered(port, "127.0.0.1")
+    except OSError:  # closed at once: still over the cap
+        return None
+
+
+def test_idle_sockets_on_a_metrics_listener_are_capped(caplog: pytest.LogCaptureFixture) -> None:
+    """Hostile: whoever reaches a metrics port opens idle sockets.  Beyond 8 from one address
+    they are closed at once, beyond 64 in all the oldest go, and a scraper from elsewhere is
+    still answered: the listener can never take the descriptors sessions and streams need."""
+
+    async def healthz() -> Response:
+        return text_response(200, "ok")
+
+    async def main() -> None:
+        logger = logging.getLogger("supctl.enforcer")
+        async with serve_plain_http("127.0.0.1", 0, {"/healthz": healthz}, "metrics", logger) as shown:
+            port = int(shown.rpartition(":")[2])
+            loop = asyncio.get_running_loop()
+            socks = await loop.run_in_executor(None, idle_sockets, port, PER_ADDRESS + 12)
+            try:
+                await until(lambda: closed_by_peer(socks) >= 12)
+                assert closed_by_peer(socks[:PER_ADDRESS]) == 0  # held: idle, under the cap
+                assert await loop.run_in_executor(None, answered, port, "127.0.0.2") == b"HTTP/1.1 200 OK"
+                # From many addresses, under each one's cap: the oldest make room.
+                crowd = [
+                    socket.create_connection(
+                        ("127.0.0.1", port), timeout=10, source_address=(f"127.0.1.{i}", 0)
+                    )
+                    for i in range(1, TOTAL + 1)
+                ]
+                socks += crowd
+                await until(lambda: closed_by_peer(socks[:PER_ADDRESS]) == PER_ADDRESS)
+                assert await loop.run_in_executor(None, answered, port, "127.0.0.3") == b"HTTP/1.1 200 OK"
+            finally:
+                for sock in socks:
+                    sock.close()
+            # Every place is given back: the first address is answered again (once the
+            # listener has seen its sockets close).
+            end = loop.time() + 10
+            while await loop.run_in_executor(None, answer_or_none, port) != b"HTTP/1.1 200 OK":
+                assert loop.time() < end, "the first address is still refused"
+
+    with caplog.at_level(logging.WARNING, logger="supctl.enforcer"):
+        asyncio.run(asyncio.wait_for(main(), 60))
+    lines = [r.getMessage() for r in caplog.records if "metrics listener caps" in r.getMessage()]
+    assert len(lines) == 1 and "(8 per address, 64 in all): refused" in lines[0], lines
+
+
+async def until(predicate: Callable[[], object], deadline: float = 10.0) -> None:
+    end = asyncio.get_running_loop().time() + deadline
+    while not predicate():
+        assert asyncio.get_running_loop().time() < end, "timed out"
+        await asyncio.sleep(0.02)  # polling interval; the deadline is the bound

@@ -214,7 +214,7 @@ async def _serve_metrics(agent: Agent, host: str, port: int, stack: contextlib.A
         return metrics_response(metrics.exposition())
 
     routes = {"/healthz": healthz, "/readyz": metrics.readyz, "/metrics": scrape}
-    address = await stack.enter_async_context(serve_plain_http(host, port, routes, "metrics"))
+    address = await stack.enter_async_context(serve_plain_http(host, port, routes, "metrics", log))
     log.info("metrics and probes on http://%s/metrics", address)
 
 

@@ -57,7 +57,7 @@ class Limits:
     login_failures_per_address: Annotated[int, COUNT] = 20
     login_window: Annotated[float, SECONDS_OR_OFF] = 60.0  # 0 = off
     # Connections not through their opening handshake yet, per client address and in all
-    # (tower/preauth.py; docs/tower.md, "Deployment limits").  The total is lowered to
+    # (supctl/preauth.py; docs/tower.md, "Deployment limits").  The total is lowered to
     # stay FD_HEADROOM below the open-file limit.
     preauth_per_address: Annotated[int, COUNT] = 64
     preauth_total: Annotated[int, COUNT] = 1024

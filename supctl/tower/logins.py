@@ -19,7 +19,7 @@
 
   Past a limit the login is refused with 429 and a retry time, without hashing: guessing
   passwords online is slow, and cheap to refuse.  Addresses are counted canonically
-  (:func:`.preauth.client_key`: IPv4-mapped IPv6 as IPv4, IPv6 per /64, which one
+  (:func:`supctl.preauth.client_key`: IPv4-mapped IPv6 as IPv4, IPv6 per /64, which one
   subscriber holds whole), and every malformed name as one name.
 """
 
@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .preauth import client_key
+from ..preauth import client_key
 from .users import USER_NAME_RE, check_password
 
 if TYPE_CHECKING:

@@ -30,6 +30,7 @@ from websockets.http11 import Request, Response
 
 from .. import __version__
 from ..errors import UsageError
+from ..preauth import PreauthGate, gated_connection
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from ..ratelog import RateLimitedLog
 from ..wsconn import DirectClientConnection, keepalive_options
@@ -37,7 +38,6 @@ from .certs import PEER_COMMON_NAME
 from .httpapi import error_response
 from .links import LinkServices
 from .peerlinks import PeerLink, PeerSession
-from .preauth import PreauthGate, gated_connection
 from .requests import peer
 from .siteinfo import RemoteSite
 

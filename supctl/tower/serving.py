@@ -19,6 +19,7 @@ from .. import aio
 from ..errors import UsageError
 from ..output import setup_logging
 from ..plainhttp import metrics_response, parse_listen, serve_plain_http
+from ..preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from ..protocol import MAX_MESSAGE_ACCEPTED, SUBPROTOCOL
 from ..wsconn import keepalive_options
 from . import peering as peering_mod
@@ -28,7 +29,6 @@ from .directory import Directory
 from .hub import drain
 from .metrics import AuditedMetrics, TowerMetrics, live_state
 from .policywatch import PolicyWatch
-from .preauth import BACKLOG, PreauthGate, gated_connection, raise_fd_limit, total_cap
 from .presence import Presence
 from .probes import PROBE_PATHS
 from .server import Tower
@@ -170,7 +170,7 @@ async def _start_metrics(
 
     routes = {path: functools.partial(tower.probes.answer, path) for path in PROBE_PATHS}
     address = await stack.enter_async_context(
-        serve_plain_http(host, port, {**routes, "/metrics": scrape}, "metrics")
+        serve_plain_http(host, port, {**routes, "/metrics": scrape}, "metrics", log)
     )
     log.info("metrics and probes on http://%s/metrics", address)
 

@@ -1,5 +1,9 @@
 """Caps on connections that have not finished their opening handshake yet.
 
+Used by the tower's listeners (public and peering) and by every plain-HTTP listener of
+probes and metrics, the enforcer's too (:mod:`supctl.plainhttp`, where a connection
+never gets past its handshake: it is counted for its whole life).
+
 A connection costs the tower a file descriptor from the moment it is accepted, but
 says who it is only at the end of its WebSocket handshake.  Without a cap, a peer
 opening idle sockets fills the descriptor table (the usual soft limit is 1024), and
@@ -36,9 +40,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
-from ..wsconn import DirectServerConnection
+from .wsconn import DirectServerConnection
 
-log = logging.getLogger("supctl.tower")
+log = logging.getLogger("supctl.tower")  # the tower's, as before the enforcer shared it
 
 #: Connections the kernel holds for the tower to accept (capped by net.core.somaxconn).
 #: asyncio's default, 100, overflows in a burst of connections (idle ones included), and
@@ -90,10 +94,20 @@ class Ticket:
 class PreauthGate:
     """Counts unauthenticated connections per address and in total (module docstring)."""
 
-    def __init__(self, per_address: int, total: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_address: int,
+        total: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        what: str = "pre-authentication caps",
+        logger: logging.Logger = log,
+    ) -> None:
         self.per_address = per_address
         self.total = total
         self.clock = clock
+        self.what = what  # names the listener in the log line
+        self.log = logger
         self.by_address: Counter[str] = Counter()
         self._live: OrderedDict[Ticket, None] = OrderedDict()  # oldest first
         self._refused = 0
@@ -131,10 +145,10 @@ class PreauthGate:
         now = self.clock()
         if now - self._last_log < LOG_EVERY:
             return
-        log.warning(
-            "pre-authentication caps (%d per address, %d in all): refused %d new connections,"
+        self.log.warning(
+            "%s (%d per address, %d in all): refused %d new connections,"
             " closed %d oldest, in the last %g s; latest from %s",
-            self.per_address, self.total, self._refused, self._evicted, LOG_EVERY, address,
+            self.what, self.per_address, self.total, self._refused, self._evicted, LOG_EVERY, address,
         )  # fmt: skip
         self._last_log, self._refused, self._evicted = now, 0, 0
 
