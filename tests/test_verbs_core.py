@@ -45,9 +45,9 @@ from supctl.protocol.args import MAX_ARGS, MAX_DEPTH, MAX_ITEMS, MAX_OPEN, check
 from supctl.schema import Rule, between
 from supctl.tower.authorise import Principal, Refusal, Sites, authorise
 from supctl.tower.httpapi import Rejection
-from supctl.tower.requests import exec_access, verb_access
+from supctl.tower.requests import connect_target, exec_access, verb_access
 from supctl.tower.route import Access, Route
-from supctl.tower.siteinfo import InstanceInfo, SiteInfo
+from supctl.tower.siteinfo import MAX_NAMES, InstanceInfo, SiteInfo
 
 # --- args: one bounded shape, every verb -----------------------------------------------------
 
@@ -199,6 +199,61 @@ def test_the_generic_route_refuses_what_has_its_own_endpoint() -> None:
         logs("", "exec")
     # exec at a container is the very request of exec's own endpoint: judged the same.
     assert logs(verb="exec") == exec_access(APP, INST, BOX, {"site": [SITE]})
+
+
+def hello(**fields: Any) -> dict[str, Any]:
+    """A HELLO of a site with an nginx container, serving exec, logs and connect tcp."""
+    apps = {APP: {"service-instances": {INST: {"containers": [BOX]}}}}
+    return {"site": SITE, "handlers": ["exec", "logs", "tcp"], "applications": apps, **fields}
+
+
+def refusal_at(info: SiteInfo, access: Access) -> tuple[int, str, Any] | None:
+    verdict = authorise(ADMIN, access, PolicySet(POLICIES), Sites({SITE}.__contains__, {SITE: info}.get))
+    return (verdict.status, verdict.message, verdict.info) if isinstance(verdict, Refusal) else None
+
+
+def test_the_tower_tells_a_verb_from_a_protocol_by_the_site_s_hello() -> None:
+    """A site says which names are verbs and which are connect's protocols: a protocol
+    named like one of its verbs (or the reverse) is 501 at the tower, listing what the
+    site serves in that place, instead of a stream the site must refuse."""
+    info = SiteInfo.parse(hello(verbs=["exec", "logs"], protocols=["tcp"]))
+    assert refusal_at(info, logs()) is None
+    assert refusal_at(info, connect_target(SITE, APP, INST, "tcp", "80", "")) is None
+    assert refusal_at(info, connect_target(SITE, APP, INST, "logs", "80", "")) == (
+        501, f"protocol 'logs' is not supported at site '{SITE}'", {"supported": ["tcp"]},
+    )  # fmt: skip
+    assert refusal_at(info, logs(verb="tcp")) == (
+        501, f"verb 'tcp' is not supported at site '{SITE}'", {"supported": ["exec", "logs"]},
+    )  # fmt: skip
+    # An older enforcer sends one list: any of its names passes here, and the site
+    # itself refuses what it does not serve (UNSUPPORTED).
+    old = SiteInfo.parse(hello())
+    assert (old.verbs, old.protocols) == (None, None)
+    assert refusal_at(old, connect_target(SITE, APP, INST, "logs", "80", "")) is None
+
+
+def test_a_hello_s_lists_of_names_are_bounded() -> None:
+    """Hostile: a site (or a thief with its token) sends huge or odd lists of names; the
+    tower keeps a bounded list of short strings, and refuses a list that is no list."""
+    names = [*(f"h{n}" for n in range(10_000)), 7, {"a": 1}, "x" * 65]
+    info = SiteInfo.parse(hello(handlers=["x" * 65, 3, *names], verbs=names, protocols=names))
+    for kept in (info.handlers, info.verbs, info.protocols):
+        assert kept is not None and 0 < len(kept) <= MAX_NAMES and all(len(n) <= 64 for n in kept)
+    for key in ("verbs", "protocols"):
+        with pytest.raises(ValueError, match=f"'{key}' must be a list"):
+            SiteInfo.parse(hello(**{key: "tcp"}))
+
+
+def test_the_site_announces_its_verbs_and_protocols_apart() -> None:
+    handlers: dict[Serves, Any] = {
+        Serves("logs"): Probe(),
+        Serves("exec"): Probe(),
+        Serves("connect", "tcp"): Probe(),
+    }
+    dispatcher = Dispatcher(handlers, inventory())
+    assert (dispatcher.names, dispatcher.verbs, dispatcher.protocols) == (
+        ["exec", "logs", "tcp"], ["exec", "logs"], ["tcp"],
+    )  # fmt: skip
 
 
 # --- the site: dispatch, settings, news ---------------------------------------------------------

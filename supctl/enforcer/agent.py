@@ -190,7 +190,9 @@ class Agent:
         return {
             "site": self.site,
             "version": __version__,
-            "handlers": self.dispatcher.names,
+            "handlers": self.dispatcher.names,  # both below in one list, for older towers
+            "verbs": self.dispatcher.verbs,
+            "protocols": self.dispatcher.protocols,
             "features": self.dispatcher.features,
             "applications": self.inventory.describe(states),
         }

@@ -69,6 +69,16 @@ class Dispatcher:
         return sorted(serves.name for serves in self.handlers)
 
     @property
+    def verbs(self) -> list[str]:
+        """HELLO's ``verbs``: the verbs other than connect served here (exec, plugins')."""
+        return sorted(serves.verb for serves in self.handlers if serves.verb != "connect")
+
+    @property
+    def protocols(self) -> list[str]:
+        """HELLO's ``protocols``: the protocols of connect served here (tcp, udp, ...)."""
+        return sorted(serves.protocol for serves in self.handlers if serves.verb == "connect")
+
+    @property
     def features(self) -> list[str]:
         """What the site announces in HELLO's ``features``: every handler's optional
         ``features`` attribute (strings), so a tower refuses what the site cannot do

@@ -279,13 +279,13 @@ def _target(access: Access, info: SiteInfo, seen: _Seen) -> Refusal | None:
             f"container {access.container!r} not found in service instance {instance!r} at site {site!r}{hint}",
         )
     if access.verb == "connect":
-        return _handler(site, info, access.protocol, "protocol")
-    return _handler(site, info, access.verb, "verb")
+        return _handler(site, info.served("connect"), access.protocol, "protocol")
+    return _handler(site, info.served(access.verb), access.verb, "verb")
 
 
-def _handler(site: str, info: SiteInfo, name: str, what: str) -> Refusal | None:
+def _handler(site: str, served: list[str], name: str, what: str) -> Refusal | None:
     """501 when the site's enforcer announced no handler for ``name`` (it has not got the
     plugin): the request may be right, this site just cannot serve it."""
-    if name in info.handlers:
+    if name in served:
         return None
-    return Refusal(501, f"{what} {name!r} is not supported at site {site!r}", {"supported": info.handlers})
+    return Refusal(501, f"{what} {name!r} is not supported at site {site!r}", {"supported": served})

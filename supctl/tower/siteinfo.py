@@ -2,13 +2,18 @@
 
 Payload shape (JSON)::
 
-    {"site": "...", "version": "...", "handlers": ["exec", "tcp"], "features": ["exec-tty"],
+    {"site": "...", "version": "...", "handlers": ["exec", "tcp"],
+     "verbs": ["exec"], "protocols": ["tcp"], "features": ["exec-tty"],
      "applications": {APP: {"service-instances": {INSTANCE: {
          "netns": "ns-name" | null, "runtime": "netns",
          "containers": {NAME: {"state": "running", "pid": 123, "restarts": 0}}}}}}}
 
 ``containers`` may also be a plain list of names (no runtime state).  ``features`` (what
 handlers can do beyond the basics) is missing in HELLOs of older enforcers: none.
+``verbs`` and ``protocols`` say which of ``handlers`` (one list of both, as older
+enforcers send it) are verbs and which are connect's protocols; without them a name is
+taken for either.  Each list keeps at most :data:`MAX_NAMES` names of at most 64
+characters: a HELLO is a peer's input, and the tower keeps it for the link's life.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from ..protocol.exec import EXEC_TTY
 
 #: At most this many features, each at most 64 characters, are kept of a HELLO.
 MAX_FEATURES = 64
+#: At most this many handler, verb and protocol names (each list) are kept of a HELLO.
+MAX_NAMES = 256
 #: Container fields the tower keeps and shows; anything else an enforcer sends is dropped.
 CONTAINER_FIELDS = ("state", "pid", "restarts", "exit-code", "started")
 
@@ -48,9 +55,17 @@ class SiteInfo:
     handlers: list[str] = field(default_factory=list)
     version: str = ""
     features: frozenset[str] = frozenset()
+    verbs: list[str] | None = None  # None: an older enforcer's HELLO, see ``handlers``
+    protocols: list[str] | None = None
 
     def instance(self, application: str, name: str) -> InstanceInfo | None:
         return self.applications.get(application, {}).get(name)
+
+    def served(self, verb: str) -> list[str]:
+        """What the site says it serves in the place of ``verb``'s name: the protocols of
+        connect for ``connect``, else the verbs (``handlers`` when it did not say)."""
+        exact = self.protocols if verb == "connect" else self.verbs
+        return self.handlers if exact is None else exact
 
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> SiteInfo:
@@ -68,7 +83,14 @@ class SiteInfo:
         if not isinstance(features, list):
             raise ValueError("'features' must be a list")
         kept = frozenset(f for f in features[:MAX_FEATURES] if isinstance(f, str) and len(f) <= 64)
-        return cls(parsed, [str(h) for h in handlers], str(payload.get("version", "")), kept)
+        return cls(
+            parsed,
+            _names(handlers),
+            str(payload.get("version", "")),
+            kept,
+            _optional_names(payload, "verbs"),
+            _optional_names(payload, "protocols"),
+        )
 
     def exec_refusal(self, site: str, args: dict[str, Any]) -> str | None:
         """Why the site cannot serve an exec stream with these OPEN ``args``, or None.
@@ -84,6 +106,20 @@ class SiteInfo:
                 f"support): upgrade it, or run the command without -t"
             )
         return None
+
+
+def _names(values: list[Any]) -> list[str]:
+    """The names of a HELLO list: strings of at most 64 characters, the first :data:`MAX_NAMES`."""
+    return [v for v in values[:MAX_NAMES] if isinstance(v, str) and len(v) <= 64]
+
+
+def _optional_names(payload: dict[str, Any], key: str) -> list[str] | None:
+    values = payload.get(key)
+    if values is None:
+        return None
+    if not isinstance(values, list):
+        raise ValueError(f"{key!r} must be a list")
+    return _names(values)
 
 
 def _instance(app: str, name: str, body: Any) -> InstanceInfo:
