@@ -298,12 +298,12 @@ def test_a_policy_narrowed_while_a_session_is_open(
     assert alice.connect(port="443")[0] == 101
     (route,) = tower._routes.values()
     assert isinstance(route, Route)
-    assert tower.route_refusal(route) is None
+    assert tower.target_refusals(route)[0] is None
     version = kit.directory.policy_version
     (tmp_path / "policies.toml").write_text(WIDE_BUT_NOT_22.replace('protocol = "tcp"', 'protocol = "udp"'))
     kit.fresh()
     assert kit.directory.policy_version == (version or 0) + 1  # applied to the store as a new version
-    refusal = tower.route_refusal(route)
+    refusal = tower.target_refusals(route)[0]
     assert (
         refusal == f"policy no longer allows connect to 127.0.0.1:443 in {INSTANCE} at {SITE} for user alice"
     )
@@ -311,13 +311,13 @@ def test_a_policy_narrowed_while_a_session_is_open(
     # never reaches the store.
     (tmp_path / "policies.toml").write_text("[[policies.ops.rules]]\neffect = 'maybe'\n")
     kit.fresh()
-    assert tower.route_refusal(route) == "the control tower's policy file is invalid"
-    assert tower.route_refusal(route) == "the control tower's policy file is invalid"
+    assert tower.target_refusals(route)[0] == "the control tower's policy file is invalid"
+    assert tower.target_refusals(route)[0] == "the control tower's policy file is invalid"
     assert run(kit.store.policies.version()) == (version or 0) + 1
     # Taking the user's policies away works the same way (another process writes the store).
     (tmp_path / "policies.toml").write_text(WIDE_BUT_NOT_22)
     kit.fresh()
-    assert tower.route_refusal(route) is None
+    assert tower.target_refusals(route)[0] is None
     other = kit.other_store()
 
     async def take_policies_away() -> None:
@@ -327,7 +327,7 @@ def test_a_policy_narrowed_while_a_session_is_open(
     run(take_policies_away())
     run(other.close())
     kit.fresh()
-    assert (tower.route_refusal(route) or "").startswith("policy no longer allows")
+    assert (tower.target_refusals(route)[0] or "").startswith("policy no longer allows")
 
 
 # --- what show reveals ------------------------------------------------------------------

@@ -121,7 +121,7 @@ class Rig:
             self.site.handle_event(event)
 
     def sweep(self) -> None:
-        self.hub.sweep(self.clock.now, self.tower.route_refusal)
+        self.hub.sweep(self.clock.now, self.tower.target_refusals)
 
 
 def resets(session: ClientLink, supctl: Connection) -> list[tuple[ErrorCode, str]]:
@@ -195,6 +195,55 @@ def test_a_session_past_its_duration_is_closed(tmp_path: Path) -> None:
     in_loop(body)
 
 
+def test_a_target_refused_alone_loses_its_streams_and_the_session_goes_on(tmp_path: Path) -> None:
+    """A session of two forwards (443 and 80) after the policy lost port 80: the sweep resets
+    the streams to 80 (DENIED, the policy's reason) and leaves those to 443 relaying; an OPEN
+    to 80 is refused alone, one to 443 relayed; once no target is left the session ends."""
+
+    def body() -> None:
+        rig = Rig(tmp_path)
+        assert rig.site.info is not None
+        rig.site.info.handlers.append("tcp")
+        who = "alice:0123abcd"
+        to_80 = Route("connect", SITE, APP, INST, protocol="tcp", port=80, who=who)
+        route = Route("connect", SITE, APP, INST, protocol="tcp", port=443, who=who, more=(to_80,))
+        session = ClientLink(QuietWs(), rig.tower, route)
+        rig.hub.open_session(session)
+        supctl = Connection(odd_ids=True, accept_streams=False)
+        why = "policy no longer allows connect to 127.0.0.1:80 in inst at site1 for user alice"
+        verdicts: dict[int, str | None] = {443: None, 80: None}
+        rig.tower.target_refusals = lambda route: tuple(verdicts[t.port] for t in route.targets)  # type: ignore[method-assign]
+
+        def open_to(forward: int) -> int:
+            stream_id = supctl.open_stream(OpenRequest(verb="connect", args={"forward": forward}))
+            for event in session.conn.receive_data(supctl.data_to_send()):
+                assert isinstance(event, StreamOpened)
+                session.handle_event(event)
+            return stream_id
+
+        first, second = open_to(0), open_to(1)
+        rig.accept_all()
+        assert sorted(r.route.port for r in session.relays.values()) == [80, 443]
+        session.conn.data_to_send()  # the ACCEPTs
+        verdicts[80] = why
+        rig.hub.sweep(rig.clock.now, rig.tower.target_refusals)
+        assert resets(session, supctl) == [(ErrorCode.DENIED, why)]
+        assert closed(session) is None
+        assert [(r.client_id, r.route.port) for r in session.relays.values()] == [(first, 443)]
+        assert second not in session.relays
+        # Every OPEN is judged for its own target.
+        open_to(1)
+        assert resets(session, supctl) == [(ErrorCode.DENIED, why)] and closed(session) is None
+        third = open_to(0)
+        assert third in session.relays and closed(session) is None
+        # No target left: the session ends, as a one-target session does.
+        verdicts[443] = why.replace(":80 ", ":443 ")
+        rig.hub.sweep(rig.clock.now, rig.tower.target_refusals)
+        assert closed(session) == (ErrorCode.DENIED, verdicts[443])
+
+    in_loop(body)
+
+
 def test_expiry_ends_a_session_unless_its_token_was_renewed(tmp_path: Path) -> None:
     """The sweep re-judges every session at the time it is given: a token past its expiry
     ends its sessions, a renewal (a later expiry) keeps them."""
@@ -204,8 +253,8 @@ def test_expiry_ends_a_session_unless_its_token_was_renewed(tmp_path: Path) -> N
         clock = rig.clock
         expires = {"alice:0123abcd": clock.now + 6}
 
-        def authority(route: Route) -> str | None:
-            return "token expired" if expires[route.who] <= clock.now else None
+        def authority(route: Route) -> tuple[str | None]:
+            return ("token expired" if expires[route.who] <= clock.now else None,)
 
         session, _ = rig.session("alice")
         clock.now += 4

@@ -326,8 +326,10 @@ def test_every_target_of_a_session_is_judged_by_the_policy(
 ) -> None:
     """A user allowed only the service itself (127.0.0.1) cannot slip a LAN host in as the
     second forward: the session is refused at the upgrade, naming that target; a session of
-    allowed targets works, and narrowing the policy under it ends it (the sweep judges every
-    target, not only the first)."""
+    allowed targets works.  Narrowing the policy under it is judged per target (the sweep
+    and every OPEN judge every target, not only the first): the target it no longer allows
+    loses its connections, in flight and new, while the other forward goes on; with no
+    target left the session ends."""
     (stack.dir / "policies.toml").write_text(connect_policy(SITE))
     tower_raw.add_user(stack, "alice", "s3cret-pass", "ops")
     env = {k: v for k, v in stack.env.items() if k != "SUPCTL_TOKEN_FILE"}
@@ -350,7 +352,56 @@ def test_every_target_of_a_session_is_judged_by_the_policy(
     assert len(ports) == 2
     for port in ports:
         assert echo_roundtrip(port, b"allowed") == b"allowed"
-    # Port 80 only is taken away: the session (which holds it) ends, as a one-target one would.
-    (stack.dir / "policies.toml").write_text(connect_policy(SITE) + 'ports = ["443"]\n')
+    to_443, to_80 = (socket.create_connection(("127.0.0.1", port), timeout=10) for port in ports)
+    with to_443, to_80:
+        for sock in (to_443, to_80):  # both relaying before the change
+            sock.sendall(b"before")
+            assert sock.recv(100) == b"before"
+        # Port 80 is taken away: its connection in flight is reset (DENIED, the policy's
+        # reason), the one to 443 relays on, and the forward of 443 takes new connections.
+        replace_policies(stack, connect_policy(SITE) + 'ports = ["443"]\n')
+        assert ended(to_80)
+        to_443.sendall(b"after")
+        assert to_443.recv(100) == b"after"
+    why = "policy no longer allows connect to 127.0.0.1:80"
+    proc.log.wait_for(rf"tcp/80: connection 2 failed: {why}", proc=proc.popen)
+    assert echo_roundtrip(ports[0], b"new") == b"new"
+    assert refused_at_once(ports[1])  # a new connection to 80: refused alone, the session stays
+    proc.log.wait_for(rf"tcp/80: connection 3 failed: {why}", proc=proc.popen)
+    assert proc.popen.poll() is None
+    records = stack.wait_audit(
+        lambda r: r["event"] == "stream-closed" and r["target"] == "127.0.0.1:80" and why in r["result"],
+        "the record of the stream the narrowed policy ended",
+    )
+    assert any(r.get("close-reason") == "denied" and r["target"] == "127.0.0.1:80" for r in records)
+    # No target left: the session ends, as a one-target one would.
+    replace_policies(stack, connect_policy(SITE) + 'ports = ["22"]\n')
     assert proc.popen.wait(timeout=30) == ExitCode.DENIED
-    assert "policy no longer allows connect to 127.0.0.1:80" in proc.log.text()
+    assert "policy no longer allows connect to 127.0.0.1:443" in proc.log.text()
+
+
+def replace_policies(stack: Stack, text: str) -> None:
+    """A new policies.toml, renamed into place: the tower, which watches the file, never
+    reads it half written (an empty file is a valid set that allows nothing, and would
+    end the whole session: docs/policies.md says to change the file this way)."""
+    new = stack.dir / "policies.toml.new"
+    new.write_text(text)
+    new.replace(stack.dir / "policies.toml")
+
+
+def refused_at_once(port: int) -> bool:
+    """Whether a new connection to ``port`` is ended without an echo (the reset may come
+    before ``connect`` even returns)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            return ended(sock)
+    except ConnectionResetError:
+        return True
+
+
+def ended(sock: socket.socket) -> bool:
+    """Whether the peer ends ``sock`` (EOF or reset) within its timeout, without echoing."""
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True

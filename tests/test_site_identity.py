@@ -270,7 +270,7 @@ def test_the_sweep_closes_a_rotated_link_and_its_streams(tower: server.Tower, st
                 raise SweepStopped
 
         with pytest.raises(SweepStopped):
-            await sweep_forever(tower.hub, tower.route_refusal, interval=0.5, sleep=fake_sleep)
+            await sweep_forever(tower.hub, tower.target_refusals, interval=0.5, sleep=fake_sleep)
         assert closed(thief) == (ErrorCode.DENIED, "site token rotated")
         assert closed(other) is None  # another site's link is not touched
         assert _resets(session, supctl) == [(1, ErrorCode.DENIED, f"site {SITE}: site token rotated")]

@@ -21,12 +21,12 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from ..protocol import Connection, ErrorCode
 from .limits import Limits, seconds
-from .route import Route
+from .route import Route, session_refusal
 from .siteinfo import RemoteSite, SiteInfo
 
 log = logging.getLogger("supctl.tower")
@@ -43,13 +43,16 @@ MOVE_WAIT = 5.0
 #: What sessions and site links are told when the tower drains (SIGTERM).
 DRAIN_REASON = "the control tower is shutting down"
 
-#: Why an accepted session may no longer be used (its token, the policies in force), or None.
-Authority = Callable[[Route], str | None]
+#: Why each target of an accepted session (:attr:`.Route.targets`, in order) may no longer
+#: be used (its token, the policies in force), None for each that still may.
+Authority = Callable[[Route], Sequence[str | None]]
 
 
 class Stream(Protocol):
     """A relayed stream (:class:`.relay.Relay`), as the sweep sees it."""
 
+    @property
+    def route(self) -> Route: ...  # the session's target it relays to
     @property
     def accepted(self) -> bool: ...
     @property
@@ -334,11 +337,19 @@ class Hub:
                 continue
             # Authority is checked at the upgrade, at every OPEN and again here: revoking a
             # token (or its expiry, unless a long-running supctl renewed it), removing its user
-            # or narrowing a policy ends the sessions it no longer allows.
-            if refusal := authority(session.route):
+            # or narrowing a policy ends the sessions it no longer allows.  A session of
+            # several targets that keeps some loses only the streams of the others: its
+            # other forwards go on, and every OPEN is judged for its own target.
+            refusals = authority(session.route)
+            if refusal := session_refusal(refusals):
                 log.warning("closing session %s: %s", session.route.summary, refusal)
                 session.close(ErrorCode.DENIED, refusal)
                 continue
+            if any(refusals):
+                denied = {t: r for t, r in zip(session.route.targets, refusals, strict=True) if r}
+                for relay in list(session.relays.values()):
+                    if (why := denied.get(relay.route)) is not None:
+                        relay.abort(ErrorCode.DENIED, why, "denied")
             if duration and now - session.started >= duration:
                 reason = f"session exceeded {seconds(duration)} s"
                 log.warning("closing session %s: %s", session.route.summary, reason)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..errors import UsageError
@@ -23,7 +23,7 @@ from . import audit
 from .limits import Limits
 from .refusals import Refusals
 from .relay import End, Relay, Services
-from .route import Route, SiteClaim
+from .route import Route, SiteClaim, session_refusal
 from .siteinfo import RemoteSite, SiteInfo
 
 __all__ = ["ClientLink", "LinkServices", "PeerRoutes", "Route", "SiteClaim", "SiteLink"]
@@ -51,8 +51,9 @@ class LinkServices(Services, Protocol):
 
     @property
     def limits(self) -> Limits: ...
-    def route_refusal(self, route: Route) -> str | None:
-        """Why an accepted session's route may no longer be used (token, policies), or None."""
+    def target_refusals(self, route: Route) -> Sequence[str | None]:
+        """Why each target of an accepted session's route may no longer be used (token,
+        policies), in the order of its targets; None for each that still may."""
 
     def site_refusal(self, site: str, token_hash: str) -> str | None:
         """Why a site link's token is no longer the site's (rotated, removed), or None."""
@@ -99,9 +100,10 @@ class ClientLink(Link):
         if self.conn.closed is not None:
             return  # the rest of a message whose earlier frames got the session closed
         # Authority is judged again for every stream, against the token and the policies
-        # in force now: narrowing a policy or revoking a token reaches open sessions.
-        refusal = self.tower.route_refusal(self.route)
-        if refusal is not None:
+        # in force now: narrowing a policy or revoking a token reaches open sessions.  No
+        # target left: the session ends; the stream's own target refused: that stream.
+        refusals = self.tower.target_refusals(self.route)
+        if refusal := session_refusal(refusals):
             self._refuse(event, ErrorCode.DENIED, refusal, "denied")
             self.close(ErrorCode.DENIED, refusal)
             return
@@ -109,7 +111,11 @@ class ClientLink(Link):
         if isinstance(chosen, str):
             self._refuse(event, ErrorCode.NOT_FOUND, chosen, "denied")
             return
-        route, args = chosen
+        index, args = chosen
+        if (denied := refusals[index]) is not None:
+            self._refuse(event, ErrorCode.DENIED, denied, "denied")
+            return
+        route = self.route.targets[index]
         hub = self.tower.hub
         site = hub.site_link(route.site)
         # Not a SiteLink: None (no valid link).  Closed: lost, its on_lost not run yet.
@@ -126,18 +132,18 @@ class ClientLink(Link):
         Relay(self, event.stream_id, site, site_id, route, audit.exec_command(route, args))
         site.flush()
 
-    def _target(self, args: dict[str, Any]) -> tuple[Route, dict[str, Any]] | str:
-        """The session's target a stream asked for (``forward``: its position among the
+    def _target(self, args: dict[str, Any]) -> tuple[int, dict[str, Any]] | str:
+        """The position of the session's target a stream asked for (``forward``: among the
         targets the session was granted, 0 unless given) and the args the site gets, without
         ``forward``; or why there is no such target.  The client picks only among targets
         authorised at the upgrade (and judged again above): never one of its own making."""
         if "forward" not in args:
-            return self.route, args
+            return 0, args
         index = args["forward"]
-        targets = self.route.targets
-        if type(index) is not int or not 0 <= index < len(targets):
-            return f"no forward {str(index)[:20]!r} in this session (it has {len(targets)})"
-        return targets[index], {key: value for key, value in args.items() if key != "forward"}
+        count = len(self.route.targets)
+        if type(index) is not int or not 0 <= index < count:
+            return f"no forward {str(index)[:20]!r} in this session (it has {count})"
+        return index, {key: value for key, value in args.items() if key != "forward"}
 
     def _open_remote(self, event: StreamOpened, route: Route, args: dict[str, Any]) -> None:
         """Relay the stream to the replica that holds the site, if another one does: the

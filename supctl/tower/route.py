@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -181,6 +182,13 @@ class Route:
     def user(self) -> str:
         """Whom per-user limits count against: the user part of ``who`` ("USER:ACCESSOR")."""
         return self.who.partition(":")[0] or self.who
+
+
+def session_refusal(refusals: Sequence[str | None]) -> str | None:
+    """Why a session ends, given why each of its targets may no longer be used (None for
+    each that still may): once no target is left, the first target's reason.  A target
+    refused alone loses only its own streams (the sweep, and each OPEN, judge it)."""
+    return refusals[0] if all(refusals) else None
 
 
 @dataclass(frozen=True)

@@ -392,12 +392,15 @@ class Tower:
             return "token revoked"
         return self.users.refusal(accessor)
 
-    def route_refusal(self, route: Route) -> str | None:
-        """Why an accepted session's ``route`` may no longer be used, or None while it may.
+    def target_refusals(self, route: Route) -> tuple[str | None, ...]:
+        """Why each target of an accepted session's ``route`` (:attr:`.Route.targets`, in
+        order) may no longer be used, None for each that still may.
 
         Judged at every OPEN and by the sweep: the token (revoked, expired, its user
         removed) and the policies in force *now*, read anew into the principal, then
-        the same judgement as at the upgrade (:func:`.authorise.authorise`, ``again``).
+        the same judgement as at the upgrade (:func:`.authorise.authorise`, ``again``),
+        of every target: a session ends when none is left, a target refused alone
+        loses its streams (:meth:`.hub.Hub.sweep`, :meth:`.links.ClientLink._open`).
         """
         user, accessor = route.user, route.who.partition(":")[2]
         refusal = self.token_refusal(route.who)
@@ -410,11 +413,8 @@ class Tower:
             principal = Principal(user, accessor, policies)
         # again=True never looks at the sites (the link's business): no per-request view.
         sites = Sites(self.store.site_exists, self.hub.site_info)
-        for target in route.targets:  # every target of the session, as at the upgrade
-            verdict = authorise(principal, target.access, self.policy, sites, again=True)
-            if isinstance(verdict, Refusal):
-                return verdict.message
-        return None
+        verdicts = (authorise(principal, t.access, self.policy, sites, again=True) for t in route.targets)
+        return tuple(v.message if isinstance(v, Refusal) else None for v in verdicts)
 
     def site_refusal(self, site: str, token_hash: str) -> str | None:
         """Why a site link's token is no longer the site's (rotated, removed), or None."""
@@ -425,7 +425,7 @@ class Tower:
         once after the directory reloaded (a revocation, a narrowed policy)."""
         wake = asyncio.Event()
         self.store.on_reload = wake.set
-        await sweep_forever(self.hub, self.route_refusal, after=self.peer_log.flush, wake=wake)
+        await sweep_forever(self.hub, self.target_refusals, after=self.peer_log.flush, wake=wake)
 
     # --- after the upgrade ----------------------------------------------------
 
