@@ -112,10 +112,10 @@ class ClientLink(Link):
             self._refuse(event, ErrorCode.NOT_FOUND, chosen, "denied")
             return
         index, args = chosen
-        if (denied := refusals[index]) is not None:
-            self._refuse(event, ErrorCode.DENIED, denied, "denied")
-            return
         route = self.route.targets[index]
+        if (denied := refusals[index]) is not None:
+            self._refuse(event, ErrorCode.DENIED, denied, "denied", route)
+            return
         hub = self.tower.hub
         site = hub.site_link(route.site)
         # Not a SiteLink: None (no valid link).  Closed: lost, its on_lost not run yet.
@@ -123,10 +123,10 @@ class ClientLink(Link):
             self._open_remote(event, route, args)
             return
         if (text := hub.stream_refusal(self, site)) is not None:
-            self._refuse(event, ErrorCode.LIMIT, text, "limit")
+            self._refuse(event, ErrorCode.LIMIT, text, "limit", route)
             return
         if (text := site.cannot_serve(route, args)) is not None:
-            self._refuse(event, ErrorCode.UNSUPPORTED, text, "unsupported")
+            self._refuse(event, ErrorCode.UNSUPPORTED, text, "unsupported", route)
             return
         site_id = site.conn.open_stream(route.request(args))
         Relay(self, event.stream_id, site, site_id, route, audit.exec_command(route, args))
@@ -152,7 +152,9 @@ class ClientLink(Link):
         hub, presence = self.tower.hub, self.tower.hub.presence
         remote = presence.remote_site(route.site) if presence is not None else None
         if presence is None or remote is None:
-            self._refuse(event, ErrorCode.LINK_LOST, f"site {route.site} is not connected", "site-lost")
+            self._refuse(
+                event, ErrorCode.LINK_LOST, f"site {route.site} is not connected", "site-lost", route
+            )
             return
         peers = self.tower.peers
         if peers is None:
@@ -171,10 +173,10 @@ class ClientLink(Link):
         if link is None:
             presence.suspect(route.site)  # dead, or the site moved: the next stream knows
             text = f"site {route.site} is connected to replica {remote.replica}, which this replica cannot reach: {why}"
-            self._refuse(event, ErrorCode.LINK_LOST, text, "site-lost")
+            self._refuse(event, ErrorCode.LINK_LOST, text, "site-lost", route)
             return
         if (limit := hub.stream_refusal(self, None)) is not None:
-            self._refuse(event, ErrorCode.LIMIT, limit, "limit")
+            self._refuse(event, ErrorCode.LIMIT, limit, "limit", route)
             return
         peer_id = link.conn.open_stream(route.peer_request(args))
         Relay(self, event.stream_id, link, peer_id, route, audit.exec_command(route, args))
@@ -190,24 +192,28 @@ class ClientLink(Link):
                     relay.from_client(early)
             self.flush()
 
-    def _refuse(self, event: StreamOpened, code: ErrorCode, text: str, close: str) -> None:
-        """Reset a stream the tower does not relay, and count it."""
+    def _refuse(
+        self, event: StreamOpened, code: ErrorCode, text: str, close: str, route: Route | None = None
+    ) -> None:
+        """Reset a stream the tower does not relay, and count it.  ``route``: the target it
+        asked for, once known (the audit record names it), else the session's first."""
+        target = route or self.route
         self.conn.reset_stream(event.stream_id, code, text)
         if code is ErrorCode.LIMIT:
             self.tower.peer_log.warning(
-                f"streams refused for user {self.user}", "stream refused %s: %s", self.route.summary, text
+                f"streams refused for user {self.user}", "stream refused %s: %s", target.summary, text
             )
         if self.stream_refused(close, text) and self.tower.audit is not None:
             self.tower.audit.append(
                 audit.stream_record(
-                    self.route,
+                    target,
                     event.stream_id,
                     bytes_up=0,
                     bytes_down=0,
                     duration=0.0,
                     result=text,
                     close_reason=close,
-                    command=audit.exec_command(self.route, event.request.args),
+                    command=audit.exec_command(target, event.request.args),
                 )
             )
 
