@@ -239,7 +239,8 @@ def test_idle_sockets_on_a_metrics_listener_are_capped(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="supctl.enforcer"):
         asyncio.run(asyncio.wait_for(main(), 60))
     lines = [r.getMessage() for r in caplog.records if "metrics listener caps" in r.getMessage()]
-    assert len(lines) == 1 and "(8 per address, 64 in all): refused" in lines[0], lines
+    # One line per 10 s: two if the machine is slow enough to stretch the test past that.
+    assert 1 <= len(lines) <= 2 and "(8 per address, 64 in all): refused" in lines[0], lines
 
 
 async def until(predicate: Callable[[], object], deadline: float = 10.0) -> None:
