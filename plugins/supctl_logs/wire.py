@@ -26,8 +26,10 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from supctl.protocol import ErrorCode, FrameError
+from supctl.protocol.records import RecordReader
 
 HEADER = struct.Struct("!BBdI")
 OUTPUT = 1
@@ -71,30 +73,16 @@ def _check(kind: int, fd: int, time: float, length: int, error: type[Exception])
         raise error(f"logs record of {length} bytes exceeds {MAX_PAYLOAD}")
 
 
-class RecordDecoder:
-    """Feed stream bytes in any chunking; get whole records out."""
+class RecordDecoder(RecordReader[Record]):
+    """Feed stream bytes in any chunking; get whole records out (FrameError on a bad
+    header, as soon as it is in)."""
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    header = HEADER
 
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete record held back (0 at a record boundary)."""
-        return len(self._buffer)
+    def check(self, fields: tuple[Any, ...]) -> None:
+        kind, fd, time, length = fields
+        _check(kind, fd, time, length, FrameError)
 
-    def feed(self, data: bytes | memoryview) -> list[Record]:
-        """The records completed by ``data``; FrameError on a bad header."""
-        buffer = self._buffer
-        buffer += data
-        records: list[Record] = []
-        offset, end = 0, len(buffer)
-        while end - offset >= HEADER.size:
-            kind, fd, time, length = HEADER.unpack_from(buffer, offset)
-            _check(kind, fd, time, length, FrameError)
-            start = offset + HEADER.size
-            if end - start < length:
-                break
-            records.append(Record(kind, fd, time, bytes(buffer[start : start + length])))
-            offset = start + length
-        del buffer[:offset]
-        return records
+    def record(self, fields: tuple[Any, ...], payload: bytes) -> Record:
+        kind, fd, time, _ = fields
+        return Record(kind, fd, time, payload)

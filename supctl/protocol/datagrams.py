@@ -15,6 +15,9 @@ ever split into two datagrams or merged into one.  See docs/protocol.md, "udp st
 from __future__ import annotations
 
 import struct
+from typing import Any
+
+from .records import RecordReader
 
 HEADER = struct.Struct("!H")
 #: The largest datagram a record carries (what a 16-bit length can say; UDP over IPv4
@@ -34,7 +37,7 @@ def record_size(payload_size: int) -> int:
     return HEADER.size + payload_size
 
 
-class DatagramDecoder:
+class DatagramDecoder(RecordReader[bytes]):
     """Feed stream bytes in any chunking; get whole datagrams out.
 
     Every 16-bit length is valid, so no input is malformed: the only fault a peer can
@@ -42,27 +45,7 @@ class DatagramDecoder:
     The buffer holds at most one incomplete record (64 KiB) beyond what was fed.
     """
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    header = HEADER
 
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete record held back (0 at a record boundary)."""
-        return len(self._buffer)
-
-    def feed(self, data: bytes | memoryview) -> list[bytes]:
-        """The datagrams completed by ``data``, in order (a memoryview is read, not copied
-        first: the buffer's append is the one copy before a datagram is cut out)."""
-        buffer = self._buffer
-        buffer += data
-        datagrams: list[bytes] = []
-        offset, end = 0, len(buffer)
-        while end - offset >= HEADER.size:
-            (length,) = HEADER.unpack_from(buffer, offset)
-            start = offset + HEADER.size
-            if end - start < length:
-                break
-            datagrams.append(bytes(buffer[start : start + length]))
-            offset = start + length
-        del buffer[:offset]
-        return datagrams
+    def record(self, fields: tuple[Any, ...], payload: bytes) -> bytes:
+        return payload

@@ -17,8 +17,10 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from .frames import ErrorCode, FrameError
+from .records import RecordReader
 
 RECORD_HEADER = struct.Struct("!BI")
 STDOUT = 1
@@ -37,42 +39,23 @@ def encode_output(fd: int, data: bytes) -> bytes:
     return RECORD_HEADER.pack(fd, len(data)) + data
 
 
-class OutputDecoder:
-    """Feed stream bytes in any chunking; get whole ``(fd, payload)`` records out."""
+class OutputDecoder(RecordReader[tuple[int, bytes]]):
+    """Feed stream bytes in any chunking; get whole ``(fd, payload)`` records out.  A bad
+    fd or length is reported as soon as its 5 header bytes are in, before its payload."""
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    header = RECORD_HEADER
 
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete record held back (0 at a record boundary)."""
-        return len(self._buffer)
+    def check(self, fields: tuple[Any, ...]) -> None:
+        fd, length = fields
+        if fd not in (STDOUT, STDERR):
+            raise FrameError(f"exec output record for fd {fd}; only 1 and 2 exist")
+        if length > MAX_RECORD:
+            raise FrameError(
+                f"exec output record of {length} bytes exceeds {MAX_RECORD}", ErrorCode.FRAME_SIZE
+            )
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        """Return the records completed by ``data``; FrameError on a bad fd or length.
-
-        A bad header is reported as soon as its 5 bytes are in, before its payload.
-        """
-        buffer = self._buffer
-        buffer += data
-        records: list[tuple[int, bytes]] = []
-        offset = 0
-        end = len(buffer)
-        while end - offset >= RECORD_HEADER.size:
-            fd, length = RECORD_HEADER.unpack_from(buffer, offset)
-            if fd not in (STDOUT, STDERR):
-                raise FrameError(f"exec output record for fd {fd}; only 1 and 2 exist")
-            if length > MAX_RECORD:
-                raise FrameError(
-                    f"exec output record of {length} bytes exceeds {MAX_RECORD}", ErrorCode.FRAME_SIZE
-                )
-            start = offset + RECORD_HEADER.size
-            if end - start < length:
-                break
-            records.append((fd, bytes(buffer[start : start + length])))
-            offset = start + length
-        del buffer[:offset]
-        return records
+    def record(self, fields: tuple[Any, ...], payload: bytes) -> tuple[int, bytes]:
+        return fields[0], payload
 
 
 # --- terminals (exec -t) -------------------------------------------------------------
